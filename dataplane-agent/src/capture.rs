@@ -1,0 +1,122 @@
+//! Capture: load the eBPF programs, attach them to the pods' and the
+//! proxy's cgroups, pin everything in bpffs, and keep the kernel's tables of
+//! enrolled pods and mesh services equal to the mesh state.
+//!
+//! Attachments are bpf links pinned in bpffs, so they outlive the agent:
+//! a crashed or upgrading agent never leaves pods uncaptured. A new agent
+//! attaches its programs first and only then removes the old links, so
+//! there is no instant with no program attached, and never two afterwards.
+
+mod bpffs;
+pub mod cgroup;
+pub mod enroll;
+mod links;
+pub mod reconcile;
+pub mod tables;
+
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+
+use aya::{Ebpf, EbpfLoader};
+use dataplane_common::globals;
+
+pub use links::uninstall;
+pub use tables::Tables;
+
+/// The eBPF object built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+
+/// Errors of the capture layer; each says what an operator can check.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("bpffs at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup v2 is not mounted (no cgroup2 entry in /proc/mounts)")]
+    NoCgroup2,
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object failed (is the kernel >= 5.10 with BTF?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning link {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error("eBPF map {name}: {message}")]
+    Map { name: &'static str, message: String },
+}
+
+/// Where and how to capture.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// bpffs directory owned by this agent (maps/ and links/ inside).
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory that holds every pod of the node.
+    pub pods_cgroup: PathBuf,
+    /// cgroup v2 directory of the proxy (the agent's own).
+    pub proxy_cgroup: PathBuf,
+    /// Where captured connections are sent.
+    pub proxy_addr: SocketAddrV4,
+    /// `SO_MARK` of the proxy's upstream sockets (never captured).
+    pub proxy_mark: u32,
+}
+
+/// The installed capture: the programs are attached and pinned; this
+/// handle owns the maps the agent updates.
+pub struct Capture {
+    pub tables: Tables,
+    /// Kept so aya-log can read the programs' log ring buffer.
+    ebpf: Ebpf,
+}
+
+impl Capture {
+    /// Loads, attaches and pins the programs, replacing any attachment a
+    /// previous agent left behind.
+    pub fn install(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+        let maps_dir = cfg.pin_dir.join("maps");
+        bpffs::ensure_dir(&maps_dir)?;
+        bpffs::ensure_dir(&cfg.pin_dir.join("links"))?;
+
+        let proxy_ip4 = u32::from_ne_bytes(cfg.proxy_addr.ip().octets());
+        let proxy_port = cfg.proxy_addr.port();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .override_global(globals::PROXY_IP4, &proxy_ip4, true)
+            .override_global(globals::PROXY_PORT, &proxy_port, true)
+            .override_global(globals::PROXY_MARK, &cfg.proxy_mark, true)
+            .load(EBPF_OBJECT)?;
+        links::attach_all(&mut ebpf, cfg)?;
+        let tables = Tables::take_from(&mut ebpf)?;
+        Ok(Self { tables, ebpf })
+    }
+
+    /// Starts forwarding the programs' aya-log records to `log`/`tracing`.
+    /// Returns `None` (with a warning) if the log buffer cannot be opened:
+    /// eBPF logging is a debugging aid, never a reason not to run.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                tracing::warn!(%err, "eBPF log records will not be shown");
+                None
+            }
+        }
+    }
+}
+
+/// Resolves `--pods-cgroup`: absolute paths are used as they are, relative
+/// ones are taken under the cgroup v2 mount.
+pub fn resolve_cgroup(path: &Path) -> Result<PathBuf, CaptureError> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    Ok(cgroup::cgroup2_mount()?.join(path))
+}

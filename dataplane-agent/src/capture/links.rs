@@ -1,0 +1,153 @@
+//! Attaching the programs as pinned bpf links, replacing the links a
+//! previous agent left, and removing everything on uninstall.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aya::Ebpf;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
+
+use super::{CaptureConfig, CaptureError};
+
+/// Pinned link names, relative to `<pin_dir>/links`.
+const LINK_CONNECT4: &str = "connect4";
+const LINK_SOCKOPS: &str = "sockops";
+
+/// Loads a program of type `$ty`, attaches it to `$cgroup` and returns the
+/// attachment (owned by the program's `Ebpf` until taken).
+macro_rules! attach {
+    ($ebpf:expr, $ty:ty, $name:literal, $cgroup:expr) => {{
+        let prog_err = |source| CaptureError::Program {
+            name: $name,
+            source,
+        };
+        let prog: &mut $ty = $ebpf
+            .program_mut($name)
+            .ok_or_else(|| CaptureError::Map {
+                name: $name,
+                message: "program missing from the eBPF object".into(),
+            })?
+            .try_into()
+            .map_err(prog_err)?;
+        prog.load().map_err(prog_err)?;
+        // bpf links on a cgroup always coexist with other links there (the
+        // kernel rejects the ALLOW_MULTI flag for them), which is what lets
+        // a new agent's link overlap the old one so that capture never stops.
+        let id = prog
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err)?;
+        (prog, id)
+    }};
+}
+
+/// Like [`attach!`], returning the attachment as an `FdLink` to be pinned.
+macro_rules! attach_fd_link {
+    ($ebpf:expr, $ty:ty, $name:literal, $cgroup:expr) => {{
+        let (prog, id) = attach!($ebpf, $ty, $name, $cgroup);
+        let link = prog.take_link(id).map_err(|source| CaptureError::Program {
+            name: $name,
+            source,
+        })?;
+        FdLink::try_from(link).map_err(|err| CaptureError::Pin {
+            path: PathBuf::from($name),
+            message: err.to_string(),
+        })?
+    }};
+}
+
+/// Attaches the three programs. The pods' side (connect4, sock_ops) is
+/// pinned, replacing a previous agent's links, so pods stay captured while
+/// no agent runs. The proxy's side (getsockopt) is deliberately not pinned:
+/// it only serves the proxy in this process, so it lives and dies with it
+/// (it stays attached while `ebpf` is alive) and can never be left behind.
+pub fn attach_all(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<(), CaptureError> {
+    let pods = open_cgroup(&cfg.pods_cgroup)?;
+    let proxy = open_cgroup(&cfg.proxy_cgroup)?;
+    let links_dir = cfg.pin_dir.join("links");
+
+    // Order: the proxy-side answer first, so that no connection redirected
+    // by the new connect4 meets a proxy that cannot learn its destination.
+    let _ = attach!(ebpf, CgroupSockopt, "dp_getsockopt", &proxy);
+    let sockops = attach_fd_link!(ebpf, SockOps, "dp_sockops", &pods);
+    let connect4 = attach_fd_link!(ebpf, CgroupSockAddr, "dp_connect4", &pods);
+    replace_pinned(sockops, &links_dir.join(LINK_SOCKOPS))?;
+    replace_pinned(connect4, &links_dir.join(LINK_CONNECT4))?;
+    tracing::info!(
+        pods_cgroup = %cfg.pods_cgroup.display(),
+        proxy_cgroup = %cfg.proxy_cgroup.display(),
+        "capture programs attached"
+    );
+    Ok(())
+}
+
+fn open_cgroup(path: &Path) -> Result<File, CaptureError> {
+    File::open(path).map_err(|source| CaptureError::Cgroup {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Pins `new` at `path`. A link already pinned there (a previous agent's) is
+/// detached first; `new` is attached already, so capture has no gap.
+fn replace_pinned(new: FdLink, path: &Path) -> Result<(), CaptureError> {
+    let pin_err = |message: String| CaptureError::Pin {
+        path: path.to_path_buf(),
+        message,
+    };
+    if path.exists() {
+        detach_pinned(path).map_err(pin_err)?;
+        tracing::info!(link = %path.display(), "replaced the link of a previous agent");
+    }
+    new.pin(path).map_err(|err| pin_err(err.to_string()))?;
+    Ok(())
+}
+
+/// Removes a pinned link; dropping the last reference detaches it.
+fn detach_pinned(path: &Path) -> Result<(), String> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => link.unpin().map(drop).map_err(|err| err.to_string()),
+        // Not a link (a stale file): just remove it.
+        Err(_) => std::fs::remove_file(path).map_err(|err| err.to_string()),
+    }
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default)]
+pub struct UninstallReport {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Detaches every pinned link and removes every pinned map under
+/// `pin_dir`, then the directory itself. Idempotent.
+pub fn uninstall(pin_dir: &Path) -> Result<UninstallReport, CaptureError> {
+    let mut report = UninstallReport::default();
+    let io_err = |path: &Path, source| CaptureError::Bpffs {
+        path: path.to_path_buf(),
+        source,
+    };
+    for (sub, count) in [("links", &mut report.links), ("maps", &mut report.maps)] {
+        let dir = pin_dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if sub == "links" {
+                detach_pinned(&path).map_err(|message| CaptureError::Pin {
+                    path: path.clone(),
+                    message,
+                })?;
+            } else {
+                std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+            }
+            *count += 1;
+        }
+        std::fs::remove_dir(&dir).map_err(|e| io_err(&dir, e))?;
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(io_err(pin_dir, err)),
+        _ => Ok(report),
+    }
+}

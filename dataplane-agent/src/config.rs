@@ -1,0 +1,179 @@
+//! The mesh state of the node as read from a YAML file: the services the
+//! proxy serves and the pods enrolled in the mesh.
+//!
+//! This is what a discovery source (Kubernetes, etcd) will later provide;
+//! the file is the first such source. Node wiring (addresses, cgroups, pin
+//! paths) is not here but in the command line, like a DaemonSet's args.
+//!
+//! Parsing is strict: unknown fields, wrong types and invalid addresses are
+//! errors that name the field and line, because a silently ignored typo in
+//! a mesh config is an outage that is hard to find.
+
+use std::collections::HashSet;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Default time allowed to connect to one endpoint before trying the next.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `message` comes from the YAML parser and names the field (as a path
+    /// like `services[0].vip`) and the line and column.
+    #[error("invalid config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshConfig {
+    /// Mesh services, each reachable at a virtual IP and port.
+    #[serde(default, deserialize_with = "unique_services")]
+    pub services: Vec<Service>,
+    /// Pods enrolled in the mesh: their outbound connections to services are
+    /// captured and sent to the node proxy.
+    #[serde(default, deserialize_with = "unique_pods")]
+    pub pods: Vec<Pod>,
+}
+
+/// One service port: a VIP:port and the endpoints that serve it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", try_from = "RawService")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vip: SocketAddrV4,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    vip: SocketAddrV4,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default)]
+    endpoints: Vec<Endpoint>,
+}
+
+/// An instance of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Endpoint {
+    pub address: SocketAddrV4,
+}
+
+/// A pod enrolled in the mesh, found by its UID in the pods' cgroup tree.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Pod {
+    pub uid: String,
+    /// For logs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+impl TryFrom<RawService> for Service {
+    type Error = String;
+
+    fn try_from(raw: RawService) -> Result<Self, String> {
+        if raw.name.trim().is_empty() {
+            return Err("name: must not be empty".into());
+        }
+        let connect_timeout = raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        if connect_timeout.is_zero() || connect_timeout > MAX_CONNECT_TIMEOUT {
+            return Err(format!(
+                "connectTimeout: {} is outside (0s, {}s]",
+                humantime_serde::re::humantime::format_duration(connect_timeout),
+                MAX_CONNECT_TIMEOUT.as_secs()
+            ));
+        }
+        if raw.vip.port() == 0 {
+            return Err("vip: port must not be 0".into());
+        }
+        if let Some(ep) = raw.endpoints.iter().find(|ep| ep.address.port() == 0) {
+            return Err(format!("endpoints: {}: port must not be 0", ep.address));
+        }
+        Ok(Self {
+            name: raw.name,
+            namespace: raw.namespace,
+            vip: raw.vip,
+            connect_timeout,
+            endpoints: raw.endpoints,
+        })
+    }
+}
+
+/// Two services on one VIP:port would make capture ambiguous.
+fn unique_services<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Service>, D::Error> {
+    let services = Vec::<Service>::deserialize(de)?;
+    let mut seen = HashSet::new();
+    for (i, svc) in services.iter().enumerate() {
+        if !seen.insert(svc.vip) {
+            return Err(serde::de::Error::custom(format!(
+                "services[{i}].vip: {} is used by another service",
+                svc.vip
+            )));
+        }
+    }
+    Ok(services)
+}
+
+fn unique_pods<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Pod>, D::Error> {
+    let pods = Vec::<Pod>::deserialize(de)?;
+    let mut seen = HashSet::new();
+    for (i, pod) in pods.iter().enumerate() {
+        if pod.uid.trim().is_empty() {
+            return Err(serde::de::Error::custom(format!(
+                "pods[{i}].uid: must not be empty"
+            )));
+        }
+        if !seen.insert(pod.uid.as_str()) {
+            return Err(serde::de::Error::custom(format!(
+                "pods[{i}].uid: {} is listed twice",
+                pod.uid
+            )));
+        }
+    }
+    Ok(pods)
+}
+
+impl MeshConfig {
+    /// Parses YAML text; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        serde_yaml_ng::from_str(text).map_err(|err| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            message: err.to_string(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,77 @@
+use super::*;
+
+fn parse(text: &str) -> Result<MeshConfig, String> {
+    MeshConfig::parse(text, Path::new("mesh.yaml")).map_err(|e| e.to_string())
+}
+
+const GOOD: &str = "\
+services:
+  - name: echo
+    vip: 198.19.0.10:80
+    connectTimeout: 250ms
+    endpoints:
+      - address: 198.18.0.11:8080
+      - address: 198.18.0.12:8080
+pods:
+  - uid: 0b6c-11
+    name: client
+";
+
+#[test]
+fn parses_a_complete_config() {
+    let cfg = parse(GOOD).expect("valid");
+    let svc = &cfg.services[0];
+    assert_eq!(svc.namespace, "default");
+    assert_eq!(svc.vip, "198.19.0.10:80".parse().unwrap());
+    assert_eq!(svc.connect_timeout, Duration::from_millis(250));
+    assert_eq!(svc.endpoints.len(), 2);
+    assert_eq!(cfg.pods[0].uid, "0b6c-11");
+}
+
+#[test]
+fn defaults_apply() {
+    let cfg = parse("services:\n  - name: a\n    vip: 198.19.0.1:1\n").expect("valid");
+    assert_eq!(cfg.services[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    assert!(cfg.services[0].endpoints.is_empty());
+    assert!(cfg.pods.is_empty());
+}
+
+fn assert_error(text: &str, wants: &[&str]) {
+    let err = parse(text).expect_err("must be rejected");
+    for want in wants {
+        assert!(err.contains(want), "error {err:?} should contain {want:?}");
+    }
+}
+
+#[test]
+fn unknown_field_is_named_with_its_line() {
+    let text = GOOD.replace("    connectTimeout: 250ms", "    conectTimeout: 250ms");
+    assert_error(
+        &text,
+        &["services[0]", "unknown field `conectTimeout`", "line 4"],
+    );
+}
+
+#[test]
+fn wrong_type_is_named_with_its_line() {
+    let text = GOOD.replace("  - uid: 0b6c-11", "  - uid: [1, 2]");
+    assert_error(&text, &["pods[0].uid", "line 9"]);
+}
+
+#[test]
+fn invalid_address_is_named_with_its_line() {
+    let text = GOOD.replace("198.18.0.12:8080", "198.18.0.312:8080");
+    assert_error(&text, &["services[0].endpoints[1].address", "line 7"]);
+}
+
+#[test]
+fn semantic_errors_name_the_field() {
+    assert_error(&GOOD.replace("250ms", "0s"), &["connectTimeout", "line"]);
+    assert_error(
+        &GOOD.replace("250ms", "soon"),
+        &["connectTimeout", "line 4"],
+    );
+    let dup = "services:\n  - {name: a, vip: 198.19.0.1:80}\n  - {name: b, vip: 198.19.0.1:80}\n";
+    assert_error(dup, &["services[1].vip", "used by another service"]);
+    assert_error("pods:\n  - uid: a\n  - uid: a\n", &["pods[1].uid", "twice"]);
+}

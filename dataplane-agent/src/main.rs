@@ -1,0 +1,130 @@
+//! `dataplane-agent`: the node agent of the sidecarless data plane.
+//!
+//! `run` captures enrolled pods' connections with eBPF and serves them from
+//! the shared node proxy; `cleanup` uninstalls the capture; `check-config`
+//! validates a mesh config file.
+
+mod admin;
+mod app;
+mod balance;
+mod capture;
+mod config;
+mod metrics;
+mod proxy;
+mod state;
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
+
+#[derive(Parser)]
+#[command(version, about = "Sidecarless service-mesh node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture enrolled pods and run the node proxy.
+    Run(RunArgs),
+    /// Validate a mesh config file and exit.
+    CheckConfig {
+        /// The YAML file to check.
+        path: PathBuf,
+    },
+    /// Detach the capture programs and remove every pinned object.
+    Cleanup {
+        #[arg(long, env = "DATAPLANE_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Mesh config (services and enrolled pods), YAML.
+    #[arg(long, env = "DATAPLANE_CONFIG")]
+    config: PathBuf,
+    /// Address the node proxy listens on; captured connects go there.
+    #[arg(long, env = "DATAPLANE_PROXY_ADDR")]
+    proxy_addr: SocketAddrV4,
+    /// Admin endpoint: /metrics, /ready, /config_dump.
+    #[arg(long, env = "DATAPLANE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// cgroup v2 directory holding all pods (relative to the cgroup2 mount,
+    /// or absolute).
+    #[arg(long, env = "DATAPLANE_PODS_CGROUP", default_value = "kubepods")]
+    pods_cgroup: PathBuf,
+    /// bpffs directory for this agent's pinned maps and links.
+    #[arg(long, env = "DATAPLANE_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// SO_MARK of the proxy's upstream sockets (decimal or 0x hex).
+    #[arg(long, env = "DATAPLANE_PROXY_MARK", default_value = "0xd47a", value_parser = parse_mark)]
+    mark: u32,
+    /// How often enrollment is re-checked against the pods' cgroups.
+    #[arg(long, env = "DATAPLANE_RESYNC", default_value = "1s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    resync: Duration,
+}
+
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|err| format!("not a 32-bit number: {err}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => {
+            let settings = app::Settings {
+                config: args.config,
+                proxy_addr: args.proxy_addr,
+                admin_addr: args.admin_addr,
+                pods_cgroup: args.pods_cgroup,
+                pin_dir: args.pin_dir,
+                mark: args.mark,
+                resync: args.resync,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(app::run(settings))
+        }
+        Command::CheckConfig { path } => {
+            let cfg = config::MeshConfig::load(&path)?;
+            println!(
+                "{}: ok ({} services, {} enrolled pods)",
+                path.display(),
+                cfg.services.len(),
+                cfg.pods.len()
+            );
+            Ok(())
+        }
+        Command::Cleanup { pin_dir } => {
+            let report = capture::uninstall(&pin_dir)
+                .with_context(|| format!("cleaning up {}", pin_dir.display()))?;
+            println!(
+                "cleanup: detached {} links, removed {} maps from {}",
+                report.links,
+                report.maps,
+                pin_dir.display()
+            );
+            Ok(())
+        }
+    }
+}

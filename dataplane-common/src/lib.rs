@@ -1,0 +1,151 @@
+//! Types and constants shared by the kernel side (`dataplane-ebpf`) and the
+//! node agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding because the same
+//! bytes are read by the verifier-checked eBPF code and by user space through
+//! the bpf(2) syscall; a layout drift would silently corrupt map entries.
+//!
+//! Byte order conventions (chosen to match what each side reads cheaply):
+//! IPv4 addresses are stored exactly as the kernel hands them over
+//! (`user_ip4`, `src_ip4`...: network order in a `u32`, so user space uses
+//! `u32::from_ne_bytes(addr.octets())`); ports are stored in host order.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Names of the maps, as declared in the eBPF object and pinned in bpffs.
+pub mod maps {
+    /// `HashMap<u64, EnrolledPod>`: cgroup v2 id of an enrolled pod -> flags.
+    pub const ENROLLED: &str = "DP_ENROLLED";
+    /// `HashMap<ServiceKey, ServiceValue>`: the mesh services (VIP:port).
+    pub const SERVICES: &str = "DP_SERVICES";
+    /// `HashMap<u64, OrigDst>`: socket cookie -> original destination, from
+    /// `connect()` until the connection is established (or fails).
+    pub const ORIG_DST: &str = "DP_ORIG_DST";
+    /// `LruHashMap<ConnKey, OrigDst>`: connection 4-tuple -> original
+    /// destination, from establishment until the proxy asked for it.
+    pub const CONNS: &str = "DP_CONNS";
+    /// `PerCpuArray<u64>` of counters, indexed by [`crate::stats`].
+    pub const STATS: &str = "DP_STATS";
+}
+
+/// Map capacities. The agent reports an insert that fails because a map is
+/// full; these sizes bound the kernel memory the data plane may use.
+pub mod capacity {
+    /// Pods on one node that can be enrolled at once.
+    pub const ENROLLED: u32 = 4096;
+    /// Distinct service VIP:port pairs.
+    pub const SERVICES: u32 = 16384;
+    /// Connections between `connect()` and establishment, node-wide.
+    pub const ORIG_DST: u32 = 65536;
+    /// Established connections not yet picked up by the proxy.
+    pub const CONNS: u32 = 65536;
+}
+
+/// Names of the global variables the agent sets when it loads the programs.
+pub mod globals {
+    /// `u32`, network order: the address the node proxy listens on.
+    pub const PROXY_IP4: &str = "DP_PROXY_IP4";
+    /// `u16`, host order: the port the node proxy listens on.
+    pub const PROXY_PORT: &str = "DP_PROXY_PORT";
+    /// `u32`: `SO_MARK` the proxy puts on its own upstream sockets. Marked
+    /// sockets are never redirected, so the proxy can never loop to itself.
+    pub const PROXY_MARK: &str = "DP_PROXY_MARK";
+}
+
+/// Indexes into the `DP_STATS` per-CPU counter array.
+pub mod stats {
+    /// Connections redirected to the node proxy by `connect4`.
+    pub const CAPTURED: u32 = 0;
+    /// Connects refused because `DP_ORIG_DST` was full.
+    pub const ORIG_DST_FULL: u32 = 1;
+    /// Established redirected connections whose 4-tuple could not be stored.
+    pub const CONNS_FULL: u32 = 2;
+    /// `SO_ORIGINAL_DST` answers given to the proxy.
+    pub const ORIG_DST_SERVED: u32 = 3;
+    /// `SO_ORIGINAL_DST` asked for a connection the maps did not know.
+    pub const ORIG_DST_UNKNOWN: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 5;
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)`, as in `<linux/netfilter_ipv4.h>`.
+pub const SO_ORIGINAL_DST: i32 = 80;
+/// `SOL_IP` / `IPPROTO_IP`.
+pub const SOL_IP: i32 = 0;
+/// How deep in the cgroup tree `connect4` looks for an enrolled ancestor.
+/// Kubelet nests pods at most ~5 levels below the root (systemd driver).
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// Value of `DP_ENROLLED`: room for per-pod flags later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledPod {
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<EnrolledPod>() == 4);
+
+/// Key of `DP_SERVICES`: a service virtual IP and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Network order, as in `bpf_sock_addr.user_ip4`.
+    pub ip4: u32,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 8);
+
+/// Value of `DP_SERVICES`: room for per-service flags later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 4);
+
+/// The destination a pod asked for before `connect4` rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network order.
+    pub ip4: u32,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<OrigDst>() == 8);
+
+/// A redirected connection as the proxy's listening socket sees it.
+///
+/// The full 4-tuple, not just the client port: two pods may reuse the same
+/// ephemeral port (or, with overlapping pod networks, even the same address),
+/// but TCP guarantees that no two live connections to the proxy share all
+/// four values, so entries can never collide.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Network order.
+    pub client_ip4: u32,
+    /// Network order.
+    pub proxy_ip4: u32,
+    /// Host order.
+    pub client_port: u16,
+    /// Host order.
+    pub proxy_port: u16,
+}
+const _: () = assert!(size_of::<ConnKey>() == 12);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{ConnKey, EnrolledPod, OrigDst, ServiceKey, ServiceValue};
+
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made of integers only,
+    // with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for EnrolledPod {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for ConnKey {}
+}

@@ -1,0 +1,49 @@
+//! Every map and load-time global of the programs, in one place.
+//!
+//! Maps are pinned by name so that a restarted agent finds the same
+//! enrollment and service tables (pods stay captured while it restarts) and
+//! connections in flight keep their original destination.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use dataplane_common::{ConnKey, EnrolledPod, OrigDst, ServiceKey, ServiceValue, capacity, stats};
+
+#[map(name = "DP_ENROLLED")]
+pub static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(capacity::ENROLLED, 0);
+
+#[map(name = "DP_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+
+/// A plain hash (not LRU) so that a full map is detected and reported rather
+/// than silently evicting the destination of a connection being set up.
+#[map(name = "DP_ORIG_DST")]
+pub static ORIG_DST: HashMap<u64, OrigDst> = HashMap::pinned(capacity::ORIG_DST, 0);
+
+/// LRU: an entry lives from establishment until the proxy reads it
+/// (microseconds); if the proxy never asks (it died), eviction reclaims it.
+#[map(name = "DP_CONNS")]
+pub static CONNS: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(capacity::CONNS, 0);
+
+#[map(name = "DP_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+#[unsafe(no_mangle)]
+pub static DP_PROXY_IP4: Global<u32> = Global::new(0);
+
+#[unsafe(no_mangle)]
+pub static DP_PROXY_PORT: Global<u16> = Global::new(0);
+
+#[unsafe(no_mangle)]
+pub static DP_PROXY_MARK: Global<u32> = Global::new(0);
+
+/// Adds one to a counter of [`dataplane_common::stats`].
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from the map lookup and is this CPU's slot.
+        unsafe { *counter += 1 };
+    }
+}
