@@ -1,1 +1,150 @@
-fn main() {}
+//! `cargo xtask`: the one entry point for building, testing and demoing the
+//! data plane. Every command that needs tools installs them first (`setup`
+//! is idempotent), so a fresh machine needs nothing done by hand.
+
+mod setup;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo the sidecarless data plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (nightly rust-src, bpf-linker,
+    /// apt packages). Safe to run again.
+    Setup,
+    /// Build the agent (with its eBPF programs) and the test tools.
+    Build,
+    /// Run every test: unit tests and the end-to-end tests on simulated
+    /// nodes (needs root; under CI=true they refuse to skip).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Formatting and clippy (host crates and the eBPF crate), warnings denied.
+    Lint,
+    /// Build a simulated node with a client pod and three backend pods, and
+    /// show the client calling a service VIP through the node proxy.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::ensure_all(),
+        Task::Build => {
+            setup::ensure_all()?;
+            build()
+        }
+        Task::Test { args } => {
+            setup::ensure_all()?;
+            build()?;
+            test(&args)
+        }
+        Task::Lint => {
+            setup::ensure_all()?;
+            lint()
+        }
+        Task::Demo => {
+            setup::ensure_all()?;
+            build()?;
+            let demo = target_dir()?.join("debug/dataplane-demo");
+            run(Command::new(demo).env("DATAPLANE_AGENT_BIN", agent_bin()?))
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+fn target_dir() -> anyhow::Result<PathBuf> {
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target")))
+}
+
+fn agent_bin() -> anyhow::Result<PathBuf> {
+    Ok(target_dir()?.join("debug/dataplane-agent"))
+}
+
+fn build() -> anyhow::Result<()> {
+    run(cargo().current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "dataplane-agent",
+        "-p",
+        "dataplane-tests",
+        "--bins",
+    ]))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    run(cargo()
+        .current_dir(workspace_root())
+        .env("DATAPLANE_AGENT_BIN", agent_bin()?)
+        .args(["test", "--workspace"])
+        .args(extra))
+}
+
+fn lint() -> anyhow::Result<()> {
+    let root = workspace_root();
+    run(cargo()
+        .current_dir(&root)
+        .args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo()
+        .current_dir(root.join("dataplane-ebpf"))
+        .args(["fmt", "--", "--check"]))?;
+    run(cargo().current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The eBPF crate only builds for the bpf target, with nightly.
+    run(Command::new("cargo")
+        .current_dir(root.join("dataplane-ebpf"))
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .args([
+            "+nightly",
+            "clippy",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+}

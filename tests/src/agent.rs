@@ -1,0 +1,232 @@
+//! Running the node agent on a simulated node: config file, pin
+//! directory, readiness, metrics, kill/restart and cleanup.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::{Proc, SimNode, binaries, eventually};
+
+/// Port of the node proxy on the node's bridge address.
+pub const PROXY_PORT: u16 = 15001;
+/// Admin endpoint, on loopback inside the node's network namespace.
+pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `dataplane-agent run` in the node namespace and node cgroup.
+/// Dropping it kills the agent and uninstalls its capture.
+pub struct Agent {
+    proc: Option<Proc>,
+    netns: String,
+    work_dir: PathBuf,
+    pin_dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl Agent {
+    /// Writes `config_yaml` and starts the agent; waits until it is ready.
+    pub fn start(node: &SimNode, config_yaml: &str) -> anyhow::Result<Agent> {
+        let work_dir = std::env::temp_dir().join(format!("dataplane-{}", node.id()));
+        std::fs::create_dir_all(&work_dir)?;
+        let config = work_dir.join("mesh.yaml");
+        std::fs::write(&config, config_yaml)?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/dataplane-{}", node.id()));
+        let proxy = SocketAddrV4::new(node.node_ip(), PROXY_PORT);
+        let args = vec![
+            "run".to_string(),
+            format!("--config={}", config.display()),
+            format!("--proxy-addr={proxy}"),
+            format!("--admin-addr={ADMIN_ADDR}"),
+            format!("--pods-cgroup={}", node.pods_cgroup().display()),
+            format!("--pin-dir={}", pin_dir.display()),
+            "--resync=200ms".to_string(),
+        ];
+        let mut agent = Agent {
+            proc: None,
+            netns: node.netns().to_string(),
+            work_dir,
+            pin_dir,
+            args,
+        };
+        agent.spawn(node)?;
+        Ok(agent)
+    }
+
+    /// Starts the agent process again (after [`Agent::kill`]).
+    pub fn spawn(&mut self, node: &SimNode) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut cmd = Command::new(binaries::agent()?);
+        cmd.args(&self.args)
+            .env("RUST_LOG", "info,dataplane=debug,dataplane_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        self.proc = Some(node.spawn_on_node(cmd)?);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let result = eventually("agent ready", READY_TIMEOUT, || {
+            if let Some(status) = self.proc.as_mut().and_then(|p| p.try_wait().ok().flatten()) {
+                bail!("agent exited with {status}");
+            }
+            let body = self.get("/ready")?;
+            if body.trim() != "ready" {
+                bail!("not ready: {body}");
+            }
+            Ok(())
+        });
+        result.with_context(|| format!("agent log:\n{}", self.log()))
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.work_dir.join("mesh.yaml")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.work_dir.join("agent.log")
+    }
+
+    /// Everything the agent wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `dataplane-agent cleanup` for this agent's pin directory.
+    pub fn cleanup(&self) -> anyhow::Result<Output> {
+        let out = Command::new(binaries::agent()?)
+            .args(["cleanup", &format!("--pin-dir={}", self.pin_dir.display())])
+            .output()?;
+        if !out.status.success() {
+            bail!("cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out)
+    }
+
+    /// `GET path` on the admin endpoint.
+    pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        http_get_in_netns(&self.netns, ADMIN_ADDR.parse()?, path)
+    }
+
+    /// The Prometheus metrics, by `name{labels}` as printed.
+    pub fn metrics(&self) -> anyhow::Result<Metrics> {
+        Ok(Metrics::parse(&self.get("/metrics")?))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        if let Err(err) = self.cleanup() {
+            eprintln!("agent teardown: {err:#}");
+        }
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// Parsed Prometheus text.
+#[derive(Debug, Default)]
+pub struct Metrics(BTreeMap<String, f64>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let values = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect();
+        Self(values)
+    }
+
+    /// Sum of every series whose `name{labels}` starts with `prefix`.
+    pub fn sum(&self, prefix: &str) -> f64 {
+        self.0
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    pub fn captured(&self) -> u64 {
+        self.sum("dataplane_capture_captured_connections_total") as u64
+    }
+
+    pub fn forwarded(&self) -> u64 {
+        self.sum("dataplane_proxy_forwarded_connections_total") as u64
+    }
+}
+
+/// A minimal HTTP/1.0 GET from a thread that joined `netns`; the admin
+/// endpoint is only reachable inside the node's namespace.
+pub fn http_get_in_netns(netns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let ns = std::fs::File::open(format!("/run/netns/{netns}"))
+        .with_context(|| format!("opening netns {netns}"))?;
+    let path = path.to_string();
+    let worker = std::thread::spawn(move || -> anyhow::Result<String> {
+        // SAFETY: setns on this thread only; the fd is valid while `ns` lives.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        let timeout = Duration::from_secs(2);
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (_, body) = response
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP response")?;
+        Ok(body.to_string())
+    });
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("admin request thread panicked"))?
+}
+
+/// `bpftool cgroup show`: the programs attached to `cgroup`, as
+/// `(attach_type, program name)`.
+pub fn attached_programs(cgroup: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .context("running bpftool (installed by `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!("bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+    Ok(entries
+        .iter()
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (field("attach_type"), field("name"))
+        })
+        .collect())
+}

@@ -1,0 +1,97 @@
+//! The standard mesh scenario on one simulated node: an enrolled client
+//! pod, backend pods serving `echo` behind a VIP, and the agent.
+//! Shared by the end-to-end tests, the demo and the benchmark.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::Context as _;
+
+use crate::agent::Agent;
+use crate::peers::{self, BACKEND_PORT};
+use crate::{Pod, Proc, SimNode};
+
+/// The `echo` service's virtual IP and port (inside the node's VIP range).
+pub const ECHO_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 80);
+
+/// A service for [`mesh_config`].
+pub struct ServiceSpec<'a> {
+    pub name: &'a str,
+    pub vip: SocketAddrV4,
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+/// Renders a mesh config: `services`, and `enrolled` pods by UID.
+pub fn mesh_config(services: &[ServiceSpec<'_>], enrolled: &[&Pod]) -> String {
+    let mut yaml = String::from("services:\n");
+    for svc in services {
+        let _ = writeln!(
+            yaml,
+            "  - name: {}\n    vip: {}\n    connectTimeout: 500ms",
+            svc.name, svc.vip
+        );
+        yaml.push_str("    endpoints:");
+        if svc.endpoints.is_empty() {
+            yaml.push_str(" []");
+        }
+        yaml.push('\n');
+        for ep in &svc.endpoints {
+            let _ = writeln!(yaml, "      - address: {ep}");
+        }
+    }
+    yaml.push_str("pods:\n");
+    for pod in enrolled {
+        let _ = writeln!(yaml, "  - uid: {}\n    name: {}", pod.uid, pod.name);
+    }
+    yaml
+}
+
+/// A node with `client` enrolled and `echo` served by the backends.
+/// Fields drop in order: the agent uninstalls before the node goes away.
+pub struct MeshNode {
+    pub agent: Agent,
+    pub backends: Vec<(Pod, Option<Proc>)>,
+    pub client: Pod,
+    pub node: SimNode,
+}
+
+impl MeshNode {
+    /// Builds the node with `backends` echo backends named `backend-<i>`.
+    pub fn start(hint: &str, backends: usize) -> anyhow::Result<MeshNode> {
+        let mut node = SimNode::new(hint)?;
+        let client = node.add_pod("client")?;
+        let mut servers = Vec::new();
+        for i in 1..=backends {
+            let name = format!("backend-{i}");
+            let pod = node.add_pod(&name)?;
+            let proc = peers::serve(&node, &pod, &name)?;
+            servers.push((pod, Some(proc)));
+        }
+        let echo = ServiceSpec {
+            name: "echo",
+            vip: ECHO_VIP,
+            endpoints: servers.iter().map(|(pod, _)| backend_addr(pod)).collect(),
+        };
+        let config = mesh_config(&[echo], &[&client]);
+        let agent = Agent::start(&node, &config).context("starting the agent")?;
+        Ok(MeshNode {
+            agent,
+            backends: servers,
+            client,
+            node,
+        })
+    }
+
+    /// Kills the backend process of `backends[index]` (its pod stays).
+    pub fn kill_backend(&mut self, index: usize) -> anyhow::Result<()> {
+        if let Some(mut proc) = self.backends[index].1.take() {
+            proc.kill()?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a backend pod serves.
+pub fn backend_addr(pod: &Pod) -> SocketAddrV4 {
+    SocketAddrV4::new(pod.ip, BACKEND_PORT)
+}

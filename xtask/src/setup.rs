@@ -1,0 +1,170 @@
+//! Idempotent installation of the build and test prerequisites.
+//!
+//! - the nightly toolchain's `rust-src` (the eBPF crate builds `core`);
+//! - `bpf-linker`, built against the LLVM inside the nightly toolchain, so
+//!   that its LLVM always matches the one rustc emits bitcode for;
+//! - the Debian packages the simulated node and the tests use.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::run;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages: `ip` for namespaces, `bpftool` to inspect attachments.
+const APT_PACKAGES: &[&str] = &["iproute2", "bpftool"];
+
+pub fn ensure_all() -> anyhow::Result<()> {
+    ensure_nightly_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_apt_packages()
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_nightly_rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|line| line.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("the eBPF programs need a nightly toolchain with rust-src")
+}
+
+/// The LLVM shared library shipped in the nightly toolchain and its major.
+fn nightly_llvm() -> anyhow::Result<(PathBuf, String)> {
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV reports no LLVM version")?
+        .to_string();
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let lib = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") || n.starts_with("libLLVM-"))
+        })
+        .with_context(|| format!("no libLLVM in {}", lib_dir.display()))?;
+    Ok((lib, major))
+}
+
+/// bpf-linker keeps an rpath to this prefix: it must outlive the build, so
+/// it lives in CARGO_HOME, not in target/.
+fn llvm_prefix(major: &str) -> anyhow::Result<PathBuf> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    Ok(cargo_home.join("dataplane-llvm").join(major))
+}
+
+fn bpf_linker_ok() -> bool {
+    output(Command::new("bpf-linker").arg("--version"))
+        .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if bpf_linker_ok() {
+        return Ok(());
+    }
+    let (llvm_lib, major) = nightly_llvm()?;
+    let prefix = llvm_prefix(&major)?;
+    // An installed bpf-linker may only miss its library link (a toolchain
+    // update renamed it): relinking is enough then.
+    link_llvm(&llvm_lib, &prefix.join("lib"))?;
+    if bpf_linker_ok() {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (a few minutes, once)"
+    );
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", &prefix)
+        .env_remove("RUSTC")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ]))?;
+    if !bpf_linker_ok() {
+        bail!("bpf-linker was installed but does not run; is CARGO_HOME/bin on PATH?");
+    }
+    Ok(())
+}
+
+/// Makes `lib_dir` hold `libLLVM.so` (what bpf-linker's build looks for)
+/// and the library's own file name (its soname, what the loader looks for
+/// through bpf-linker's rpath), both pointing into the toolchain.
+fn link_llvm(llvm_lib: &Path, lib_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(lib_dir)?;
+    let own_name = llvm_lib
+        .file_name()
+        .context("libLLVM path has no file name")?;
+    for name in [std::ffi::OsStr::new("libLLVM.so"), own_name] {
+        let link = lib_dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(llvm_lib, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), llvm_lib.display()))?;
+    }
+    Ok(())
+}
+
+fn ensure_apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output()
+                .is_ok_and(|out| {
+                    String::from_utf8_lossy(&out.stdout).contains("install ok installed")
+                })
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing))
+}
