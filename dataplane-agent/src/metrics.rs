@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
+use std::fmt::Write as _;
+
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric as _,
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric as _, LabelValueEncoder,
 };
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -15,7 +17,7 @@ use prometheus_client::registry::Registry;
 use crate::capture::tables::StatsReader;
 
 /// Why the proxy closed a connection without forwarding it.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum RefuseReason {
     /// `SO_ORIGINAL_DST` had no answer: not a captured connection.
     UnknownDestination,
@@ -38,13 +40,37 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// Client to upstream.
     Upstream,
     /// Upstream to client.
     Downstream,
 }
+
+/// Label values in Prometheus' snake_case rather than Rust's CamelCase.
+macro_rules! snake_case_label {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+                encoder.write_str(match self {
+                    $(Self::$variant => $text),+
+                })
+            }
+        }
+    };
+}
+
+snake_case_label!(RefuseReason {
+    UnknownDestination => "unknown_destination",
+    NoService => "no_service",
+    NoEndpoints => "no_endpoints",
+    UpstreamUnavailable => "upstream_unavailable",
+});
+snake_case_label!(Direction {
+    Upstream => "upstream",
+    Downstream => "downstream",
+});
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {

@@ -1,0 +1,224 @@
+//! End-to-end: capture of enrolled pods and forwarding by the node proxy,
+//! on a simulated node with real processes, sockets and eBPF programs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+
+use dataplane_tests::agent::{Agent, attached_programs};
+use dataplane_tests::peers::{self, Hello};
+use dataplane_tests::scenario::{ECHO_VIP, MeshNode, ServiceSpec, backend_addr, mesh_config};
+use dataplane_tests::{SimNode, require_privileges};
+
+/// Answers per backend; panics with the failures if any attempt failed.
+fn answers_by_backend(hellos: &[Hello]) -> BTreeMap<String, usize> {
+    let failed: Vec<&Hello> = hellos.iter().filter(|h| !h.ok).collect();
+    assert!(failed.is_empty(), "failed attempts: {failed:#?}");
+    let mut by_backend = BTreeMap::new();
+    for hello in hellos {
+        *by_backend.entry(hello.backend.clone()).or_default() += 1;
+    }
+    by_backend
+}
+
+#[test]
+fn enrolled_pod_reaches_the_vip_spread_over_all_backends() {
+    if !require_privileges("enrolled_pod_reaches_the_vip_spread_over_all_backends") {
+        return;
+    }
+    let mesh = MeshNode::start("spread", 3).expect("mesh node");
+    let hellos = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 30).expect("hello");
+    let by_backend = answers_by_backend(&hellos);
+    assert_eq!(
+        by_backend.len(),
+        3,
+        "all three backends answer: {by_backend:?}"
+    );
+    assert!(
+        by_backend.values().all(|&n| n == 10),
+        "round robin: {by_backend:?}"
+    );
+    let node_ip = mesh.node.node_ip().to_string();
+    assert!(
+        hellos.iter().all(|h| h.peer_ip() == Some(node_ip.as_str())),
+        "every connection arrives from the node proxy"
+    );
+    let metrics = mesh.agent.metrics().expect("metrics");
+    assert_eq!(metrics.captured(), 30, "eBPF counted every redirect");
+    assert_eq!(
+        metrics.forwarded(),
+        30,
+        "the proxy forwarded every connection"
+    );
+}
+
+#[test]
+fn only_enrolled_pods_and_mesh_destinations_are_captured() {
+    if !require_privileges("only_enrolled_pods_and_mesh_destinations_are_captured") {
+        return;
+    }
+    let mut mesh = MeshNode::start("scope", 1).expect("mesh node");
+    let outsider = mesh.node.add_pod("outsider").expect("pod");
+    let backend = backend_addr(&mesh.backends[0].0);
+
+    // A pod outside the mesh is not captured: the VIP is not routable, so
+    // its connect fails at once (host unreachable), not after a timeout.
+    let hellos = peers::hello(&mesh.node, &outsider, ECHO_VIP, 3).expect("hello");
+    assert!(
+        hellos.iter().all(|h| !h.ok && h.kind == "unreachable"),
+        "not captured: {hellos:#?}"
+    );
+    // An enrolled pod's traffic to a non-mesh address goes direct.
+    let direct = peers::hello(&mesh.node, &mesh.client, backend, 3).expect("hello");
+    let client_ip = mesh.client.ip.to_string();
+    assert!(
+        direct
+            .iter()
+            .all(|h| h.ok && h.peer_ip() == Some(client_ip.as_str())),
+        "untouched: the backend sees the client itself: {direct:#?}"
+    );
+    // So does its traffic to a VIP port that is not a service.
+    let other_port = SocketAddrV4::new(*ECHO_VIP.ip(), 81);
+    let hellos = peers::hello(&mesh.node, &mesh.client, other_port, 2).expect("hello");
+    assert!(
+        hellos.iter().all(|h| h.kind == "unreachable"),
+        "{hellos:#?}"
+    );
+
+    let metrics = mesh.agent.metrics().expect("metrics");
+    assert_eq!(metrics.captured(), 0, "nothing was redirected");
+    // Still captured after all that: the enrolled pod reaches the VIP.
+    let hellos = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 1).expect("hello");
+    assert!(hellos[0].ok, "{hellos:#?}");
+}
+
+#[test]
+fn killed_backend_is_skipped_without_failed_connections() {
+    if !require_privileges("killed_backend_is_skipped_without_failed_connections") {
+        return;
+    }
+    let mut mesh = MeshNode::start("failover", 3).expect("mesh node");
+    mesh.kill_backend(1).expect("kill backend-2");
+    let hellos = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 30).expect("hello");
+    let by_backend = answers_by_backend(&hellos);
+    assert_eq!(
+        by_backend.keys().collect::<Vec<_>>(),
+        ["backend-1", "backend-3"],
+        "the remaining two answer everything"
+    );
+    let metrics = mesh.agent.metrics().expect("metrics");
+    assert!(
+        metrics.sum("dataplane_proxy_upstream_connect_errors_total") >= 1.0,
+        "the dead endpoint was tried and counted"
+    );
+}
+
+#[test]
+fn bulk_transfer_is_byte_exact_with_half_close() {
+    if !require_privileges("bulk_transfer_is_byte_exact_with_half_close") {
+        return;
+    }
+    let mesh = MeshNode::start("bulk", 1).expect("mesh node");
+    // The client half-closes after sending and must still get every byte
+    // of the echo back: 256 MiB each way.
+    let size = 256 * 1024 * 1024;
+    let transfer = peers::transfer(&mesh.node, &mesh.client, ECHO_VIP, size).expect("transfer");
+    assert_eq!(transfer.error, None);
+    assert_eq!((transfer.sent, transfer.received), (size, size));
+    assert!(transfer.matched, "content differs: {transfer:?}");
+    // A small request answered after the client's shutdown(SHUT_WR).
+    let small = peers::transfer(&mesh.node, &mesh.client, ECHO_VIP, 5).expect("transfer");
+    assert!(small.matched && small.received == 5, "{small:?}");
+    let metrics = mesh.agent.metrics().expect("metrics");
+    let upstream = metrics.sum("dataplane_proxy_bytes_total{direction=\"upstream\"}");
+    assert!(
+        upstream >= size as f64,
+        "proxy counted the bytes: {upstream}"
+    );
+}
+
+#[test]
+fn agent_restart_keeps_capture_and_cleanup_removes_it() {
+    if !require_privileges("agent_restart_keeps_capture_and_cleanup_removes_it") {
+        return;
+    }
+    let mut mesh = MeshNode::start("restart", 2).expect("mesh node");
+    let pods_cgroup = mesh.node.pods_cgroup();
+    let node_cgroup = mesh.node.node_cgroup();
+    assert!(peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 1).expect("hello")[0].ok);
+
+    mesh.agent.kill().expect("SIGKILL the agent");
+    // The pinned programs still capture: the connect goes to the (dead)
+    // proxy and is refused, instead of leaking past the mesh.
+    let down = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 2).expect("hello");
+    assert!(
+        down.iter().all(|h| h.kind == "refused"),
+        "still captured: {down:#?}"
+    );
+    assert!(
+        attachments(&node_cgroup).is_empty(),
+        "the proxy-side hook died with the proxy"
+    );
+
+    mesh.agent.spawn(&mesh.node).expect("restart");
+    let hellos = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 10).expect("hello");
+    assert_eq!(answers_by_backend(&hellos).len(), 2);
+    assert_eq!(
+        attachments(&pods_cgroup),
+        [
+            "cgroup_inet4_connect:dp_connect4",
+            "cgroup_sock_ops:dp_sockops"
+        ],
+        "exactly one of each after the restart"
+    );
+    assert_eq!(
+        attachments(&node_cgroup),
+        ["cgroup_getsockopt:dp_getsockopt"]
+    );
+
+    mesh.agent.kill().expect("stop");
+    let report = mesh.agent.cleanup().expect("cleanup");
+    assert!(String::from_utf8_lossy(&report.stdout).contains("detached 2 links"));
+    assert!(!mesh.agent.pin_dir().exists(), "no pinned object is left");
+    assert!(attachments(&pods_cgroup).is_empty(), "nothing attached");
+    assert!(attachments(&node_cgroup).is_empty(), "nothing attached");
+}
+
+/// `attach_type:name` of every program attached to `cgroup`, sorted.
+fn attachments(cgroup: &std::path::Path) -> Vec<String> {
+    let mut list: Vec<String> = attached_programs(cgroup)
+        .expect("bpftool")
+        .into_iter()
+        .map(|(kind, name)| format!("{kind}:{name}"))
+        .collect();
+    list.sort();
+    list
+}
+
+#[test]
+fn service_without_endpoints_is_refused_at_once() {
+    if !require_privileges("service_without_endpoints_is_refused_at_once") {
+        return;
+    }
+    let mut node = SimNode::new("noep").expect("node");
+    let client = node.add_pod("client").expect("pod");
+    let empty = ServiceSpec {
+        name: "empty",
+        vip: ECHO_VIP,
+        endpoints: Vec::new(),
+    };
+    let agent = Agent::start(&node, &mesh_config(&[empty], &[&client])).expect("agent");
+    let hellos = peers::hello(&node, &client, ECHO_VIP, 3).expect("hello");
+    assert!(
+        hellos
+            .iter()
+            .all(|h| !h.ok && matches!(h.kind.as_str(), "reset" | "eof")),
+        "closed by the proxy, not left hanging (a hang would be kind=timeout): {hellos:#?}"
+    );
+    let metrics = agent.metrics().expect("metrics");
+    assert_eq!(
+        metrics.sum("dataplane_proxy_refused_connections_total{reason=\"no_endpoints\"}"),
+        3.0
+    );
+    drop(agent);
+    drop(node);
+}
