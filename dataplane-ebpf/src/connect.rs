@@ -54,7 +54,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         _pad: 0,
     };
     // SAFETY: the value is only tested for presence.
-    if unsafe { SERVICES.get(&service) }.is_none() || !caller_enrolled() {
+    if unsafe { SERVICES.get(service) }.is_none() || !caller_enrolled() {
         return Ok(ALLOW);
     }
 
@@ -65,7 +65,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         port: service.port,
         _pad: 0,
     };
-    if ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+    if ORIG_DST.insert(cookie, orig, 0).is_err() {
         // Without its original destination the proxy could not serve the
         // connection: fail it now, visibly, instead of later and obscurely.
         count(stats::ORIG_DST_FULL);
@@ -107,7 +107,7 @@ fn caller_enrolled() -> bool {
             return false;
         }
         // SAFETY: the value is only tested for presence.
-        if unsafe { ENROLLED.get(&id) }.is_some() {
+        if unsafe { ENROLLED.get(id) }.is_some() {
             return true;
         }
         level += 1;

@@ -42,7 +42,7 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
 fn on_connect(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
     // SAFETY: the value is only tested for presence.
-    if unsafe { ORIG_DST.get(&cookie) }.is_some() {
+    if unsafe { ORIG_DST.get(cookie) }.is_some() {
         let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
         let _ = ctx.set_cb_flags(flags as i32);
     }
@@ -51,7 +51,7 @@ fn on_connect(ctx: &SockOpsContext) {
 fn on_established(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
     // SAFETY: copied out before the entry is removed.
-    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST.get(cookie) }).copied() else {
         return;
     };
     // Seen from the client: local = pod, remote = proxy.
@@ -61,19 +61,19 @@ fn on_established(ctx: &SockOpsContext) {
         client_port: ctx.local_port() as u16,
         proxy_port: u32::from_be(ctx.remote_port()) as u16,
     };
-    if CONNS.insert(&key, &orig, 0).is_err() {
+    if CONNS.insert(key, orig, 0).is_err() {
         count(stats::CONNS_FULL);
         error!(
             ctx,
             "DP_CONNS insert failed for client port {}", key.client_port
         );
     }
-    let _ = ORIG_DST.remove(&cookie);
+    let _ = ORIG_DST.remove(cookie);
 }
 
 fn on_state_change(ctx: &SockOpsContext) {
     // args[1] is the new TCP state.
     if ctx.arg(1) == BPF_TCP_CLOSE {
-        let _ = ORIG_DST.remove(&cookie(ctx));
+        let _ = ORIG_DST.remove(cookie(ctx));
     }
 }

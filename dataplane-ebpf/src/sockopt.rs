@@ -48,7 +48,7 @@ unsafe fn answer_original_dst(ctx: &SockoptContext) {
             proxy_port: (*sk).src_port as u16,
         }
     };
-    let Some(orig) = (unsafe { CONNS.get(&key) }).copied() else {
+    let Some(orig) = (unsafe { CONNS.get(key) }).copied() else {
         count(stats::ORIG_DST_UNKNOWN);
         return;
     };
@@ -70,6 +70,6 @@ unsafe fn answer_original_dst(ctx: &SockoptContext) {
         core::ptr::write_volatile(&mut (*opt).retval, 0);
     }
     // The answer is given once: the entry has done its job.
-    let _ = CONNS.remove(&key);
+    let _ = CONNS.remove(key);
     count(stats::ORIG_DST_SERVED);
 }

@@ -45,7 +45,7 @@ fn is_bpffs(path: &Path) -> std::io::Result<bool> {
     }
     // SAFETY: statfs succeeded, so the buffer is initialised.
     let stat = unsafe { stat.assume_init() };
-    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+    Ok(stat.f_type == BPF_FS_MAGIC)
 }
 
 fn mount_bpffs(path: &Path) -> std::io::Result<()> {
