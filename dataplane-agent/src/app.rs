@@ -21,6 +21,7 @@ use crate::capture::{self, Capture, CaptureConfig};
 use crate::config::MeshConfig;
 use crate::metrics::{CaptureCollector, ProxyMetrics};
 use crate::proxy::Proxy;
+use crate::reload::{Change, ConfigWatcher};
 use crate::state::ServiceTable;
 
 /// Node-level settings, from the command line.
@@ -30,13 +31,18 @@ pub struct Settings {
     pub proxy_addr: SocketAddrV4,
     pub admin_addr: SocketAddr,
     pub pods_cgroup: PathBuf,
+    pub proxy_cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub mark: u32,
     pub resync: Duration,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let config = MeshConfig::load(&settings.config)?;
+    let text = std::fs::read_to_string(&settings.config)
+        .with_context(|| format!("cannot read --config {}", settings.config.display()))?;
+    let mut config = MeshConfig::parse(&text, &settings.config)?;
+    let mut watcher = ConfigWatcher::new(settings.config.clone(), text);
+    raise_fd_limit();
     let listener = TcpListener::bind(settings.proxy_addr)
         .await
         .with_context(|| format!("cannot listen on --proxy-addr {}", settings.proxy_addr))?;
@@ -45,7 +51,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on --admin-addr {}", settings.admin_addr))?;
 
     let pods_cgroup = capture::resolve_cgroup(&settings.pods_cgroup)?;
-    let proxy_cgroup = capture::cgroup::own_cgroup()?;
+    let proxy_cgroup = match &settings.proxy_cgroup {
+        Some(path) => capture::resolve_cgroup(path)?,
+        None => capture::cgroup::own_cgroup()?,
+    };
+    capture::cgroup::check_member(&proxy_cgroup).context(
+        "the proxy's cgroup does not hold this process (private cgroup namespace?); \
+         pass --proxy-cgroup",
+    )?;
     let mut capture = Capture::install(&CaptureConfig {
         pin_dir: settings.pin_dir.clone(),
         pods_cgroup: pods_cgroup.clone(),
@@ -70,11 +83,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&admin).serve(admin_listener));
 
     let proxy = Arc::new(Proxy {
-        services: Arc::new(ArcSwap::from_pointee(ServiceTable::from_config(&config))),
+        services: Arc::new(ArcSwap::from_pointee(ServiceTable::build(
+            &config,
+            None,
+            settings.mark,
+        ))),
         metrics,
         mark: settings.mark,
     });
-    tokio::spawn(proxy.serve(listener));
+    tokio::spawn(Arc::clone(&proxy).serve(listener));
 
     let mut reconciler = Reconciler::new(capture.tables, pods_cgroup, proxy_cgroup);
     reconciler.services(&config);
@@ -88,6 +105,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = resync.tick() => {
+                if let Some(new) = reload(&mut watcher, &proxy, &admin, settings.mark) {
+                    config = new;
+                    reconciler.services(&config);
+                }
                 reconciler.enrollment(&config);
                 reconciler.check_kernel_counters();
             }
@@ -96,6 +117,55 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     info!("stopping; pods stay captured (run `dataplane-agent cleanup` to uninstall)");
     Ok(())
+}
+
+/// Applies a changed config file, or reports why it was rejected (the
+/// last good config stays in force).
+fn reload(
+    watcher: &mut ConfigWatcher,
+    proxy: &Proxy,
+    admin: &Admin,
+    mark: u32,
+) -> Option<MeshConfig> {
+    match watcher.poll() {
+        Change::Unchanged => None,
+        Change::Invalid(err) => {
+            warn!(error = %err, "config change rejected; keeping the last good config");
+            proxy.metrics.reload(false);
+            None
+        }
+        Change::Valid(config) => {
+            let table = ServiceTable::build(&config, Some(&proxy.services.load()), mark);
+            proxy.services.store(Arc::new(table));
+            admin.config.store(Arc::new((*config).clone()));
+            proxy.metrics.reload(true);
+            info!(
+                services = config.services.len(),
+                pods = config.pods.len(),
+                "config reloaded"
+            );
+            Some(*config)
+        }
+    }
+}
+
+/// Each proxied TCP connection holds six descriptors (two sockets, two
+/// pipes); the usual soft limit of 1024 would cap the proxy at ~170.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!("cannot raise the open file limit");
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -23,6 +23,12 @@ use dataplane_common::globals;
 pub use links::uninstall;
 pub use tables::Tables;
 
+/// Pinned maps live in a directory named after their layout version: a
+/// release that changes a map's key, value or size bumps it, so that the new
+/// programs never reuse maps of another layout (the old ones go with
+/// `cleanup`).
+const MAPS_DIR: &str = "maps-v1";
+
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
 
@@ -81,7 +87,7 @@ impl Capture {
     /// Loads, attaches and pins the programs, replacing any attachment a
     /// previous agent left behind.
     pub fn install(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
-        let maps_dir = cfg.pin_dir.join("maps");
+        let maps_dir = cfg.pin_dir.join(MAPS_DIR);
         bpffs::ensure_dir(&maps_dir)?;
         bpffs::ensure_dir(&cfg.pin_dir.join("links"))?;
 

@@ -9,16 +9,16 @@
 //! errors that name the field and line, because a silently ignored typo in
 //! a mesh config is an outage that is hard to find.
 
+mod policy;
+mod service;
+
 use std::collections::HashSet;
-use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Default time allowed to connect to one endpoint before trying the next.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+pub use policy::{Fallback, TrafficPolicy};
+pub use service::{Protocol, Service};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,38 +46,6 @@ pub struct MeshConfig {
     pub pods: Vec<Pod>,
 }
 
-/// One service port: a VIP:port and the endpoints that serve it.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase", try_from = "RawService")]
-pub struct Service {
-    pub name: String,
-    pub namespace: String,
-    pub vip: SocketAddrV4,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    pub endpoints: Vec<Endpoint>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawService {
-    name: String,
-    #[serde(default = "default_namespace")]
-    namespace: String,
-    vip: SocketAddrV4,
-    #[serde(default, with = "humantime_serde")]
-    connect_timeout: Option<Duration>,
-    #[serde(default)]
-    endpoints: Vec<Endpoint>,
-}
-
-/// An instance of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Endpoint {
-    pub address: SocketAddrV4,
-}
-
 /// A pod enrolled in the mesh, found by its UID in the pods' cgroup tree.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -86,41 +54,6 @@ pub struct Pod {
     /// For logs only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-}
-
-fn default_namespace() -> String {
-    "default".to_string()
-}
-
-impl TryFrom<RawService> for Service {
-    type Error = String;
-
-    fn try_from(raw: RawService) -> Result<Self, String> {
-        if raw.name.trim().is_empty() {
-            return Err("name: must not be empty".into());
-        }
-        let connect_timeout = raw.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        if connect_timeout.is_zero() || connect_timeout > MAX_CONNECT_TIMEOUT {
-            return Err(format!(
-                "connectTimeout: {} is outside (0s, {}s]",
-                humantime_serde::re::humantime::format_duration(connect_timeout),
-                MAX_CONNECT_TIMEOUT.as_secs()
-            ));
-        }
-        if raw.vip.port() == 0 {
-            return Err("vip: port must not be 0".into());
-        }
-        if let Some(ep) = raw.endpoints.iter().find(|ep| ep.address.port() == 0) {
-            return Err(format!("endpoints: {}: port must not be 0", ep.address));
-        }
-        Ok(Self {
-            name: raw.name,
-            namespace: raw.namespace,
-            vip: raw.vip,
-            connect_timeout,
-            endpoints: raw.endpoints,
-        })
-    }
 }
 
 /// Two services on one VIP:port would make capture ambiguous.

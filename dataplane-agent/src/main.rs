@@ -11,6 +11,7 @@ mod capture;
 mod config;
 mod metrics;
 mod proxy;
+mod reload;
 mod state;
 
 use std::net::{SocketAddr, SocketAddrV4};
@@ -60,11 +61,18 @@ struct RunArgs {
     /// or absolute).
     #[arg(long, env = "DATAPLANE_PODS_CGROUP", default_value = "kubepods")]
     pods_cgroup: PathBuf,
+    /// cgroup v2 directory of this process, where the proxy-side hook is
+    /// attached (default: read from /proc/self/cgroup; pass it when the
+    /// agent runs in a private cgroup namespace).
+    #[arg(long, env = "DATAPLANE_PROXY_CGROUP")]
+    proxy_cgroup: Option<PathBuf>,
     /// bpffs directory for this agent's pinned maps and links.
     #[arg(long, env = "DATAPLANE_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
-    /// SO_MARK of the proxy's upstream sockets (decimal or 0x hex).
-    #[arg(long, env = "DATAPLANE_PROXY_MARK", default_value = "0xd47a", value_parser = parse_mark)]
+    /// SO_MARK of the proxy's upstream sockets (decimal or 0x hex). Must
+    /// not overlap mark bits the CNI or kube-proxy use (kube-proxy: 0x4000,
+    /// 0x8000).
+    #[arg(long, env = "DATAPLANE_PROXY_MARK", default_value = "0x539", value_parser = parse_mark)]
     mark: u32,
     /// How often enrollment is re-checked against the pods' cgroups.
     #[arg(long, env = "DATAPLANE_RESYNC", default_value = "1s", value_parser = humantime_serde::re::humantime::parse_duration)]
@@ -95,6 +103,7 @@ fn main() -> anyhow::Result<()> {
                 proxy_addr: args.proxy_addr,
                 admin_addr: args.admin_addr,
                 pods_cgroup: args.pods_cgroup,
+                proxy_cgroup: args.proxy_cgroup,
                 pin_dir: args.pin_dir,
                 mark: args.mark,
                 resync: args.resync,

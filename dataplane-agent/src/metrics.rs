@@ -67,6 +67,10 @@ snake_case_label!(RefuseReason {
     NoEndpoints => "no_endpoints",
     UpstreamUnavailable => "upstream_unavailable",
 });
+snake_case_label!(ReloadResult {
+    Applied => "applied",
+    Rejected => "rejected",
+});
 snake_case_label!(Direction {
     Upstream => "upstream",
     Downstream => "downstream",
@@ -86,6 +90,18 @@ pub struct ProxyMetrics {
     pub connect_errors: Family<EndpointLabels, Counter>,
     pub active: Gauge,
     pub bytes: Family<DirectionLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: ReloadResult,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ReloadResult {
+    Applied,
+    Rejected,
 }
 
 impl ProxyMetrics {
@@ -117,6 +133,20 @@ impl ProxyMetrics {
             self.active.clone(),
         );
         r.register("bytes", "Bytes forwarded, by direction", self.bytes.clone());
+        registry.register(
+            "dataplane_config_reloads",
+            "Config file changes, applied or rejected",
+            self.reloads.clone(),
+        );
+    }
+
+    pub fn reload(&self, applied: bool) {
+        let result = if applied {
+            ReloadResult::Applied
+        } else {
+            ReloadResult::Rejected
+        };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
     pub fn refuse(&self, reason: RefuseReason) {

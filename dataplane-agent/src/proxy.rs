@@ -1,18 +1,23 @@
 //! The node proxy: accepts captured connections, finds the service the
 //! pod asked for, picks an endpoint and forwards bytes both ways.
 
+mod detect;
 mod forward;
+pub mod http;
 mod orig_dst;
+mod tcp;
 mod upstream;
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::metrics::{EndpointLabels, ProxyMetrics, RefuseReason};
-use crate::state::{Service, SharedServices};
+use crate::config::Protocol;
+use crate::metrics::{ProxyMetrics, RefuseReason};
+use crate::state::SharedServices;
+use detect::Detected;
 
 pub use orig_dst::original_dst;
 
@@ -32,19 +37,26 @@ impl Proxy {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     self.metrics.accepted.inc();
-                    let proxy = Arc::clone(&self);
-                    tokio::spawn(async move { proxy.handle(stream, peer).await });
+                    // Small request/response exchanges must not wait for
+                    // Nagle in the response direction.
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(Arc::clone(&self).handle(stream, peer));
                 }
                 Err(err) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
                     warn!(%err, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // Out of descriptors or memory: back off instead of
+                    // spinning. Errors about one connection (a client
+                    // reset before accept) need no pause.
+                    let exhausted = [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM];
+                    if err.raw_os_error().is_some_and(|e| exhausted.contains(&e)) {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
                 }
             }
         }
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let dst = match original_dst(&client) {
             Ok(dst) => dst,
             Err(err) => {
@@ -56,44 +68,24 @@ impl Proxy {
             debug!(%peer, %dst, "destination is not a mesh service");
             return self.refuse(client, RefuseReason::NoService);
         };
-        if service.endpoints.is_empty() {
-            debug!(%peer, service = %service.id, "service has no endpoints");
-            return self.refuse(client, RefuseReason::NoEndpoints);
-        }
-        let Some((upstream, endpoint)) = self.connect_any(&service).await else {
-            warn!(%peer, service = %service.id, "no endpoint could be reached");
-            return self.refuse(client, RefuseReason::UpstreamUnavailable);
-        };
-        let labels = EndpointLabels {
-            service: service.id.clone(),
-            endpoint: endpoint.to_string(),
-        };
-        self.metrics.forwarded.get_or_create(&labels).inc();
-        debug!(%peer, service = %service.id, %endpoint, "forwarding");
-        forward::forward(client, upstream, &self.metrics).await;
-    }
-
-    /// Tries the endpoints in the balancer's order, each at most once.
-    async fn connect_any(&self, service: &Service) -> Option<(TcpStream, SocketAddrV4)> {
-        for index in service.balancer.attempt_order(service.endpoints.len()) {
-            let endpoint = service.endpoints[index];
-            match upstream::connect(endpoint, self.mark, service.connect_timeout).await {
-                Ok(stream) => return Some((stream, endpoint)),
-                Err(err) => {
-                    info!(service = %service.id, %endpoint, %err, "endpoint connect failed, trying the next");
-                    let labels = EndpointLabels {
-                        service: service.id.clone(),
-                        endpoint: endpoint.to_string(),
-                    };
-                    self.metrics.connect_errors.get_or_create(&labels).inc();
-                }
+        let protocol = match service.config.protocol {
+            Protocol::Tcp => Detected::Opaque,
+            Protocol::Http => Detected::Http1,
+            Protocol::Auto => {
+                let wait = service.policy().timeouts.protocol_detection;
+                detect::detect(&client, wait)
+                    .await
+                    .unwrap_or(Detected::Opaque)
             }
+        };
+        match protocol {
+            Detected::Opaque => tcp::serve(&self, client, peer, &service).await,
+            Detected::Http1 | Detected::Http2 => http::serve(self, client, peer, service).await,
         }
-        None
     }
 
     /// Closes with a reset, so the client fails at once instead of waiting.
-    fn refuse(&self, client: TcpStream, reason: RefuseReason) {
+    pub fn refuse(&self, client: TcpStream, reason: RefuseReason) {
         self.metrics.refuse(reason);
         forward::reset(client);
     }

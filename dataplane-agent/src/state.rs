@@ -1,24 +1,71 @@
-//! The proxy's view of the mesh: services by VIP:port, with the endpoints
-//! and settings it needs per connection. Built from the config (later from
-//! discovery) and swapped atomically, so the hot path reads it without
-//! locks and a change applies to new connections only.
+//! The proxy's view of the mesh: services by VIP:port, each with its
+//! endpoints, its policy state and its upstream connection pools.
+//!
+//! Built from the config (later from discovery) and swapped atomically:
+//! the hot path reads it without locks, a change applies to new
+//! connections and requests, and connections in flight keep the version
+//! they started with. A service whose config did not change keeps its
+//! runtime state (pools, balancer position, health) across a reload.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::balance::RoundRobin;
-use crate::config::MeshConfig;
+use crate::config::{self, MeshConfig};
+use crate::metrics::EndpointLabels;
+use crate::proxy::http::upstream::{Clients, Connector};
+
+/// One endpoint as the proxy uses it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddrV4,
+    /// Metric labels, built once rather than per connection.
+    pub labels: EndpointLabels,
+}
 
 /// One service as the proxy uses it.
 #[derive(Debug)]
 pub struct Service {
     /// `namespace/name`, for logs and metrics.
     pub id: String,
-    pub connect_timeout: Duration,
-    pub endpoints: Vec<SocketAddrV4>,
+    /// The config this runtime state was built from.
+    pub config: config::Service,
+    pub endpoints: Vec<Endpoint>,
     pub balancer: RoundRobin,
+    pub clients: Clients,
+}
+
+impl Service {
+    fn new(cfg: &config::Service, mark: u32) -> Self {
+        let id = format!("{}/{}", cfg.namespace, cfg.name);
+        let endpoints = cfg
+            .endpoints
+            .iter()
+            .map(|ep| Endpoint {
+                addr: ep.address,
+                labels: EndpointLabels {
+                    service: id.clone(),
+                    endpoint: ep.address.to_string(),
+                },
+            })
+            .collect();
+        let connector = Connector {
+            mark,
+            connect_timeout: cfg.traffic_policy.timeouts.connect,
+        };
+        Self {
+            id,
+            config: cfg.clone(),
+            endpoints,
+            balancer: RoundRobin::default(),
+            clients: Clients::new(connector),
+        }
+    }
+
+    pub fn policy(&self) -> &config::TrafficPolicy {
+        &self.config.traffic_policy
+    }
 }
 
 /// All services, keyed by the VIP:port clients connect to.
@@ -28,18 +75,21 @@ pub struct ServiceTable {
 }
 
 impl ServiceTable {
-    pub fn from_config(cfg: &MeshConfig) -> Self {
+    /// Builds the table for `cfg`, reusing from `previous` every service
+    /// whose config is unchanged.
+    pub fn build(cfg: &MeshConfig, previous: Option<&ServiceTable>, mark: u32) -> Self {
         let by_vip = cfg
             .services
             .iter()
             .map(|svc| {
-                let service = Service {
-                    id: format!("{}/{}", svc.namespace, svc.name),
-                    connect_timeout: svc.connect_timeout,
-                    endpoints: svc.endpoints.iter().map(|ep| ep.address).collect(),
-                    balancer: RoundRobin::default(),
+                let kept = previous
+                    .and_then(|table| table.by_vip.get(&svc.vip))
+                    .filter(|old| old.config == *svc);
+                let service = match kept {
+                    Some(old) => Arc::clone(old),
+                    None => Arc::new(Service::new(svc, mark)),
                 };
-                (svc.vip, Arc::new(service))
+                (svc.vip, service)
             })
             .collect();
         Self { by_vip }

@@ -20,6 +20,7 @@
 
 mod connect;
 mod maps;
+mod release;
 mod sockops;
 mod sockopt;
 

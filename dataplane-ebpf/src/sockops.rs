@@ -1,16 +1,11 @@
 //! `sock_ops`: hand the original destination from the connecting socket's
 //! cookie over to the connection's 4-tuple, which the proxy can compute
-//! from the socket it accepts.
+//! from the socket it accepts. Connects that never establish are cleaned
+//! up by `sock_release`.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
-    },
-    helpers::bpf_get_socket_cookie,
-    macros::sock_ops,
-    programs::SockOpsContext,
+    EbpfContext as _, bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie,
+    macros::sock_ops, programs::SockOpsContext,
 };
 use aya_log_ebpf::error;
 use dataplane_common::{ConnKey, stats};
@@ -21,13 +16,8 @@ const AF_INET: u32 = 2;
 
 #[sock_ops]
 pub fn dp_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.family() == AF_INET {
-        match ctx.op() {
-            BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
-            BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
-            _ => {}
-        }
+    if ctx.family() == AF_INET && ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        on_established(&ctx);
     }
     0
 }
@@ -35,17 +25,6 @@ pub fn dp_sockops(ctx: SockOpsContext) -> u32 {
 fn cookie(ctx: &SockOpsContext) -> u64 {
     // SAFETY: the helper takes the program context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
-}
-
-/// A captured socket asks to hear about its state changes, so that a
-/// connect that never establishes still frees its `DP_ORIG_DST` entry.
-fn on_connect(ctx: &SockOpsContext) {
-    let cookie = cookie(ctx);
-    // SAFETY: the value is only tested for presence.
-    if unsafe { ORIG_DST.get(cookie) }.is_some() {
-        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
-        let _ = ctx.set_cb_flags(flags as i32);
-    }
 }
 
 fn on_established(ctx: &SockOpsContext) {
@@ -69,11 +48,4 @@ fn on_established(ctx: &SockOpsContext) {
         );
     }
     let _ = ORIG_DST.remove(cookie);
-}
-
-fn on_state_change(ctx: &SockOpsContext) {
-    // args[1] is the new TCP state.
-    if ctx.arg(1) == BPF_TCP_CLOSE {
-        let _ = ORIG_DST.remove(cookie(ctx));
-    }
 }

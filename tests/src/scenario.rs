@@ -19,16 +19,40 @@ pub struct ServiceSpec<'a> {
     pub name: &'a str,
     pub vip: SocketAddrV4,
     pub endpoints: Vec<SocketAddrV4>,
+    /// `tcp`, `http` or `auto`.
+    pub protocol: &'a str,
+    /// YAML of the `trafficPolicy` mapping, as one flow mapping
+    /// (e.g. `{retries: {attempts: 2}}`); empty for the defaults.
+    pub policy: &'a str,
+}
+
+impl<'a> ServiceSpec<'a> {
+    /// An opaque TCP service (the `meshtool` peers speak first from the
+    /// server side, so protocol detection would only add its timeout).
+    pub fn tcp(name: &'a str, vip: SocketAddrV4, endpoints: Vec<SocketAddrV4>) -> Self {
+        Self {
+            name,
+            vip,
+            endpoints,
+            protocol: "tcp",
+            policy: "",
+        }
+    }
 }
 
 /// Renders a mesh config: `services`, and `enrolled` pods by UID.
 pub fn mesh_config(services: &[ServiceSpec<'_>], enrolled: &[&Pod]) -> String {
     let mut yaml = String::from("services:\n");
     for svc in services {
+        let policy = if svc.policy.is_empty() {
+            "{}"
+        } else {
+            svc.policy
+        };
         let _ = writeln!(
             yaml,
-            "  - name: {}\n    vip: {}\n    connectTimeout: 500ms",
-            svc.name, svc.vip
+            "  - name: {}\n    vip: {}\n    protocol: {}\n    trafficPolicy: {policy}",
+            svc.name, svc.vip, svc.protocol
         );
         yaml.push_str("    endpoints:");
         if svc.endpoints.is_empty() {
@@ -67,11 +91,8 @@ impl MeshNode {
             let proc = peers::serve(&node, &pod, &name)?;
             servers.push((pod, Some(proc)));
         }
-        let echo = ServiceSpec {
-            name: "echo",
-            vip: ECHO_VIP,
-            endpoints: servers.iter().map(|(pod, _)| backend_addr(pod)).collect(),
-        };
+        let endpoints = servers.iter().map(|(pod, _)| backend_addr(pod)).collect();
+        let echo = ServiceSpec::tcp("echo", ECHO_VIP, endpoints);
         let config = mesh_config(&[echo], &[&client]);
         let agent = Agent::start(&node, &config).context("starting the agent")?;
         Ok(MeshNode {

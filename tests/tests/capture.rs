@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
+use std::time::Duration;
 
 use dataplane_tests::agent::{Agent, attached_programs};
 use dataplane_tests::peers::{self, Hello};
@@ -128,12 +129,15 @@ fn bulk_transfer_is_byte_exact_with_half_close() {
     // A small request answered after the client's shutdown(SHUT_WR).
     let small = peers::transfer(&mesh.node, &mesh.client, ECHO_VIP, 5).expect("transfer");
     assert!(small.matched && small.received == 5, "{small:?}");
-    let metrics = mesh.agent.metrics().expect("metrics");
-    let upstream = metrics.sum("dataplane_proxy_bytes_total{direction=\"upstream\"}");
-    assert!(
-        upstream >= size as f64,
-        "proxy counted the bytes: {upstream}"
-    );
+    // The counter is updated when the proxy's forwarding task ends, just
+    // after the client saw EOF.
+    let counted = dataplane_tests::eventually("bytes counted", Duration::from_secs(5), || {
+        let metrics = mesh.agent.metrics()?;
+        let upstream = metrics.sum("dataplane_proxy_bytes_total{direction=\"upstream\"}");
+        anyhow::ensure!(upstream >= size as f64, "upstream bytes so far: {upstream}");
+        Ok(upstream)
+    });
+    counted.expect("proxy counted the bytes");
 }
 
 #[test]
@@ -166,6 +170,7 @@ fn agent_restart_keeps_capture_and_cleanup_removes_it() {
         attachments(&pods_cgroup),
         [
             "cgroup_inet4_connect:dp_connect4",
+            "cgroup_inet_sock_release:dp_sock_release",
             "cgroup_sock_ops:dp_sockops"
         ],
         "exactly one of each after the restart"
@@ -177,7 +182,7 @@ fn agent_restart_keeps_capture_and_cleanup_removes_it() {
 
     mesh.agent.kill().expect("stop");
     let report = mesh.agent.cleanup().expect("cleanup");
-    assert!(String::from_utf8_lossy(&report.stdout).contains("detached 2 links"));
+    assert!(String::from_utf8_lossy(&report.stdout).contains("detached 3 links"));
     assert!(!mesh.agent.pin_dir().exists(), "no pinned object is left");
     assert!(attachments(&pods_cgroup).is_empty(), "nothing attached");
     assert!(attachments(&node_cgroup).is_empty(), "nothing attached");
@@ -201,11 +206,7 @@ fn service_without_endpoints_is_refused_at_once() {
     }
     let mut node = SimNode::new("noep").expect("node");
     let client = node.add_pod("client").expect("pod");
-    let empty = ServiceSpec {
-        name: "empty",
-        vip: ECHO_VIP,
-        endpoints: Vec::new(),
-    };
+    let empty = ServiceSpec::tcp("empty", ECHO_VIP, Vec::new());
     let agent = Agent::start(&node, &mesh_config(&[empty], &[&client])).expect("agent");
     let hellos = peers::hello(&node, &client, ECHO_VIP, 3).expect("hello");
     assert!(

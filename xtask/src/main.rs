@@ -64,7 +64,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    with_cargo_bin_on_path(&mut cmd);
+    cmd
+}
+
+/// Makes sure tools installed by `cargo install` (bpf-linker) are found by
+/// child processes, even where CARGO_HOME/bin is not on PATH (e.g. sudo).
+fn with_cargo_bin_on_path(cmd: &mut Command) {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|home| home.join("bin"));
+    if let Some(bin) = cargo_bin {
+        let mut paths = vec![bin];
+        paths.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        if let Ok(joined) = std::env::join_paths(paths) {
+            cmd.env("PATH", joined);
+        }
+    }
 }
 
 /// Runs a command, failing with its name if it fails.
@@ -85,10 +105,12 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Absolute, so that paths derived from it work from any directory.
 fn target_dir() -> anyhow::Result<PathBuf> {
-    Ok(std::env::var_os("CARGO_TARGET_DIR")
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target")))
+        .unwrap_or_else(|| PathBuf::from("target"));
+    Ok(workspace_root().join(dir))
 }
 
 fn agent_bin() -> anyhow::Result<PathBuf> {
@@ -135,7 +157,9 @@ fn lint() -> anyhow::Result<()> {
         .args(["--", "-D", "warnings"]))?;
     // The eBPF crate, for the bpf target with nightly. `cargo run` leaves the stable toolchain in the environment; clear it
     // so that nightly's cargo, rustc and clippy-driver are used throughout.
-    run(Command::new("rustup")
+    let mut nightly = Command::new("rustup");
+    with_cargo_bin_on_path(&mut nightly);
+    run(nightly
         .current_dir(root.join("dataplane-ebpf"))
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")

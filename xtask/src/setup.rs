@@ -1,6 +1,7 @@
 //! Idempotent installation of the build and test prerequisites.
 //!
-//! - the nightly toolchain's `rust-src` (the eBPF crate builds `core`);
+//! - the nightly toolchain with `rust-src` (the eBPF crate builds `core`),
+//!   and the clippy/rustfmt components lint uses;
 //! - `bpf-linker`, built against the LLVM inside the nightly toolchain, so
 //!   that its LLVM always matches the one rustc emits bitcode for;
 //! - the Debian packages the simulated node and the tests use.
@@ -17,7 +18,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const APT_PACKAGES: &[&str] = &["iproute2", "bpftool"];
 
 pub fn ensure_all() -> anyhow::Result<()> {
-    ensure_nightly_rust_src()?;
+    ensure_toolchains()?;
     ensure_bpf_linker()?;
     ensure_apt_packages()
 }
@@ -35,21 +36,48 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ensure_nightly_rust_src() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))
-    .unwrap_or_default();
-    if installed.lines().any(|line| line.starts_with("rust-src")) {
-        return Ok(());
+/// The nightly toolchain (the eBPF crate needs `-Z build-std`) with the
+/// components the build and lint use, and the stable toolchain's lints.
+/// Only installs what is missing: an existing nightly is never updated,
+/// since a newer one may ship an LLVM the pinned bpf-linker does not know.
+fn ensure_toolchains() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|line| line.starts_with("nightly")) {
+        eprintln!("setup: installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("the eBPF programs need a nightly toolchain")?;
     }
-    eprintln!("setup: adding rust-src to the nightly toolchain");
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-        .context("the eBPF programs need a nightly toolchain with rust-src")
+    for (toolchain, components) in [
+        ("nightly", &["rust-src", "clippy", "rustfmt"][..]),
+        ("stable", &["clippy", "rustfmt"][..]),
+    ] {
+        let installed = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            toolchain,
+        ]))
+        .unwrap_or_default();
+        let missing: Vec<&str> = components
+            .iter()
+            .copied()
+            .filter(|c| !installed.lines().any(|line| line.starts_with(c)))
+            .collect();
+        if !missing.is_empty() {
+            eprintln!("setup: adding {} to {toolchain}", missing.join(" "));
+            run(Command::new("rustup")
+                .args(["component", "add", "--toolchain", toolchain])
+                .args(&missing))?;
+        }
+    }
+    Ok(())
 }
 
 /// The LLVM shared library shipped in the nightly toolchain and its major.

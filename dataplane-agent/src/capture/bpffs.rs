@@ -1,4 +1,8 @@
 //! bpffs: make sure the pin directory lives on a mounted bpf filesystem.
+//!
+//! In a container, a bpffs mounted by the agent itself only survives the
+//! container if the host path is mounted with bidirectional propagation
+//! (see deploy/daemonset.yaml); otherwise the pins would vanish with it.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt as _;
@@ -9,31 +13,43 @@ use super::CaptureError;
 /// `BPF_FS_MAGIC` from `<linux/magic.h>`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// Creates `dir` (and parents), mounting bpffs on the first existing
-/// ancestor below `/sys/fs` style roots if it is not bpffs yet. A node agent
-/// must cope with nodes where nothing mounted `/sys/fs/bpf` at boot.
+/// Where bpffs is conventionally mounted; the only place this agent mounts
+/// it by itself.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Creates `dir`, which must be on a bpf filesystem. If it is below
+/// `/sys/fs/bpf` and nothing is mounted there yet (some nodes do not mount
+/// bpffs at boot), bpffs is mounted there first; it is never mounted
+/// anywhere else, so a mistaken `--pin-dir` cannot hide another filesystem.
 pub fn ensure_dir(dir: &Path) -> Result<(), CaptureError> {
     let err = |source| CaptureError::Bpffs {
         path: dir.to_path_buf(),
         source,
     };
-    let root = bpffs_root(dir).ok_or_else(|| {
-        err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "pin directory must be at least two levels below a bpffs mount point",
-        ))
-    })?;
-    std::fs::create_dir_all(root).map_err(err)?;
-    if !is_bpffs(root).map_err(err)? {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !is_bpffs(existing).map_err(err)? {
+        let root = Path::new(BPFFS_ROOT);
+        // Mount only if `dir` is strictly below the root and nothing below
+        // the root exists yet (so the mount hides nothing).
+        let below_root = dir.starts_with(root) && dir != root;
+        let nothing_hidden = root.starts_with(existing);
+        if !(below_root && nothing_hidden) {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "not on a bpf filesystem: mount one (mount -t bpf bpf {BPFFS_ROOT}) \
+                     or choose a directory below {BPFFS_ROOT}"
+                ),
+            )));
+        }
+        std::fs::create_dir_all(root).map_err(err)?;
         mount_bpffs(root).map_err(err)?;
-        tracing::info!(path = %root.display(), "mounted bpffs");
+        tracing::info!(path = BPFFS_ROOT, "mounted bpffs");
     }
     std::fs::create_dir_all(dir).map_err(err)
-}
-
-/// The mount point: the pin dir is `<root>/<agent dir>/<maps|links>`.
-fn bpffs_root(dir: &Path) -> Option<&Path> {
-    dir.parent()?.parent()
 }
 
 fn is_bpffs(path: &Path) -> std::io::Result<bool> {

@@ -45,6 +45,25 @@ pub fn own_cgroup() -> Result<PathBuf, CaptureError> {
     Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
 }
 
+/// Fails unless this process is a member of `dir`: a mistaken proxy cgroup
+/// (e.g. `/` seen through a private cgroup namespace) would hook every
+/// process of the node.
+pub fn check_member(dir: &Path) -> Result<(), CaptureError> {
+    let procs = dir.join("cgroup.procs");
+    let text = std::fs::read_to_string(&procs).map_err(|source| CaptureError::Cgroup {
+        path: procs.clone(),
+        source,
+    })?;
+    let me = std::process::id().to_string();
+    if text.lines().any(|pid| pid.trim() == me) {
+        return Ok(());
+    }
+    Err(CaptureError::Cgroup {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(format!("process {me} is not in this cgroup")),
+    })
+}
+
 /// The id `bpf_get_current_cgroup_id()` reports for `dir`: its inode.
 pub fn cgroup_id(dir: &Path) -> Result<u64, CaptureError> {
     std::fs::metadata(dir)

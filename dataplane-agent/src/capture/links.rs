@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps};
 
 use super::{CaptureConfig, CaptureError};
 
 /// Pinned link names, relative to `<pin_dir>/links`.
 const LINK_CONNECT4: &str = "connect4";
 const LINK_SOCKOPS: &str = "sockops";
+const LINK_SOCK_RELEASE: &str = "sock_release";
 
 /// Loads a program of type `$ty`, attaches it to `$cgroup` and returns the
 /// attachment (owned by the program's `Ebpf` until taken).
@@ -56,7 +57,7 @@ macro_rules! attach_fd_link {
     }};
 }
 
-/// Attaches the three programs. The pods' side (connect4, sock_ops) is
+/// Attaches the programs. The pods' side (connect4, sock_ops, sock_release) is
 /// pinned, replacing a previous agent's links, so pods stay captured while
 /// no agent runs. The proxy's side (getsockopt) is deliberately not pinned:
 /// it only serves the proxy in this process, so it lives and dies with it
@@ -69,8 +70,10 @@ pub fn attach_all(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<(), CaptureErr
     // Order: the proxy-side answer first, so that no connection redirected
     // by the new connect4 meets a proxy that cannot learn its destination.
     let _ = attach!(ebpf, CgroupSockopt, "dp_getsockopt", &proxy);
+    let release = attach_fd_link!(ebpf, CgroupSock, "dp_sock_release", &pods);
     let sockops = attach_fd_link!(ebpf, SockOps, "dp_sockops", &pods);
     let connect4 = attach_fd_link!(ebpf, CgroupSockAddr, "dp_connect4", &pods);
+    replace_pinned(release, &links_dir.join(LINK_SOCK_RELEASE))?;
     replace_pinned(sockops, &links_dir.join(LINK_SOCKOPS))?;
     replace_pinned(connect4, &links_dir.join(LINK_CONNECT4))?;
     tracing::info!(
@@ -88,18 +91,32 @@ fn open_cgroup(path: &Path) -> Result<File, CaptureError> {
     })
 }
 
-/// Pins `new` at `path`. A link already pinned there (a previous agent's) is
-/// detached first; `new` is attached already, so capture has no gap.
+/// Pins `new` at `path`, atomically replacing a link a previous agent
+/// pinned there: `new` is pinned under a temporary name, then renamed over
+/// the old pin, which drops the old link (detaching it). At every instant
+/// at least one of the two is attached, and a crash at any point leaves a
+/// pinned, attached link behind.
 fn replace_pinned(new: FdLink, path: &Path) -> Result<(), CaptureError> {
     let pin_err = |message: String| CaptureError::Pin {
         path: path.to_path_buf(),
         message,
     };
-    if path.exists() {
-        detach_pinned(path).map_err(pin_err)?;
+    // bpffs refuses names with dots: no "<name>.new".
+    let mut staging = path.as_os_str().to_owned();
+    staging.push("_staging");
+    let staging = PathBuf::from(staging);
+    if staging.exists() {
+        // Left by an agent that died between pin and rename.
+        detach_pinned(&staging).map_err(pin_err)?;
+    }
+    let replacing = path.exists();
+    let pinned = new.pin(&staging).map_err(|err| pin_err(err.to_string()))?;
+    std::fs::rename(&staging, path).map_err(|err| pin_err(format!("rename: {err}")))?;
+    // The pin now lives at `path`; closing our fd leaves it attached.
+    drop(FdLink::from(pinned));
+    if replacing {
         tracing::info!(link = %path.display(), "replaced the link of a previous agent");
     }
-    new.pin(path).map_err(|err| pin_err(err.to_string()))?;
     Ok(())
 }
 
@@ -110,6 +127,22 @@ fn detach_pinned(path: &Path) -> Result<(), String> {
         // Not a link (a stale file): just remove it.
         Err(_) => std::fs::remove_file(path).map_err(|err| err.to_string()),
     }
+}
+
+/// `links/` and every `maps*/` directory (one per map layout version).
+fn pin_subdirs(pin_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == "links" || n.starts_with("maps"))
+        })
+        .collect()
 }
 
 /// What `uninstall` removed.
@@ -127,14 +160,19 @@ pub fn uninstall(pin_dir: &Path) -> Result<UninstallReport, CaptureError> {
         path: path.to_path_buf(),
         source,
     };
-    for (sub, count) in [("links", &mut report.links), ("maps", &mut report.maps)] {
-        let dir = pin_dir.join(sub);
+    for dir in pin_subdirs(pin_dir) {
+        let is_links = dir.file_name().is_some_and(|n| n == "links");
+        let count = if is_links {
+            &mut report.links
+        } else {
+            &mut report.maps
+        };
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            if sub == "links" {
+            if is_links {
                 detach_pinned(&path).map_err(|message| CaptureError::Pin {
                     path: path.clone(),
                     message,

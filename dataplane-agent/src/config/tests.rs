@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::*;
 
 fn parse(text: &str) -> Result<MeshConfig, String> {
@@ -8,7 +10,8 @@ const GOOD: &str = "\
 services:
   - name: echo
     vip: 198.19.0.10:80
-    connectTimeout: 250ms
+    trafficPolicy:
+      timeouts: {connect: 250ms}
     endpoints:
       - address: 198.18.0.11:8080
       - address: 198.18.0.12:8080
@@ -23,7 +26,10 @@ fn parses_a_complete_config() {
     let svc = &cfg.services[0];
     assert_eq!(svc.namespace, "default");
     assert_eq!(svc.vip, "198.19.0.10:80".parse().unwrap());
-    assert_eq!(svc.connect_timeout, Duration::from_millis(250));
+    assert_eq!(
+        svc.traffic_policy.timeouts.connect,
+        Duration::from_millis(250)
+    );
     assert_eq!(svc.endpoints.len(), 2);
     assert_eq!(cfg.pods[0].uid, "0b6c-11");
 }
@@ -31,7 +37,8 @@ fn parses_a_complete_config() {
 #[test]
 fn defaults_apply() {
     let cfg = parse("services:\n  - name: a\n    vip: 198.19.0.1:1\n").expect("valid");
-    assert_eq!(cfg.services[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(cfg.services[0].traffic_policy, TrafficPolicy::default());
+    assert_eq!(cfg.services[0].protocol, Protocol::Auto);
     assert!(cfg.services[0].endpoints.is_empty());
     assert!(cfg.pods.is_empty());
 }
@@ -45,32 +52,44 @@ fn assert_error(text: &str, wants: &[&str]) {
 
 #[test]
 fn unknown_field_is_named_with_its_line() {
-    let text = GOOD.replace("    connectTimeout: 250ms", "    conectTimeout: 250ms");
+    let text = GOOD.replace("{connect: 250ms}", "{conect: 250ms}");
     assert_error(
         &text,
-        &["services[0]", "unknown field `conectTimeout`", "line 4"],
+        &[
+            "services[0].trafficPolicy.timeouts",
+            "unknown field `conect`",
+            "line 5",
+        ],
     );
 }
 
 #[test]
 fn wrong_type_is_named_with_its_line() {
     let text = GOOD.replace("  - uid: 0b6c-11", "  - uid: [1, 2]");
-    assert_error(&text, &["pods[0].uid", "line 9"]);
+    assert_error(&text, &["pods[0].uid", "line 10"]);
 }
 
 #[test]
 fn invalid_address_is_named_with_its_line() {
     let text = GOOD.replace("198.18.0.12:8080", "198.18.0.312:8080");
-    assert_error(&text, &["services[0].endpoints[1].address", "line 7"]);
+    assert_error(&text, &["services[0].endpoints[1].address", "line 8"]);
 }
 
 #[test]
 fn semantic_errors_name_the_field() {
-    assert_error(&GOOD.replace("250ms", "0s"), &["connectTimeout", "line"]);
+    assert_error(
+        &GOOD.replace("250ms", "0s"),
+        &["timeouts.connect", "line 5"],
+    );
     assert_error(
         &GOOD.replace("250ms", "soon"),
-        &["connectTimeout", "line 4"],
+        &["timeouts.connect", "line 5"],
     );
+    let weightless = GOOD.replace(
+        ":8080\n      - address",
+        ":8080\n        weight: 0\n      - address",
+    );
+    assert_error(&weightless, &["endpoints[0].weight", "line"]);
     let dup = "services:\n  - {name: a, vip: 198.19.0.1:80}\n  - {name: b, vip: 198.19.0.1:80}\n";
     assert_error(dup, &["services[1].vip", "used by another service"]);
     assert_error("pods:\n  - uid: a\n  - uid: a\n", &["pods[1].uid", "twice"]);

@@ -22,6 +22,7 @@ pub async fn connect(
         socket.set_mark(mark)?;
     }
     socket.set_tcp_nodelay(true)?;
+    set_keepalive(&socket)?;
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(timeout, socket.connect(endpoint.into())).await {
         Ok(result) => result,
@@ -30,4 +31,15 @@ pub async fn connect(
             format!("connect timed out after {timeout:?}"),
         )),
     }
+}
+
+/// Probes an idle connection so that a peer that vanished without a reset
+/// (its node or pod network gone) is noticed in about a minute and a half,
+/// instead of holding the connection, its pipes and descriptors forever.
+pub fn set_keepalive(socket: &socket2::Socket) -> std::io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    socket.set_tcp_keepalive(&keepalive)
 }

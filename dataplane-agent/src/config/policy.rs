@@ -1,0 +1,142 @@
+//! Per-service traffic policy, with Istio DestinationRule names where they
+//! exist. Each policy's own settings live with the policy's code.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the proxy applies to one service's traffic.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Served instead of a bare 503 when no endpoint is usable or a
+    /// circuit breaker trips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+/// Timeouts; `request` and `idle` of zero disable them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    try_from = "RawTimeouts"
+)]
+pub struct Timeouts {
+    /// To connect to one endpoint; the next one is tried after it.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// A whole HTTP request, retries included, until the response headers.
+    #[serde(with = "humantime_serde")]
+    pub request: Duration,
+    /// An HTTP connection (either side) with no request in flight.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    /// `protocol: auto`: how long to wait for the client's first bytes
+    /// before treating the connection as opaque TCP.
+    #[serde(with = "humantime_serde")]
+    pub protocol_detection: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            request: Duration::from_secs(15),
+            idle: Duration::from_secs(300),
+            protocol_detection: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTimeouts {
+    #[serde(default, with = "humantime_serde")]
+    connect: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    request: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    protocol_detection: Option<Duration>,
+}
+
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl TryFrom<RawTimeouts> for Timeouts {
+    type Error = String;
+
+    fn try_from(raw: RawTimeouts) -> Result<Self, String> {
+        let d = Timeouts::default();
+        let t = Timeouts {
+            connect: raw.connect.unwrap_or(d.connect),
+            request: raw.request.unwrap_or(d.request),
+            idle: raw.idle.unwrap_or(d.idle),
+            protocol_detection: raw.protocol_detection.unwrap_or(d.protocol_detection),
+        };
+        if t.connect.is_zero() || t.connect > MAX_CONNECT_TIMEOUT {
+            return Err(format!(
+                "timeouts.connect: {:?} is outside (0s, {}s]",
+                t.connect,
+                MAX_CONNECT_TIMEOUT.as_secs()
+            ));
+        }
+        if t.protocol_detection.is_zero() {
+            return Err("timeouts.protocolDetection: must be more than 0s".into());
+        }
+        Ok(t)
+    }
+}
+
+/// A configured response served instead of a bare 503.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    try_from = "RawFallback"
+)]
+pub struct Fallback {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFallback {
+    #[serde(default = "default_fallback_status")]
+    status: u16,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    body: String,
+}
+
+fn default_fallback_status() -> u16 {
+    503
+}
+
+impl TryFrom<RawFallback> for Fallback {
+    type Error = String;
+
+    fn try_from(raw: RawFallback) -> Result<Self, String> {
+        if http::StatusCode::from_u16(raw.status).is_err() || raw.status < 200 {
+            return Err(format!("status: {} is not a final HTTP status", raw.status));
+        }
+        for (name, value) in &raw.headers {
+            http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("headers: {name:?} is not a valid header name"))?;
+            http::HeaderValue::from_str(value)
+                .map_err(|_| format!("headers.{name}: not a valid header value"))?;
+        }
+        Ok(Self {
+            status: raw.status,
+            headers: raw.headers,
+            body: raw.body,
+        })
+    }
+}

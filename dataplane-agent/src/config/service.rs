@@ -1,0 +1,100 @@
+//! A service port as configured: VIP, protocol, endpoints and policy.
+
+use std::net::SocketAddrV4;
+
+use serde::{Deserialize, Serialize};
+
+use super::TrafficPolicy;
+
+/// One service port: a VIP:port and the endpoints that serve it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", try_from = "RawService")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+    pub endpoints: Vec<Endpoint>,
+    pub traffic_policy: TrafficPolicy,
+}
+
+/// What the service speaks, which decides how the proxy handles it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Protocol {
+    /// Opaque bytes: zero-copy forwarding, connection-level policy only.
+    Tcp,
+    /// HTTP/1.1 or HTTP/2 (h2c): request-level policy.
+    Http,
+    /// Decide per connection from the first bytes (HTTP/1 request line or
+    /// the HTTP/2 preface); anything else is handled as TCP.
+    #[default]
+    Auto,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    vip: SocketAddrV4,
+    #[serde(default)]
+    protocol: Protocol,
+    #[serde(default)]
+    endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    traffic_policy: TrafficPolicy,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+/// An instance of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Endpoint {
+    pub address: SocketAddrV4,
+    /// Relative share of traffic (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Locality, for locality-aware failover (empty = unknown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl TryFrom<RawService> for Service {
+    type Error = String;
+
+    fn try_from(raw: RawService) -> Result<Self, String> {
+        if raw.name.trim().is_empty() {
+            return Err("name: must not be empty".into());
+        }
+        if raw.vip.port() == 0 {
+            return Err("vip: port must not be 0".into());
+        }
+        for (i, ep) in raw.endpoints.iter().enumerate() {
+            if ep.address.port() == 0 {
+                return Err(format!("endpoints[{i}].address: port must not be 0"));
+            }
+            if ep.weight == 0 {
+                return Err(format!("endpoints[{i}].weight: must be at least 1"));
+            }
+        }
+        Ok(Self {
+            name: raw.name,
+            namespace: raw.namespace,
+            vip: raw.vip,
+            protocol: raw.protocol,
+            endpoints: raw.endpoints,
+            traffic_policy: raw.traffic_policy,
+        })
+    }
+}

@@ -1,0 +1,54 @@
+//! HTTP services: the client connection is served by hyper (HTTP/1.1 with
+//! keep-alive, or HTTP/2 with prior knowledge), and every request goes
+//! through the service's policies on its own (see `forward`).
+
+mod body;
+mod forward;
+pub mod headers;
+mod reply;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::Proxy;
+use crate::state::Service;
+
+/// Largest request head accepted; larger ones get 431 (Envoy's default
+/// limit is 60 KiB).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Serves one client connection until it closes. Malformed requests are
+/// answered by hyper (400, or 431 for oversize heads) and only affect this
+/// connection.
+pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, service: Arc<Service>) {
+    let idle = service.policy().timeouts.idle;
+    let handler = service_fn(move |req| {
+        let (proxy, service) = (Arc::clone(&proxy), Arc::clone(&service));
+        async move { Ok::<_, Infallible>(forward::handle(&proxy, &service, req, peer).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    if !idle.is_zero() {
+        // Closes keep-alive connections that send no new request in time.
+        builder.http1().header_read_timeout(idle);
+    }
+    builder.http2().timer(TokioTimer::new());
+    if let Err(err) = builder
+        .serve_connection(TokioIo::new(client), handler)
+        .await
+    {
+        debug!(%peer, %err, "HTTP connection ended with an error");
+    }
+}
