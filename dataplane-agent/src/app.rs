@@ -22,7 +22,7 @@ use crate::config::MeshConfig;
 use crate::metrics::{CaptureCollector, ProxyMetrics};
 use crate::proxy::Proxy;
 use crate::reload::{Change, ConfigWatcher};
-use crate::state::ServiceTable;
+use crate::state::{NodeContext, ServiceTable};
 
 /// Node-level settings, from the command line.
 #[derive(Debug, Clone)]
@@ -34,6 +34,7 @@ pub struct Settings {
     pub proxy_cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub mark: u32,
+    pub node: NodeContext,
     pub resync: Duration,
 }
 
@@ -86,12 +87,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         services: Arc::new(ArcSwap::from_pointee(ServiceTable::build(
             &config,
             None,
-            settings.mark,
+            &settings.node,
         ))),
         metrics,
         mark: settings.mark,
     });
     tokio::spawn(Arc::clone(&proxy).serve(listener));
+    tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
 
     let mut reconciler = Reconciler::new(capture.tables, pods_cgroup, proxy_cgroup);
     reconciler.services(&config);
@@ -105,7 +107,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = resync.tick() => {
-                if let Some(new) = reload(&mut watcher, &proxy, &admin, settings.mark) {
+                if let Some(new) = reload(&mut watcher, &proxy, &admin, &settings.node) {
                     config = new;
                     reconciler.services(&config);
                 }
@@ -125,7 +127,7 @@ fn reload(
     watcher: &mut ConfigWatcher,
     proxy: &Proxy,
     admin: &Admin,
-    mark: u32,
+    node: &NodeContext,
 ) -> Option<MeshConfig> {
     match watcher.poll() {
         Change::Unchanged => None,
@@ -135,7 +137,7 @@ fn reload(
             None
         }
         Change::Valid(config) => {
-            let table = ServiceTable::build(&config, Some(&proxy.services.load()), mark);
+            let table = ServiceTable::build(&config, Some(&proxy.services.load()), node);
             proxy.services.store(Arc::new(table));
             admin.config.store(Arc::new((*config).clone()));
             proxy.metrics.reload(true);
@@ -145,6 +147,27 @@ fn reload(
                 "config reloaded"
             );
             Some(*config)
+        }
+    }
+}
+
+/// How often outlier detection ends ejections and runs its interval
+/// checks; each service's own `interval` decides when those are due.
+const OUTLIER_TICK: Duration = Duration::from_millis(100);
+
+async fn tick_outlier_detection(proxy: Arc<Proxy>) {
+    let mut ticker = tokio::time::interval(OUTLIER_TICK);
+    loop {
+        ticker.tick().await;
+        let now = std::time::Instant::now();
+        for service in proxy.services.load().services() {
+            let events = match service.outlier() {
+                Some(mut outlier) => outlier.tick(now),
+                None => continue,
+            };
+            for event in &events {
+                proxy.metrics.outlier_event(service, event);
+            }
         }
     }
 }

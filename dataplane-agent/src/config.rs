@@ -54,6 +54,10 @@ pub struct Pod {
     /// For logs only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The pod's address: lets the proxy tell which pod is calling (for
+    /// per-pod rate limits and priority classes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Two services on one VIP:port would make capture ambiguous.

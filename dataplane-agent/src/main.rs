@@ -4,22 +4,13 @@
 //! the shared node proxy; `cleanup` uninstalls the capture; `check-config`
 //! validates a mesh config file.
 
-mod admin;
-mod app;
-mod balance;
-mod capture;
-mod config;
-mod metrics;
-mod proxy;
-mod reload;
-mod state;
-
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use dataplane_agent::{app, balance, capture, config, state};
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
 
@@ -74,7 +65,13 @@ struct RunArgs {
     /// 0x8000).
     #[arg(long, env = "DATAPLANE_PROXY_MARK", default_value = "0x539", value_parser = parse_mark)]
     mark: u32,
-    /// How often enrollment is re-checked against the pods' cgroups.
+    /// This node's region and zone (its topology labels), for
+    /// locality-aware load balancing.
+    #[arg(long, env = "DATAPLANE_REGION", default_value = "")]
+    region: String,
+    #[arg(long, env = "DATAPLANE_ZONE", default_value = "")]
+    zone: String,
+    /// How often enrollment and the config file are re-checked.
     #[arg(long, env = "DATAPLANE_RESYNC", default_value = "1s", value_parser = humantime_serde::re::humantime::parse_duration)]
     resync: Duration,
 }
@@ -106,6 +103,13 @@ fn main() -> anyhow::Result<()> {
                 proxy_cgroup: args.proxy_cgroup,
                 pin_dir: args.pin_dir,
                 mark: args.mark,
+                node: state::NodeContext {
+                    mark: args.mark,
+                    locality: balance::Locality {
+                        region: args.region,
+                        zone: args.zone,
+                    },
+                },
                 resync: args.resync,
             };
             tokio::runtime::Builder::new_multi_thread()

@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::capture::tables::StatsReader;
+use crate::health::Event;
 
 /// Why the proxy closed a connection without forwarding it.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -27,6 +28,10 @@ pub enum RefuseReason {
     NoEndpoints,
     /// Every endpoint failed to connect.
     UpstreamUnavailable,
+    /// The service's rate limit (new connections per second).
+    RateLimited,
+    /// The service's `maxConnections` circuit breaker.
+    Overflow,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +71,8 @@ snake_case_label!(RefuseReason {
     NoService => "no_service",
     NoEndpoints => "no_endpoints",
     UpstreamUnavailable => "upstream_unavailable",
+    RateLimited => "rate_limited",
+    Overflow => "overflow",
 });
 snake_case_label!(ReloadResult {
     Applied => "applied",
@@ -91,6 +98,50 @@ pub struct ProxyMetrics {
     pub active: Gauge,
     pub bytes: Family<DirectionLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
+    pub http_responses: Family<ResponseLabels, Counter>,
+    pub retries: Family<ServiceLabels, Counter>,
+    pub retry_giveups: Family<ReasonLabels, Counter>,
+    pub overflows: Family<ReasonLabels, Counter>,
+    pub fallbacks: Family<ReasonLabels, Counter>,
+    pub local_replies: Family<ReasonLabels, Counter>,
+    pub outlier_events: Family<OutlierLabels, Counter>,
+    pub rate_limited: Family<RateLimitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub service: String,
+    pub code: u16,
+}
+
+/// A service and a reason or limit name (snake_case).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutlierLabels {
+    pub service: String,
+    pub endpoint: String,
+    /// `ejected`, `half_open`, `restored`, `ejection_skipped`.
+    pub event: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub service: String,
+    /// The calling pod's UID when known.
+    pub pod: String,
+    /// `delayed` or `rejected`.
+    pub decision: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,11 +184,94 @@ impl ProxyMetrics {
             self.active.clone(),
         );
         r.register("bytes", "Bytes forwarded, by direction", self.bytes.clone());
+        let h = registry.sub_registry_with_prefix("dataplane_http");
+        h.register(
+            "responses",
+            "Responses to clients, by status code",
+            self.http_responses.clone(),
+        );
+        h.register("retries", "Retries sent", self.retries.clone());
+        h.register(
+            "retry_give_ups",
+            "Failed requests not retried, by reason",
+            self.retry_giveups.clone(),
+        );
+        h.register(
+            "local_replies",
+            "Responses made by the proxy itself, by reason",
+            self.local_replies.clone(),
+        );
+        let p = registry.sub_registry_with_prefix("dataplane_policy");
+        p.register(
+            "circuit_breaker_overflows",
+            "Requests or connections refused by a circuit breaker, by limit",
+            self.overflows.clone(),
+        );
+        p.register(
+            "fallbacks",
+            "Fallback responses served, by reason",
+            self.fallbacks.clone(),
+        );
+        p.register(
+            "outlier_events",
+            "Outlier detection ejections, half-opens and restorations",
+            self.outlier_events.clone(),
+        );
+        p.register(
+            "rate_limited",
+            "Requests or connections delayed or rejected by a rate limit",
+            self.rate_limited.clone(),
+        );
         registry.register(
             "dataplane_config_reloads",
             "Config file changes, applied or rejected",
             self.reloads.clone(),
         );
+    }
+
+    pub fn reason(family: &Family<ReasonLabels, Counter>, service: &str, reason: &'static str) {
+        let labels = ReasonLabels {
+            service: service.to_string(),
+            reason,
+        };
+        family.get_or_create(&labels).inc();
+    }
+
+    /// Logs and counts an outlier detection event of `service`.
+    pub fn outlier_event(&self, service: &crate::state::Service, event: &Event) {
+        let (idx, name, reason) = match *event {
+            Event::Ejected { idx, reason, .. } => (idx, "ejected", reason.as_str()),
+            Event::HalfOpen { idx } => (idx, "half_open", ""),
+            Event::Restored { idx } => (idx, "restored", ""),
+            Event::EjectionSkipped { idx, reason } => (idx, "ejection_skipped", reason.as_str()),
+        };
+        let endpoint = service
+            .endpoints
+            .get(idx)
+            .map(|ep| ep.addr.to_string())
+            .unwrap_or_default();
+        tracing::info!(service = %service.id, %endpoint, event = name, reason, ?event, "outlier detection");
+        let labels = OutlierLabels {
+            service: service.id.clone(),
+            endpoint,
+            event: name,
+            reason,
+        };
+        self.outlier_events.get_or_create(&labels).inc();
+    }
+
+    pub fn rate_limited(
+        &self,
+        service: &crate::state::Service,
+        pod: Option<&str>,
+        decision: &'static str,
+    ) {
+        let labels = RateLimitLabels {
+            service: service.id.clone(),
+            pod: pod.unwrap_or("").to_string(),
+            decision,
+        };
+        self.rate_limited.get_or_create(&labels).inc();
     }
 
     pub fn reload(&self, applied: bool) {

@@ -4,99 +4,73 @@
 //! Built from the config (later from discovery) and swapped atomically:
 //! the hot path reads it without locks, a change applies to new
 //! connections and requests, and connections in flight keep the version
-//! they started with. A service whose config did not change keeps its
-//! runtime state (pools, balancer position, health) across a reload.
+//! they started with. A service whose config did not change is kept as it
+//! is; a changed one carries over what should survive a reload (endpoint
+//! health, breaker occupancy, retry budget).
+
+mod service;
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 
-use crate::balance::RoundRobin;
-use crate::config::{self, MeshConfig};
-use crate::metrics::EndpointLabels;
-use crate::proxy::http::upstream::{Clients, Connector};
+use crate::balance::Locality;
+use crate::config::MeshConfig;
 
-/// One endpoint as the proxy uses it.
-#[derive(Debug)]
-pub struct Endpoint {
-    pub addr: SocketAddrV4,
-    /// Metric labels, built once rather than per connection.
-    pub labels: EndpointLabels,
-}
+pub use service::{Endpoint, Service};
 
-/// One service as the proxy uses it.
-#[derive(Debug)]
-pub struct Service {
-    /// `namespace/name`, for logs and metrics.
-    pub id: String,
-    /// The config this runtime state was built from.
-    pub config: config::Service,
-    pub endpoints: Vec<Endpoint>,
-    pub balancer: RoundRobin,
-    pub clients: Clients,
-}
-
-impl Service {
-    fn new(cfg: &config::Service, mark: u32) -> Self {
-        let id = format!("{}/{}", cfg.namespace, cfg.name);
-        let endpoints = cfg
-            .endpoints
-            .iter()
-            .map(|ep| Endpoint {
-                addr: ep.address,
-                labels: EndpointLabels {
-                    service: id.clone(),
-                    endpoint: ep.address.to_string(),
-                },
-            })
-            .collect();
-        let connector = Connector {
-            mark,
-            connect_timeout: cfg.traffic_policy.timeouts.connect,
-        };
-        Self {
-            id,
-            config: cfg.clone(),
-            endpoints,
-            balancer: RoundRobin::default(),
-            clients: Clients::new(connector),
-        }
-    }
-
-    pub fn policy(&self) -> &config::TrafficPolicy {
-        &self.config.traffic_policy
-    }
-}
-
-/// All services, keyed by the VIP:port clients connect to.
+/// All services, keyed by the VIP:port clients connect to, and the
+/// enrolled pods by address (to know who is calling).
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     by_vip: HashMap<SocketAddrV4, Arc<Service>>,
+    pods_by_ip: HashMap<std::net::IpAddr, String>,
+}
+
+/// Node-wide inputs of every service's runtime state.
+#[derive(Debug, Clone, Default)]
+pub struct NodeContext {
+    /// `SO_MARK` of upstream sockets.
+    pub mark: u32,
+    /// The node's (and so every caller's) locality.
+    pub locality: Locality,
 }
 
 impl ServiceTable {
-    /// Builds the table for `cfg`, reusing from `previous` every service
-    /// whose config is unchanged.
-    pub fn build(cfg: &MeshConfig, previous: Option<&ServiceTable>, mark: u32) -> Self {
+    /// Builds the table for `cfg`, reusing or carrying over state from
+    /// `previous`.
+    pub fn build(cfg: &MeshConfig, previous: Option<&ServiceTable>, node: &NodeContext) -> Self {
         let by_vip = cfg
             .services
             .iter()
             .map(|svc| {
-                let kept = previous
-                    .and_then(|table| table.by_vip.get(&svc.vip))
-                    .filter(|old| old.config == *svc);
-                let service = match kept {
-                    Some(old) => Arc::clone(old),
-                    None => Arc::new(Service::new(svc, mark)),
+                let old = previous.and_then(|table| table.by_vip.get(&svc.vip));
+                let service = match old {
+                    Some(old) if old.config == *svc => Arc::clone(old),
+                    _ => Arc::new(Service::new(svc, node, old.map(|o| &**o))),
                 };
                 (svc.vip, service)
             })
             .collect();
-        Self { by_vip }
+        let pods_by_ip = cfg
+            .pods
+            .iter()
+            .filter_map(|pod| Some((std::net::IpAddr::V4(pod.ip?), pod.uid.clone())))
+            .collect();
+        Self { by_vip, pods_by_ip }
+    }
+
+    /// The UID of the enrolled pod at `ip`, if the config gave its address.
+    pub fn pod_at(&self, ip: std::net::IpAddr) -> Option<&str> {
+        self.pods_by_ip.get(&ip).map(String::as_str)
     }
 
     pub fn get(&self, vip: &SocketAddrV4) -> Option<&Arc<Service>> {
         self.by_vip.get(vip)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.by_vip.values()
     }
 }
 

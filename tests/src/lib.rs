@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod binaries;
+pub mod http_peers;
 pub mod peers;
 pub mod proc;
 pub mod scenario;

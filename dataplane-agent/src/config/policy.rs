@@ -6,10 +6,30 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::balance::LoadBalancerConfig;
+use crate::health::OutlierDetectionConfig;
+use crate::ratelimit::RateLimitConfig;
+use crate::resilience::{ConnectionPool, RetryPolicy};
+
 /// Everything the proxy applies to one service's traffic.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicy {
+    #[serde(default)]
+    pub load_balancer: LoadBalancerConfig,
+    /// Absent: no outlier detection (Istio's default too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionConfig>,
+    /// HTTP retries (`attempts: 0` is fail-fast).
+    #[serde(default)]
+    pub retries: RetryPolicy,
+    /// Circuit breakers.
+    #[serde(default)]
+    pub connection_pool: ConnectionPool,
+    /// Local rate limit: requests per second for HTTP, new connections per
+    /// second for TCP. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Served instead of a bare 503 when no endpoint is usable or a

@@ -1,13 +1,19 @@
-//! Opaque TCP services: pick an endpoint, connect (failing over to the
-//! next endpoint), then forward bytes with splice(2).
+//! Opaque TCP services: connection-level policy (rate limit on new
+//! connections, `maxConnections`, balancing over healthy endpoints with
+//! failover on connect errors, local-origin outlier detection), then bytes
+//! forwarded with splice(2).
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::{Proxy, forward, upstream};
+use crate::health::{LocalFailure, Outcome};
 use crate::metrics::RefuseReason;
+use crate::ratelimit::{Decision, Request};
+use crate::resilience::Limit;
 use crate::state::{Endpoint, Service};
 
 pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: &Service) {
@@ -15,6 +21,13 @@ pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: 
         debug!(%peer, service = %service.id, "service has no endpoints");
         return proxy.refuse(client, RefuseReason::NoEndpoints);
     }
+    if !admit_rate(proxy, service, peer).await {
+        return proxy.refuse(client, RefuseReason::RateLimited);
+    }
+    let Ok(_connection_slot) = service.breaker.try_acquire(Limit::Connections) else {
+        debug!(%peer, service = %service.id, "maxConnections reached");
+        return proxy.refuse(client, RefuseReason::Overflow);
+    };
     let Some((upstream, endpoint)) = connect_any(proxy, service).await else {
         warn!(%peer, service = %service.id, "no endpoint could be reached");
         return proxy.refuse(client, RefuseReason::UpstreamUnavailable);
@@ -30,12 +43,59 @@ pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: 
     forward::forward(client, upstream, &proxy.metrics).await;
 }
 
-/// Tries the endpoints in the balancer's order, each at most once.
+/// The service's rate limit, counted in new connections per second.
+async fn admit_rate(proxy: &Proxy, service: &Service, peer: SocketAddr) -> bool {
+    let Some(limiter) = &service.limiter else {
+        return true;
+    };
+    // Decided before any await: the lookups borrow non-Send state.
+    let (decision, pod) = {
+        let services = proxy.services.load();
+        let pod = services.pod_at(peer.ip());
+        let decision = limiter.check(&Request::tcp(pod), Instant::now());
+        (decision, pod.map(str::to_string))
+    };
+    let pod = pod.as_deref();
+    match decision {
+        Decision::Allow => true,
+        Decision::Delay { wait, slot } => {
+            proxy.metrics.rate_limited(service, pod, "delayed");
+            tokio::time::sleep(wait).await;
+            drop(slot);
+            true
+        }
+        Decision::Reject { .. } => {
+            proxy.metrics.rate_limited(service, pod, "rejected");
+            false
+        }
+    }
+}
+
+/// Tries endpoints the balancer picks (a different one each time, among
+/// those outlier detection lets through) until one connects, at most once
+/// per endpoint.
 async fn connect_any<'s>(proxy: &Proxy, service: &'s Service) -> Option<(TcpStream, &'s Endpoint)> {
     let timeout = service.policy().timeouts.connect;
-    for index in service.balancer.attempt_order(service.endpoints.len()) {
+    let mut tried = Vec::new();
+    let mut available = Vec::new();
+    while tried.len() < service.endpoints.len() {
+        let index = service.pick(&tried, None, &mut available)?;
+        if tried.contains(&index) {
+            // Only already-tried endpoints are left.
+            return None;
+        }
+        tried.push(index);
         let endpoint = &service.endpoints[index];
-        match upstream::connect(endpoint.addr, proxy.mark, timeout).await {
+        let result = upstream::connect(endpoint.addr, proxy.mark, timeout).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Success,
+            Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+                Outcome::LocalFailure(LocalFailure::ConnectTimeout)
+            }
+            Err(_) => Outcome::LocalFailure(LocalFailure::ConnectRefused),
+        };
+        service.record_outcome(proxy, index, outcome);
+        match result {
             Ok(stream) => return Some((stream, endpoint)),
             Err(err) => {
                 info!(service = %service.id, endpoint = %endpoint.addr, %err, "endpoint connect failed, trying the next");

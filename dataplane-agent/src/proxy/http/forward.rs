@@ -1,26 +1,41 @@
-//! One HTTP request through the service's policies: choose an endpoint,
-//! send, and on a failure decide whether another attempt is allowed.
+//! One HTTP request through the service's policies:
+//!
+//! ```text
+//! admit (max_requests breaker) -> [attempt: pick endpoint (balancer over
+//! endpoints outlier detection lets through, a new host on retries) ->
+//! send (per-try timeout) -> record outcome (outlier detection, balancer
+//! latency) -> retriable failure? retry policy + budget + max_retries
+//! breaker -> backoff -> next attempt] -> response, or a local reply that
+//! says why (or the service's fallback)
+//! ```
+//! The whole is bounded by the service's request timeout.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
-use http::{Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tracing::debug;
 
 use super::body::RequestBody;
 use super::headers::strip_hop_by_hop;
 use super::reply;
-use super::upstream::Body;
+use super::upstream::{Body, tripped_limit};
+use crate::balance::{HashSource, hash_key};
+use crate::health::{LocalFailure, Outcome};
+use crate::metrics::ProxyMetrics;
 use crate::proxy::Proxy;
+use crate::ratelimit::{Decision, HeaderLookup, Request as RateRequest, retry_after_header};
+use crate::resilience::{Failure, GiveUpReason, Limit, RetryDecision, RetryState};
 use crate::state::Service;
 
-/// Why an attempt failed, as far as the proxy could tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptError {
-    /// No connection could be made (refused, timed out, unreachable).
-    Connect,
-    /// The connection failed while the request was in flight.
-    Reset,
+/// Why one attempt produced no usable response.
+struct AttemptError {
+    failure: Failure,
+    /// What outlier detection is told; `None` when the endpoint is not to
+    /// blame (a circuit breaker refused the connection).
+    local: Option<LocalFailure>,
+    overflow: Option<Limit>,
 }
 
 pub async fn handle(
@@ -29,14 +44,92 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let timeout = service.policy().timeouts.request;
-    let attempts = attempt_all(proxy, service, req, peer);
-    if timeout.is_zero() {
-        return attempts.await;
+    if let Err(response) = admit_rate(proxy, service, &req, peer).await {
+        return response;
     }
-    match tokio::time::timeout(timeout, attempts).await {
-        Ok(response) => response,
-        Err(_) => reply::error(StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
+    let response = match service.breaker.try_acquire(Limit::Requests) {
+        Err(tripped) => overflow(proxy, service, tripped.limit),
+        Ok(_request_slot) => {
+            let timeout = service.policy().timeouts.request;
+            let attempts = attempt_all(proxy, service, req, peer);
+            if timeout.is_zero() {
+                attempts.await
+            } else {
+                match tokio::time::timeout(timeout, attempts).await {
+                    Ok(response) => response,
+                    Err(_) => local(
+                        proxy,
+                        service,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "request_timeout",
+                    ),
+                }
+            }
+        }
+    };
+    let labels = crate::metrics::ResponseLabels {
+        service: service.id.clone(),
+        code: response.status().as_u16(),
+    };
+    proxy.metrics.http_responses.get_or_create(&labels).inc();
+    response
+}
+
+/// Request headers as the rate limiter's classes see them.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl HeaderLookup for Headers<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.get(name)?.to_str().ok()
+    }
+}
+
+/// The service's rate limit: passes, waits in the bounded delay queue
+/// (which counts as pending for `maxPendingRequests`), or answers 429.
+async fn admit_rate(
+    proxy: &Proxy,
+    service: &Service,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(), Response<Body>> {
+    let Some(limiter) = &service.limiter else {
+        return Ok(());
+    };
+    // Decided before any await: the lookups borrow non-Send state.
+    let (decision, pod) = {
+        let services = proxy.services.load();
+        let pod = services.pod_at(peer.ip());
+        let headers = Headers(req.headers());
+        let decision = limiter.check(&RateRequest::http(pod, &headers), Instant::now());
+        (decision, pod.map(str::to_string))
+    };
+    let pod = pod.as_deref();
+    match decision {
+        Decision::Allow => Ok(()),
+        Decision::Delay { wait, slot } => {
+            let Ok(_pending) = service.breaker.try_acquire(Limit::PendingRequests) else {
+                return Err(overflow(proxy, service, Limit::PendingRequests));
+            };
+            proxy.metrics.rate_limited(service, pod, "delayed");
+            tokio::time::sleep(wait).await;
+            drop(slot);
+            Ok(())
+        }
+        Decision::Reject { retry_after } => {
+            proxy.metrics.rate_limited(service, pod, "rejected");
+            let mut response = local(
+                proxy,
+                service,
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+            );
+            if let Ok(value) = HeaderValue::from_str(&retry_after_header(retry_after)) {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, value);
+            }
+            Err(response)
+        }
     }
 }
 
@@ -52,62 +145,228 @@ async fn attempt_all(
         Ok(body) => body,
         Err(err) => {
             debug!(%peer, %err, "client request body failed");
-            return reply::error(StatusCode::BAD_REQUEST, "bad_request_body");
+            return local(proxy, service, StatusCode::BAD_REQUEST, "bad_request_body");
         }
     };
-    let mut last_error = None;
-    for index in service.balancer.attempt_order(service.endpoints.len()) {
-        let endpoint = &service.endpoints[index];
-        let Some(attempt_body) = body.take() else {
-            break;
+    let hash = request_hash(service, &parts, peer);
+    let policy = &service.policy().retries;
+    let mut retry = RetryState::new(policy);
+    let mut tried = Vec::with_capacity(policy.attempts as usize + 1);
+    let mut available = Vec::new();
+    let mut rng = fastrand::Rng::new();
+    service.budget.deposit(Instant::now());
+    loop {
+        let Some(index) = service.pick(&tried, hash, &mut available) else {
+            return no_endpoint(proxy, service, "no_healthy_upstream");
         };
-        let request = match upstream_request(&parts, endpoint.addr, attempt_body) {
-            Ok(request) => request,
-            Err(_) => return reply::error(StatusCode::BAD_REQUEST, "bad_request_target"),
+        tried.push(index);
+        let (failure, response) = match send_once(proxy, service, index, &parts, &mut body).await {
+            Ok(response) => match response_failure(service, &response) {
+                None => return downstream_response(response),
+                Some(failure) => (failure, Some(response)),
+            },
+            Err(err) => {
+                if let Some(limit) = err.overflow {
+                    return overflow(proxy, service, limit);
+                }
+                (err.failure, None)
+            }
         };
-        let client = service.clients.for_version(parts.version);
-        match client.request(request).await {
-            Ok(response) => {
+        let now = Instant::now();
+        let replayable = body.replayable();
+        match retry.next(
+            &failure,
+            replayable,
+            &service.budget,
+            Some(&service.breaker),
+            &mut rng,
+            now,
+        ) {
+            RetryDecision::Retry { after } => {
+                debug!(service = %service.id, ?failure, ?after, "retrying");
                 proxy
                     .metrics
-                    .forwarded
-                    .get_or_create(&endpoint.labels)
+                    .retries
+                    .get_or_create(&service_labels(service))
                     .inc();
-                return downstream_response(response);
+                tokio::time::sleep(after).await;
             }
-            Err(err) => {
-                let kind = if err.is_connect() {
-                    proxy
-                        .metrics
-                        .connect_errors
-                        .get_or_create(&endpoint.labels)
-                        .inc();
-                    AttemptError::Connect
-                } else {
-                    AttemptError::Reset
-                };
-                debug!(service = %service.id, endpoint = %endpoint.addr, %err, ?kind, "attempt failed");
-                last_error = Some(kind);
-                // Only a request that never reached the endpoint is safe
-                // to send elsewhere without a retry policy.
-                if kind != AttemptError::Connect || !body.replayable() {
-                    break;
+            RetryDecision::GiveUp(reason) => {
+                if reason != GiveUpReason::NotRetriable {
+                    ProxyMetrics::reason(
+                        &proxy.metrics.retry_giveups,
+                        &service.id,
+                        reason.as_str(),
+                    );
                 }
+                return match response {
+                    Some(response) => downstream_response(response),
+                    None => failure_reply(proxy, service, &failure),
+                };
             }
         }
-    }
-    match last_error {
-        None => no_endpoint(service),
-        Some(AttemptError::Connect) => no_endpoint(service),
-        Some(AttemptError::Reset) => reply::error(StatusCode::BAD_GATEWAY, "upstream_reset"),
     }
 }
 
-fn no_endpoint(service: &Service) -> Response<Body> {
-    match &service.policy().fallback {
-        Some(fallback) => reply::fallback(fallback, "no_healthy_upstream"),
-        None => reply::error(StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream"),
+/// One try against `endpoints[index]`, reporting its outcome to outlier
+/// detection and the balancer.
+async fn send_once(
+    proxy: &Proxy,
+    service: &Service,
+    index: usize,
+    parts: &http::request::Parts,
+    body: &mut RequestBody,
+) -> Result<Response<Incoming>, AttemptError> {
+    let endpoint = &service.endpoints[index];
+    let Some(attempt_body) = body.take() else {
+        // Unreachable: retries of a streamed body are refused earlier.
+        return Err(AttemptError::local(Failure::Reset, LocalFailure::Other));
+    };
+    let request = upstream_request(parts, endpoint.addr, attempt_body)
+        .map_err(|_| AttemptError::local(Failure::Reset, LocalFailure::Other))?;
+    service.admit(index);
+    let client = service.clients.for_version(parts.version);
+    let per_try = service.policy().retries.per_try_timeout;
+    service.balancer.on_start(index);
+    let started = Instant::now();
+    let result = match per_try {
+        Some(limit) => match tokio::time::timeout(limit, client.request(request)).await {
+            Ok(result) => result.map_err(|e| classify_error(&e)),
+            Err(_) => Err(AttemptError::local(Failure::Timeout, LocalFailure::Other)),
+        },
+        None => client
+            .request(request)
+            .await
+            .map_err(|e| classify_error(&e)),
+    };
+    let now = Instant::now();
+    let rtt = result.is_ok().then(|| now.duration_since(started));
+    service.balancer.on_end(index, rtt, now);
+    let outcome = match &result {
+        Ok(response) => Some(Outcome::Status(response.status().as_u16())),
+        Err(err) => err.local.map(Outcome::LocalFailure),
+    };
+    if let Some(outcome) = outcome {
+        service.record_outcome(proxy, index, outcome);
     }
+    result
+}
+
+impl AttemptError {
+    fn local(failure: Failure, local: LocalFailure) -> Self {
+        Self {
+            failure,
+            local: Some(local),
+            overflow: None,
+        }
+    }
+}
+
+fn classify_error(err: &hyper_util::client::legacy::Error) -> AttemptError {
+    if let Some(limit) = tripped_limit(err) {
+        return AttemptError {
+            failure: Failure::ConnectFailure,
+            local: None,
+            overflow: Some(limit),
+        };
+    }
+    if err.is_connect() {
+        let timed_out = std::error::Error::source(err)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+        let local = if timed_out {
+            LocalFailure::ConnectTimeout
+        } else {
+            LocalFailure::ConnectRefused
+        };
+        return AttemptError::local(Failure::ConnectFailure, local);
+    }
+    AttemptError::local(Failure::Reset, LocalFailure::Reset)
+}
+
+/// Whether the retry policy wants another try for this response: a
+/// retriable status, or a gRPC error status in a trailers-only response.
+fn response_failure(service: &Service, response: &Response<Incoming>) -> Option<Failure> {
+    let policy = &service.policy().retries;
+    if let Some(failure) = policy.status_failure(response.status().as_u16()) {
+        return Some(failure);
+    }
+    let grpc = response.headers().get("grpc-status")?.to_str().ok()?;
+    policy.grpc_failure(grpc.parse().ok()?)
+}
+
+/// The key for ring-hash and Maglev balancing, if configured.
+fn request_hash(service: &Service, parts: &http::request::Parts, peer: SocketAddr) -> Option<u64> {
+    match service.policy().load_balancer.hash.source()? {
+        HashSource::Header(name) => parts.headers.get(name).map(|v| hash_key(v.as_bytes())),
+        HashSource::SourceIp => Some(match peer.ip() {
+            std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
+            std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
+        }),
+    }
+}
+
+fn service_labels(service: &Service) -> crate::metrics::ServiceLabels {
+    crate::metrics::ServiceLabels {
+        service: service.id.clone(),
+    }
+}
+
+/// The proxy's answer when the last attempt got no response.
+fn failure_reply(proxy: &Proxy, service: &Service, failure: &Failure) -> Response<Body> {
+    match failure {
+        Failure::ConnectFailure => no_endpoint(proxy, service, "upstream_connect_failure"),
+        Failure::Timeout => local(
+            proxy,
+            service,
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_per_try_timeout",
+        ),
+        _ => local(
+            proxy,
+            service,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_reset",
+        ),
+    }
+}
+
+/// No endpoint could serve the request: the fallback if configured.
+fn no_endpoint(proxy: &Proxy, service: &Service, reason: &'static str) -> Response<Body> {
+    match &service.policy().fallback {
+        Some(fallback) => {
+            ProxyMetrics::reason(&proxy.metrics.fallbacks, &service.id, reason);
+            reply::fallback(fallback, reason)
+        }
+        None => local(proxy, service, StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
+}
+
+/// A circuit breaker tripped: 503 naming the limit (or the fallback).
+fn overflow(proxy: &Proxy, service: &Service, limit: Limit) -> Response<Body> {
+    ProxyMetrics::reason(&proxy.metrics.overflows, &service.id, limit.as_str());
+    let mut response = match &service.policy().fallback {
+        Some(fallback) => {
+            ProxyMetrics::reason(&proxy.metrics.fallbacks, &service.id, limit.as_str());
+            reply::fallback(fallback, limit.as_str())
+        }
+        None => local(proxy, service, StatusCode::SERVICE_UNAVAILABLE, "overflow"),
+    };
+    response.headers_mut().insert(
+        reply::OVERFLOW_HEADER,
+        HeaderValue::from_static(limit.as_str()),
+    );
+    response
+}
+
+fn local(
+    proxy: &Proxy,
+    service: &Service,
+    status: StatusCode,
+    reason: &'static str,
+) -> Response<Body> {
+    ProxyMetrics::reason(&proxy.metrics.local_replies, &service.id, reason);
+    reply::error(status, reason)
 }
 
 /// The request as sent to `endpoint`: same method, path, headers and

@@ -11,6 +11,8 @@ use crate::config::Fallback;
 /// Names why the proxy answered instead of an endpoint, e.g.
 /// `no_healthy_upstream`, `upstream_timeout`.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-dataplane-error");
+/// Names the circuit-breaker limit that tripped, e.g. `max_requests`.
+pub const OVERFLOW_HEADER: HeaderName = HeaderName::from_static("x-dataplane-overflow");
 /// Marks a configured fallback response; its value is the reason.
 pub const FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-dataplane-fallback");
 

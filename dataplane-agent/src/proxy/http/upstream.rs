@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddrV4;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,10 +13,12 @@ use bytes::Bytes;
 use http::Uri;
 use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::proxy::upstream;
+use crate::resilience::{CircuitBreaker, Limit, Permit, Tripped};
 
 /// Request and response bodies inside the proxy.
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -24,15 +27,17 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Connects to the endpoint named by the URI's authority.
+/// Connects to the endpoint named by the URI's authority, within the
+/// service's `maxConnections` circuit breaker.
 #[derive(Clone, Debug)]
 pub struct Connector {
     pub mark: u32,
     pub connect_timeout: Duration,
+    pub breaker: Arc<CircuitBreaker>,
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = Conn;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
 
@@ -42,15 +47,83 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let (mark, timeout) = (self.mark, self.connect_timeout);
+        let breaker = Arc::clone(&self.breaker);
         Box::pin(async move {
             let endpoint: SocketAddrV4 = uri
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| std::io::Error::other(format!("not an endpoint address: {uri}")))?;
+            let permit = breaker
+                .try_acquire(Limit::Connections)
+                .map_err(std::io::Error::other)?;
             let stream = upstream::connect(endpoint, mark, timeout).await?;
-            Ok(TokioIo::new(stream))
+            Ok(Conn {
+                io: TokioIo::new(stream),
+                _permit: permit,
+            })
         })
     }
+}
+
+/// An upstream connection; it holds its `maxConnections` slot until the
+/// pool drops it.
+pub struct Conn {
+    io: TokioIo<TcpStream>,
+    _permit: Permit,
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The circuit-breaker limit behind a failed upstream request, if any.
+pub fn tripped_limit(err: &(dyn std::error::Error + 'static)) -> Option<Limit> {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if let Some(tripped) = err.downcast_ref::<Tripped>() {
+            return Some(tripped.limit);
+        }
+        // io::Error::source() skips the error it wraps: look inside.
+        let wrapped = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<Tripped>());
+        if let Some(tripped) = wrapped {
+            return Some(tripped.limit);
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// One pool per protocol: requests go upstream in the version they came in,
