@@ -32,13 +32,18 @@ pub struct Agent {
 impl Agent {
     /// Writes `config_yaml` and starts the agent; waits until it is ready.
     pub fn start(node: &SimNode, config_yaml: &str) -> anyhow::Result<Agent> {
+        Self::start_with(node, config_yaml, &[])
+    }
+
+    /// Like [`Agent::start`], with extra command-line arguments.
+    pub fn start_with(node: &SimNode, config_yaml: &str, extra: &[&str]) -> anyhow::Result<Agent> {
         let work_dir = std::env::temp_dir().join(format!("dataplane-{}", node.id()));
         std::fs::create_dir_all(&work_dir)?;
         let config = work_dir.join("mesh.yaml");
         std::fs::write(&config, config_yaml)?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/dataplane-{}", node.id()));
         let proxy = SocketAddrV4::new(node.node_ip(), PROXY_PORT);
-        let args = vec![
+        let mut args = vec![
             "run".to_string(),
             format!("--config={}", config.display()),
             format!("--proxy-addr={proxy}"),
@@ -47,6 +52,7 @@ impl Agent {
             format!("--pin-dir={}", pin_dir.display()),
             "--resync=200ms".to_string(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut agent = Agent {
             proc: None,
             netns: node.netns().to_string(),
@@ -93,6 +99,15 @@ impl Agent {
 
     pub fn config_path(&self) -> PathBuf {
         self.work_dir.join("mesh.yaml")
+    }
+
+    /// Replaces the config file (atomically: write then rename), as an
+    /// operator or a ConfigMap update would.
+    pub fn write_config(&self, yaml: &str) -> anyhow::Result<()> {
+        let staging = self.work_dir.join("mesh.yaml.new");
+        std::fs::write(&staging, yaml)?;
+        std::fs::rename(&staging, self.config_path())?;
+        Ok(())
     }
 
     fn log_path(&self) -> PathBuf {

@@ -182,6 +182,31 @@ pub fn grpc(node: &SimNode, pod: &Pod, url: &str) -> anyhow::Result<GrpcReport> 
     parse_last_line(&out, "grpc")
 }
 
+/// What `httptool raw` received.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawReport {
+    pub status_line: Option<String>,
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Sends `request` (with `\r\n` written as escapes) from `pod` to `to`,
+/// optionally padded with one header of `pad` bytes; reports the status.
+pub fn raw(
+    node: &SimNode,
+    pod: &Pod,
+    to: &str,
+    request: &str,
+    pad: usize,
+) -> anyhow::Result<RawReport> {
+    let mut cmd = Command::new(httptool()?);
+    cmd.args(["raw", "--to", to, "--request", request])
+        .args(["--pad-header-bytes", &pad.to_string()]);
+    let out = node.run_in_pod(pod, cmd, DEFAULT_REQUEST_TIMEOUT + SLACK)?;
+    parse_last_line(&out, "raw")
+}
+
 fn parse_last_line<T: serde::de::DeserializeOwned>(
     out: &std::process::Output,
     what: &str,

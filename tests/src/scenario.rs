@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::Context as _;
 
 use crate::agent::Agent;
+use crate::http_peers;
 use crate::peers::{self, BACKEND_PORT};
 use crate::{Pod, Proc, SimNode};
 
@@ -110,6 +111,93 @@ impl MeshNode {
         }
         Ok(())
     }
+}
+
+/// A node with `client` enrolled and one HTTP service `web` at
+/// [`ECHO_VIP`] served by `httptool` backends.
+pub struct HttpMesh {
+    pub agent: Agent,
+    pub backends: Vec<(Pod, Proc)>,
+    pub client: Pod,
+    pub node: SimNode,
+}
+
+/// One backend of an [`HttpMesh`]: its name and zone (empty: none).
+pub struct BackendSpec<'a> {
+    pub name: &'a str,
+    pub zone: &'a str,
+}
+
+impl HttpMesh {
+    /// Builds the node; `policy` is the service's `trafficPolicy` (a YAML
+    /// flow mapping), `agent_args` extra agent flags (e.g. `--zone=a`).
+    pub fn start(
+        hint: &str,
+        backends: &[BackendSpec<'_>],
+        policy: &str,
+        agent_args: &[&str],
+    ) -> anyhow::Result<HttpMesh> {
+        let mut node = SimNode::new(hint)?;
+        let client = node.add_pod("client")?;
+        let mut servers = Vec::new();
+        for spec in backends {
+            let pod = node.add_pod(spec.name)?;
+            let proc = http_peers::serve(&node, &pod, spec.name)?;
+            servers.push((pod, proc));
+        }
+        let config = http_config(&servers, backends, policy, &client);
+        let agent = Agent::start_with(&node, &config, agent_args).context("starting the agent")?;
+        Ok(HttpMesh {
+            agent,
+            backends: servers,
+            client,
+            node,
+        })
+    }
+
+    /// The backend pod named `name`.
+    pub fn backend(&self, name: &str) -> &Pod {
+        self.backends
+            .iter()
+            .map(|(pod, _)| pod)
+            .find(|pod| pod.name == name)
+            .unwrap_or(&self.client)
+    }
+
+    /// `httptool load` from the client against the service, with `args`
+    /// after `--url`.
+    pub fn load(&self, args: &[&str]) -> anyhow::Result<http_peers::LoadReport> {
+        let url = format!("http://{ECHO_VIP}/");
+        let mut all = vec!["--url", url.as_str()];
+        all.extend_from_slice(args);
+        http_peers::load(&self.node, &self.client, &all)
+    }
+}
+
+/// The config of an [`HttpMesh`]: service `web` (HTTP) with endpoints and
+/// zones, the client pod enrolled with its address.
+pub fn http_config(
+    servers: &[(Pod, Proc)],
+    specs: &[BackendSpec<'_>],
+    policy: &str,
+    client: &Pod,
+) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: web\n    vip: {ECHO_VIP}\n    protocol: http\n    trafficPolicy: {}\n    endpoints:\n",
+        if policy.is_empty() { "{}" } else { policy }
+    );
+    for ((pod, _), spec) in servers.iter().zip(specs) {
+        let _ = writeln!(yaml, "      - address: {}", backend_addr(pod));
+        if !spec.zone.is_empty() {
+            let _ = writeln!(yaml, "        region: r1\n        zone: {}", spec.zone);
+        }
+    }
+    let _ = write!(
+        yaml,
+        "pods:\n  - uid: {}\n    name: client\n    ip: {}\n",
+        client.uid, client.ip
+    );
+    yaml
 }
 
 /// Where a backend pod serves.

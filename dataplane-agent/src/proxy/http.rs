@@ -28,10 +28,18 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Serves one client connection until it closes. Malformed requests are
 /// answered by hyper (400, or 431 for oversize heads) and only affect this
 /// connection.
+///
+/// Each request uses the service's current version: a config change applies
+/// to the next request on a keep-alive connection, not only to new
+/// connections. If the service was removed, the connection's version
+/// finishes the job.
 pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, service: Arc<Service>) {
     let idle = service.policy().timeouts.idle;
+    let vip = service.config.vip;
     let handler = service_fn(move |req| {
-        let (proxy, service) = (Arc::clone(&proxy), Arc::clone(&service));
+        let proxy = Arc::clone(&proxy);
+        let current = proxy.services.load().get(&vip).cloned();
+        let service = current.unwrap_or_else(|| Arc::clone(&service));
         async move { Ok::<_, Infallible>(forward::handle(&proxy, &service, req, peer).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

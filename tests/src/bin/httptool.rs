@@ -23,6 +23,9 @@
 //! - `grpc --url <http://host/pkg.Svc/Method> [--timeout-ms ms]`: one h2c
 //!   call; prints one JSON line with the status and trailers.
 //!
+//! - `raw --to <ip:port> --request <text> [--pad-header-bytes n]`: sends
+//!   bytes that need not be valid HTTP; prints the status line received.
+//!
 //! Exit codes: 0 when the tool ran (failed requests are reported, the
 //! caller judges), 1 when it could not (port in use), 2 on bad arguments.
 
@@ -36,6 +39,8 @@ mod grpc;
 mod load;
 #[path = "httptool/opts.rs"]
 mod opts;
+#[path = "httptool/raw.rs"]
+mod raw;
 #[path = "httptool/report.rs"]
 mod report;
 #[path = "httptool/respond.rs"]
@@ -52,7 +57,8 @@ const USAGE: &str = "usage:
   httptool load --url <http://host[:port]/path> --requests <n> [--concurrency <c>]
                 [--rate <req/s>] [--http2] [--header \"k: v\"]... [--method <m>]
                 [--body-bytes <n>] [--timeout-ms <ms>] [--max-duration <n>s|<n>ms]
-  httptool grpc --url <http://host[:port]/pkg.Svc/Method> [--header \"k: v\"]... [--timeout-ms <ms>]";
+  httptool grpc --url <http://host[:port]/pkg.Svc/Method> [--header \"k: v\"]... [--timeout-ms <ms>]
+  httptool raw --to <ip:port> [--request <text, \\r\\n escaped>] [--pad-header-bytes <n>] [--timeout-ms <ms>]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -80,6 +86,7 @@ fn run(command: &str, opts: &Opts) -> Result<(), Failure> {
         "serve" => runtime.block_on(serve::run(opts)),
         "load" => runtime.block_on(load::run(opts)),
         "grpc" => runtime.block_on(grpc::run(opts)),
+        "raw" => runtime.block_on(raw::run(opts)),
         other => Err(Failure::Usage(format!("unknown subcommand {other:?}"))),
     }
 }

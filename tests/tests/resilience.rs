@@ -1,0 +1,389 @@
+//! End-to-end: the HTTP resilience engine against real failing backends
+//! (`httptool serve`, switched into failure modes at runtime), on a
+//! simulated node with the agent capturing the client pod.
+
+use std::time::Duration;
+
+use dataplane_tests::http_peers::{self, set_mode};
+use dataplane_tests::scenario::{BackendSpec, ECHO_VIP, HttpMesh};
+use dataplane_tests::{eventually, require_privileges};
+
+fn backends(names: &[&'static str]) -> Vec<BackendSpec<'static>> {
+    names
+        .iter()
+        .map(|name| BackendSpec { name, zone: "" })
+        .collect()
+}
+
+/// Sum of the agent's `name` series whose labels contain every `labels`.
+fn metric(mesh: &HttpMesh, name: &str, labels: &[&str]) -> f64 {
+    let text = mesh.agent.get("/metrics").expect("metrics");
+    text.lines()
+        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+const EJECTING: &str = "{retries: {attempts: 2, retryOn: [5xx, reset, connect-failure]}, \
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 2s, \
+    maxEjectionTime: 20s, maxEjectionPercent: 50, halfOpen: {probeRequests: 1, successesToClose: 2}}}";
+
+#[test]
+fn retries_and_ejection_hide_a_failing_backend() {
+    if !require_privileges("retries_and_ejection_hide_a_failing_backend") {
+        return;
+    }
+    let mesh =
+        HttpMesh::start("eject", &backends(&["b1", "b2", "b3"]), EJECTING, &[]).expect("mesh");
+    let bad = mesh.backend("b2");
+    set_mode(&mesh.node, bad, "status:503").expect("b2 fails");
+
+    // 1 of 3 endpoints answers 503: retries hide it, ejection removes it.
+    let report = mesh
+        .load(&["--requests", "150", "--concurrency", "2"])
+        .expect("load");
+    assert_eq!(report.ok, 150, "clients see no error: {report:?}");
+    assert!(
+        metric(
+            &mesh,
+            "dataplane_policy_outlier_events_total",
+            &["event=\"ejected\"", "12:8080"]
+        ) >= 1.0
+    );
+    let seen_while_failing = http_peers::backend_requests(&mesh.node, bad).expect("stats");
+    assert!(
+        seen_while_failing <= 6,
+        "ejected after 3 consecutive 5xx: b2 saw {seen_while_failing}"
+    );
+
+    // Past the ejection time, still failing: it gets probes only, and a
+    // failed probe ejects it again, for longer.
+    std::thread::sleep(Duration::from_millis(2500));
+    let report = mesh
+        .load(&["--requests", "60", "--concurrency", "2"])
+        .expect("load");
+    assert_eq!(report.ok, 60, "{report:?}");
+    let probes = http_peers::backend_requests(&mesh.node, bad).expect("stats") - seen_while_failing;
+    assert!(
+        (1..=2).contains(&probes),
+        "half-open: only probe traffic, got {probes}"
+    );
+    assert!(
+        metric(
+            &mesh,
+            "dataplane_policy_outlier_events_total",
+            &["event=\"half_open\""]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &mesh,
+            "dataplane_policy_outlier_events_total",
+            &["reason=\"probe_failed\""]
+        ) >= 1.0
+    );
+
+    // Healthy again: after the (longer) ejection, probes succeed and it
+    // returns to full traffic.
+    set_mode(&mesh.node, bad, "ok").expect("b2 heals");
+    let restored = eventually("b2 restored", Duration::from_secs(15), || {
+        mesh.load(&["--requests", "10", "--concurrency", "1"])?;
+        let restored = metric(
+            &mesh,
+            "dataplane_policy_outlier_events_total",
+            &["event=\"restored\""],
+        );
+        anyhow::ensure!(restored >= 1.0, "not restored yet");
+        Ok(())
+    });
+    restored.expect("restoration");
+    let report = mesh
+        .load(&["--requests", "60", "--concurrency", "1"])
+        .expect("load");
+    let share = report.backends.get("b2").copied().unwrap_or(0);
+    assert!(share >= 15, "b2 back to a full share: {report:?}");
+}
+
+#[test]
+fn circuit_breaker_overflows_at_the_limit_and_fallback_answers() {
+    if !require_privileges("circuit_breaker_overflows_at_the_limit_and_fallback_answers") {
+        return;
+    }
+    let policy = "{connectionPool: {maxRequests: 2}, retries: {attempts: 0}}";
+    let mesh = HttpMesh::start("breaker", &backends(&["b1"]), policy, &[]).expect("mesh");
+    set_mode(&mesh.node, mesh.backend("b1"), "delay:300ms").expect("slow backend");
+    let report = mesh
+        .load(&["--requests", "24", "--concurrency", "6"])
+        .expect("load");
+    let overflowed = report.overflow.get("max_requests").copied().unwrap_or(0);
+    assert!(overflowed > 0, "max_requests tripped: {report:?}");
+    assert_eq!(
+        report.status(503),
+        overflowed,
+        "every overflow is a 503 naming the limit"
+    );
+    assert_eq!(report.ok + overflowed, 24, "{report:?}");
+    // At most 2 in flight: 6 workers in 300 ms rounds can complete at most
+    // 2 per round, so at least half of each round overflows.
+    assert!(report.ok <= 12, "{report:?}");
+    assert_eq!(
+        metric(
+            &mesh,
+            "dataplane_policy_circuit_breaker_overflows_total",
+            &["max_requests"]
+        ),
+        overflowed as f64
+    );
+}
+
+#[test]
+fn fallback_replaces_the_bare_503() {
+    if !require_privileges("fallback_replaces_the_bare_503") {
+        return;
+    }
+    let policy = "{retries: {attempts: 1, retryOn: [connect-failure]}, \
+        fallback: {status: 200, headers: {x-served-by: fallback}, body: \"cached\"}}";
+    let mut mesh = HttpMesh::start("fallback", &backends(&["b1"]), policy, &[]).expect("mesh");
+    // The only endpoint goes away: connects are refused.
+    let (_, proc) = &mut mesh.backends[0];
+    proc.kill().expect("kill b1");
+    let report = mesh
+        .load(&["--requests", "5", "--concurrency", "1"])
+        .expect("load");
+    assert_eq!(report.fallback, 5, "{report:?}");
+    assert_eq!(report.status(200), 5);
+    assert!(metric(&mesh, "dataplane_policy_fallbacks_total", &[]) >= 5.0);
+}
+
+#[test]
+fn token_bucket_admits_the_configured_rate() {
+    if !require_privileges("token_bucket_admits_the_configured_rate") {
+        return;
+    }
+    // A small burst: with a bucket of 1 the time a full bucket waits for
+    // the next arrival is lost, and a large one adds its burst on top.
+    let policy = "{rateLimit: {algorithm: tokenBucket, requestsPerSecond: 20, burst: 5}}";
+    let mesh = HttpMesh::start("ratelim", &backends(&["b1"]), policy, &[]).expect("mesh");
+    // 60 requests per second for 5 s, open loop: 3x the limit.
+    let report = mesh
+        .load(&["--requests", "300", "--rate", "60", "--max-duration", "6s"])
+        .expect("load");
+    let admitted = report.ok;
+    assert!(
+        (90..=111).contains(&admitted),
+        "R=20/s over 5 s admits 100 +-10%: {report:?}"
+    );
+    assert_eq!(
+        report.status(429),
+        report.sent - admitted,
+        "the rest is 429: {report:?}"
+    );
+    assert!(!report.retry_after.is_empty(), "429s carry Retry-After");
+}
+
+#[test]
+fn zone_failover_moves_traffic_and_brings_it_back() {
+    if !require_privileges("zone_failover_moves_traffic_and_brings_it_back") {
+        return;
+    }
+    let specs = [
+        BackendSpec {
+            name: "a1",
+            zone: "a",
+        },
+        BackendSpec {
+            name: "a2",
+            zone: "a",
+        },
+        BackendSpec {
+            name: "b1",
+            zone: "b",
+        },
+        BackendSpec {
+            name: "b2",
+            zone: "b",
+        },
+    ];
+    let policy = "{loadBalancer: {locality: {enabled: true}}, \
+        retries: {attempts: 2, retryOn: [5xx]}, \
+        outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 2s, \
+        maxEjectionPercent: 50, halfOpen: {probeRequests: 1, successesToClose: 1}}}";
+    let mesh =
+        HttpMesh::start("zones", &specs, policy, &["--region=r1", "--zone=a"]).expect("mesh");
+    let in_zone = |report: &http_peers::LoadReport, zone: &str| -> u64 {
+        report
+            .backends
+            .iter()
+            .filter(|(name, _)| name.starts_with(zone))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let report = mesh
+        .load(&["--requests", "40", "--concurrency", "2"])
+        .expect("load");
+    assert_eq!(
+        in_zone(&report, "a"),
+        40,
+        "traffic stays in the caller's zone: {report:?}"
+    );
+
+    for name in ["a1", "a2"] {
+        set_mode(&mesh.node, mesh.backend(name), "status:503").expect("zone a fails");
+    }
+    let report = mesh
+        .load(&["--requests", "60", "--concurrency", "2"])
+        .expect("load");
+    assert_eq!(report.ok, 60, "retries hide the failing zone: {report:?}");
+    assert!(
+        in_zone(&report, "b") >= 55,
+        "traffic moved to zone b: {report:?}"
+    );
+
+    for name in ["a1", "a2"] {
+        set_mode(&mesh.node, mesh.backend(name), "ok").expect("zone a heals");
+    }
+    let back = eventually("traffic back in zone a", Duration::from_secs(20), || {
+        let report = mesh.load(&["--requests", "20", "--concurrency", "1"])?;
+        anyhow::ensure!(in_zone(&report, "a") == 20, "not yet: {report:?}");
+        Ok(())
+    });
+    back.expect("zone a serves again");
+}
+
+#[test]
+fn http2_and_grpc_pass_through_with_trailers() {
+    if !require_privileges("http2_and_grpc_pass_through_with_trailers") {
+        return;
+    }
+    let mesh = HttpMesh::start("grpc", &backends(&["b1", "b2"]), "", &[]).expect("mesh");
+    let url = format!("http://{ECHO_VIP}/echo.Echo/Say");
+    let call = http_peers::grpc(&mesh.node, &mesh.client, &url).expect("grpc");
+    assert_eq!(call.status, Some(200), "{call:?}");
+    assert!(call.trailers, "trailers reached the client: {call:?}");
+    assert_eq!(call.grpc_status.as_deref(), Some("0"));
+    let report = mesh
+        .load(&["--requests", "40", "--concurrency", "4", "--http2"])
+        .expect("load");
+    assert_eq!(report.ok, 40, "{report:?}");
+    assert_eq!(
+        report.backends.len(),
+        2,
+        "h2 requests are balanced per request: {report:?}"
+    );
+}
+
+#[test]
+fn malformed_requests_get_4xx_without_disturbing_others() {
+    if !require_privileges("malformed_requests_get_4xx_without_disturbing_others") {
+        return;
+    }
+    let mesh = HttpMesh::start("badhttp", &backends(&["b1"]), "", &[]).expect("mesh");
+    let vip = ECHO_VIP.to_string();
+    std::thread::scope(|scope| {
+        // Well-behaved traffic on keep-alive connections meanwhile.
+        let steady = scope
+            .spawn(|| mesh.load(&["--requests", "200", "--rate", "100", "--max-duration", "4s"]));
+        let garbage =
+            http_peers::raw(&mesh.node, &mesh.client, &vip, "GARBAGE\\r\\n\\r\\n", 0).expect("raw");
+        assert_eq!(garbage.status, Some(400), "{garbage:?}");
+        let bad_line = http_peers::raw(
+            &mesh.node,
+            &mesh.client,
+            &vip,
+            "GET / HTTP/9.9\\r\\n\\r\\n",
+            0,
+        )
+        .expect("raw");
+        assert!(
+            matches!(bad_line.status, Some(400) | Some(505)),
+            "{bad_line:?}"
+        );
+        let oversize = http_peers::raw(
+            &mesh.node,
+            &mesh.client,
+            &vip,
+            "GET / HTTP/1.1\\r\\nhost: web\\r\\n\\r\\n",
+            100 * 1024,
+        )
+        .expect("raw");
+        assert_eq!(oversize.status, Some(431), "{oversize:?}");
+        let report = steady.join().expect("thread").expect("load");
+        assert_eq!(report.ok, 200, "other connections undisturbed: {report:?}");
+    });
+}
+
+#[test]
+fn config_reload_applies_valid_changes_and_keeps_the_last_good_one() {
+    if !require_privileges("config_reload_applies_valid_changes_and_keeps_the_last_good_one") {
+        return;
+    }
+    let mesh = HttpMesh::start("reload", &backends(&["b1", "b2"]), "", &[]).expect("mesh");
+    let only_b1 = dataplane_tests::scenario::http_config(
+        &mesh.backends[..1],
+        &backends(&["b1"]),
+        "",
+        &mesh.client,
+    );
+    let both = dataplane_tests::scenario::http_config(
+        &mesh.backends,
+        &backends(&["b1", "b2"]),
+        "",
+        &mesh.client,
+    );
+    mesh.agent.write_config(&only_b1).expect("write");
+    eventually("b1 only", Duration::from_secs(5), || {
+        let report = mesh.load(&["--requests", "10", "--concurrency", "1"])?;
+        anyhow::ensure!(
+            report.backends.keys().collect::<Vec<_>>() == ["b1"],
+            "{report:?}"
+        );
+        Ok(())
+    })
+    .expect("reload to one endpoint");
+
+    std::thread::scope(|scope| {
+        // Keep-alive traffic spans the reload: nothing may fail.
+        let steady = scope
+            .spawn(|| mesh.load(&["--requests", "300", "--rate", "100", "--max-duration", "4s"]));
+        std::thread::sleep(Duration::from_millis(1000));
+        mesh.agent.write_config(&both).expect("write");
+        let report = steady.join().expect("thread").expect("load");
+        assert_eq!(
+            report.ok, 300,
+            "no request lost across the reload: {report:?}"
+        );
+        assert!(
+            report.backends.contains_key("b2"),
+            "the change applied: {report:?}"
+        );
+    });
+
+    // An invalid change is rejected with field and line; the last good
+    // config stays in force.
+    mesh.agent
+        .write_config(&both.replace("protocol: http", "protocol: htp"))
+        .expect("write");
+    eventually("rejection logged", Duration::from_secs(5), || {
+        let log = mesh.agent.log();
+        anyhow::ensure!(
+            log.contains("config change rejected") && log.contains("services[0].protocol"),
+            "no rejection yet"
+        );
+        anyhow::ensure!(log.contains("line 4"), "the line is named: {log}");
+        Ok(())
+    })
+    .expect("rejected");
+    assert_eq!(
+        metric(&mesh, "dataplane_config_reloads_total", &["rejected"]),
+        1.0
+    );
+    let report = mesh
+        .load(&["--requests", "20", "--concurrency", "2"])
+        .expect("load");
+    assert_eq!(report.ok, 20);
+    assert_eq!(
+        report.backends.len(),
+        2,
+        "still the last good config: {report:?}"
+    );
+}
