@@ -99,6 +99,38 @@ pub fn hello(
         .collect()
 }
 
+/// `count` connections from `pod` to `to`, each held open until all were
+/// tried (see `meshtool hold`).
+pub fn hold(
+    node: &SimNode,
+    pod: &Pod,
+    to: SocketAddrV4,
+    count: u32,
+    hold_ms: u64,
+) -> anyhow::Result<Vec<Hello>> {
+    let mut cmd = Command::new(binaries::meshtool()?);
+    cmd.args([
+        "hold",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ])
+    .args(["--hold-ms", &hold_ms.to_string()]);
+    let budget = Duration::from_secs(10 + 3 * u64::from(count)) + Duration::from_millis(hold_ms);
+    let out = node.run_in_pod(pod, cmd, budget)?;
+    if !out.status.success() {
+        bail!(
+            "meshtool hold failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("bad hold line {line:?}")))
+        .collect()
+}
+
 /// Sends `bytes` to an echo backend through `to`, half-closes, reads the
 /// echo back and compares.
 pub fn transfer(

@@ -83,6 +83,16 @@ pub struct MeshNode {
 impl MeshNode {
     /// Builds the node with `backends` echo backends named `backend-<i>`.
     pub fn start(hint: &str, backends: usize) -> anyhow::Result<MeshNode> {
+        Self::start_with_policy(hint, backends, "")
+    }
+
+    /// Like [`MeshNode::start`], with `policy` as the service's
+    /// `trafficPolicy` (a YAML flow mapping).
+    pub fn start_with_policy(
+        hint: &str,
+        backends: usize,
+        policy: &str,
+    ) -> anyhow::Result<MeshNode> {
         let mut node = SimNode::new(hint)?;
         let client = node.add_pod("client")?;
         let mut servers = Vec::new();
@@ -93,7 +103,8 @@ impl MeshNode {
             servers.push((pod, Some(proc)));
         }
         let endpoints = servers.iter().map(|(pod, _)| backend_addr(pod)).collect();
-        let echo = ServiceSpec::tcp("echo", ECHO_VIP, endpoints);
+        let mut echo = ServiceSpec::tcp("echo", ECHO_VIP, endpoints);
+        echo.policy = policy;
         let config = mesh_config(&[echo], &[&client]);
         let agent = Agent::start(&node, &config).context("starting the agent")?;
         Ok(MeshNode {

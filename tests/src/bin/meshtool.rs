@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         "serve" => serve(&opts),
         "hello" => hello(&opts),
         "transfer" => transfer(&opts),
+        "hold" => hold(&opts),
         other => Err(Failure::Usage(format!("unknown subcommand {other:?}"))),
     };
     match result {
@@ -66,7 +67,8 @@ fn usage(msg: &str) -> ExitCode {
     eprintln!(
         "meshtool: {msg}\nusage:\n  meshtool serve --listen <ip:port> --name <name>\n  \
          meshtool hello --to <ip:port> --count <n> [--timeout-ms <ms>]\n  \
-         meshtool transfer --to <ip:port> --bytes <n> [--timeout-ms <ms>]"
+         meshtool transfer --to <ip:port> --bytes <n> [--timeout-ms <ms>]\n  \
+         meshtool hold --to <ip:port> --count <n> --hold-ms <ms> [--timeout-ms <ms>]"
     );
     ExitCode::from(2)
 }
@@ -245,6 +247,55 @@ fn hello(opts: &Opts) -> Result<ExitCode, Failure> {
         writeln!(stdout, "{json}")?;
         stdout.flush()?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hold`: opens `count` connections one after the other and keeps every
+/// one that got its greeting open until all were tried and `hold-ms` has
+/// passed; then prints one hello line per connection. For connection
+/// limits: connections beyond a limit fail while the others are held.
+fn hold(opts: &Opts) -> Result<ExitCode, Failure> {
+    opts.only(&["to", "count", "hold-ms", "timeout-ms"])?;
+    let to: SocketAddr = opts.get("to")?;
+    let count: u32 = opts.get("count")?;
+    let hold_for = Duration::from_millis(opts.get_or("hold-ms", 500)?.min(30_000));
+    let timeout = timeout_opt(opts, 2000)?;
+    let mut held = Vec::new();
+    let mut lines = Vec::new();
+    for _ in 0..count {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let attempt = TcpStream::connect_timeout(&to, timeout).and_then(|stream| {
+            let mut reader = BufReader::new(stream);
+            let greeting = read_greeting(&mut reader, deadline)?;
+            Ok((reader, greeting))
+        });
+        lines.push(match attempt {
+            Ok((reader, (backend, peer))) => {
+                held.push(reader);
+                HelloLine::Ok {
+                    ok: true,
+                    backend,
+                    peer,
+                    elapsed_us: start.elapsed().as_micros(),
+                }
+            }
+            Err(err) => HelloLine::Err {
+                ok: false,
+                kind: kind_of(&err),
+                error: err.to_string(),
+                elapsed_us: start.elapsed().as_micros(),
+            },
+        });
+    }
+    std::thread::sleep(hold_for);
+    drop(held);
+    let mut stdout = io::stdout().lock();
+    for line in &lines {
+        let json = serde_json::to_string(line).map_err(|e| Failure::Io(e.to_string()))?;
+        writeln!(stdout, "{json}")?;
+    }
+    stdout.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
