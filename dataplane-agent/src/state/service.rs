@@ -105,7 +105,7 @@ impl Service {
             outlier,
             budget,
             breaker,
-            clients: Clients::new(connector),
+            clients: Clients::new(connector, policy.timeouts.idle),
         }
     }
 

@@ -24,9 +24,6 @@ use crate::resilience::{CircuitBreaker, Limit, Permit, Tripped};
 pub type Body = BoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How long an idle pooled upstream connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// Connects to the endpoint named by the URI's authority, within the
 /// service's `maxConnections` circuit breaker.
 #[derive(Clone, Debug)]
@@ -135,10 +132,13 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(connector: Connector) -> Self {
+    /// `idle`: how long an unused pooled connection is kept (zero: no
+    /// limit), the service's idle timeout on the upstream side.
+    pub fn new(connector: Connector, idle: Duration) -> Self {
         let builder = || {
             let mut b = Client::builder(TokioExecutor::new());
-            b.pool_idle_timeout(POOL_IDLE_TIMEOUT);
+            b.pool_timer(hyper_util::rt::TokioTimer::new());
+            b.pool_idle_timeout((!idle.is_zero()).then_some(idle));
             b
         };
         Self {
