@@ -18,4 +18,5 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
 pub mod resilience;
+pub mod sidecar;
 pub mod state;

@@ -1,8 +1,9 @@
 //! `dataplane-agent`: the node agent of the sidecarless data plane.
 //!
 //! `run` captures enrolled pods' connections with eBPF and serves them from
-//! the shared node proxy; `cleanup` uninstalls the capture; `check-config`
-//! validates a mesh config file.
+//! the shared node proxy; `sidecar` runs the same proxy per pod (for
+//! comparison); `cleanup` uninstalls the capture; `check-config` validates
+//! a mesh config file.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -25,6 +26,9 @@ struct Cli {
 enum Command {
     /// Capture enrolled pods and run the node proxy.
     Run(RunArgs),
+    /// Run as a per-pod sidecar proxy (for comparison with node mode):
+    /// inside the pod's network namespace, traffic caught with nftables.
+    Sidecar(SidecarArgs),
     /// Validate a mesh config file and exit.
     CheckConfig {
         /// The YAML file to check.
@@ -76,12 +80,43 @@ struct RunArgs {
     resync: Duration,
 }
 
+#[derive(clap::Args)]
+struct SidecarArgs {
+    /// Mesh config (services), YAML; re-read every --resync.
+    #[arg(long, env = "DATAPLANE_CONFIG")]
+    config: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:15001")]
+    outbound_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Install nftables REDIRECT rules in this network namespace (removed
+    /// on exit), as Istio's init container does.
+    #[arg(long)]
+    redirect: bool,
+    /// Inbound ports to redirect (default: all but the sidecar's own).
+    #[arg(long, value_delimiter = ',')]
+    inbound_ports: Vec<u16>,
+    #[arg(long, default_value = "0x539", value_parser = parse_mark)]
+    mark: u32,
+    #[arg(long, default_value = "1s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    resync: Duration,
+}
+
 fn parse_mark(text: &str) -> Result<u32, String> {
     let parsed = match text.strip_prefix("0x") {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => text.parse(),
     };
     parsed.map_err(|err| format!("not a 32-bit number: {err}"))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,11 +147,23 @@ fn main() -> anyhow::Result<()> {
                 },
                 resync: args.resync,
             };
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?
-                .block_on(app::run(settings))
+            runtime()?.block_on(app::run(settings))
+        }
+        Command::Sidecar(args) => {
+            let settings = app::sidecar::Settings {
+                config: args.config,
+                outbound_addr: args.outbound_addr,
+                inbound_addr: args.inbound_addr,
+                admin_addr: args.admin_addr,
+                redirect: args.redirect,
+                inbound_ports: args.inbound_ports,
+                node: state::NodeContext {
+                    mark: args.mark,
+                    locality: balance::Locality::default(),
+                },
+                resync: args.resync,
+            };
+            runtime()?.block_on(app::sidecar::run(settings))
         }
         Command::CheckConfig { path } => {
             let cfg = config::MeshConfig::load(&path)?;

@@ -4,6 +4,7 @@
 mod detect;
 mod forward;
 pub mod http;
+mod inbound;
 mod orig_dst;
 mod tcp;
 mod upstream;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::balance::Locality;
 use crate::config::MeshConfig;
 
-pub use service::{Endpoint, Service};
+pub use service::{Chosen, Endpoint, Service};
 
 /// All services, keyed by the VIP:port clients connect to, and the
 /// enrolled pods by address (to know who is calling).

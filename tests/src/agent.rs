@@ -93,6 +93,11 @@ impl Agent {
         result.with_context(|| format!("agent log:\n{}", self.log()))
     }
 
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

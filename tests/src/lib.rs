@@ -12,11 +12,14 @@
 //! out, and every wait is bounded in time.
 
 pub mod agent;
+pub mod bench;
+pub mod bench_peers;
 pub mod binaries;
 pub mod http_peers;
 pub mod peers;
 pub mod proc;
 pub mod scenario;
+pub mod sidecar;
 pub mod simnode;
 pub mod wait;
 

@@ -36,6 +36,14 @@ enum Task {
     /// Build a simulated node with a client pod and three backend pods, and
     /// show the client calling a service VIP through the node proxy.
     Demo,
+    /// Benchmark direct, node proxy, our sidecars and HAProxy sidecars on
+    /// the same work (release build); report in target/bench/.
+    Bench {
+        /// Every mode briefly, checking only that each moves bytes
+        /// correctly (for CI).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +61,28 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             setup::ensure_all()?;
             lint()
+        }
+        Task::Bench { quick } => {
+            setup::ensure_all()?;
+            run(cargo().current_dir(workspace_root()).args([
+                "build",
+                "--release",
+                "-p",
+                "dataplane-agent",
+                "-p",
+                "dataplane-tests",
+                "--bins",
+            ]))?;
+            let release = target_dir()?.join("release");
+            let mut bench = Command::new(release.join("dataplane-bench"));
+            bench
+                .current_dir(workspace_root())
+                .env("DATAPLANE_AGENT_BIN", release.join("dataplane-agent"))
+                .args(["--out", &target_dir()?.join("bench").to_string_lossy()]);
+            if quick {
+                bench.arg("--quick");
+            }
+            run(&mut bench)
         }
         Task::Demo => {
             setup::ensure_all()?;

@@ -14,8 +14,9 @@ use anyhow::{Context as _, bail};
 use crate::run;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages: `ip` for namespaces, `bpftool` to inspect attachments.
-const APT_PACKAGES: &[&str] = &["iproute2", "bpftool"];
+/// Debian packages: `ip` for namespaces, `bpftool` to inspect attachments,
+/// `nft` for sidecar mode's redirects, HAProxy as the benchmark's peer sidecar.
+const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "nftables", "haproxy"];
 
 pub fn ensure_all() -> anyhow::Result<()> {
     ensure_toolchains()?;

@@ -105,8 +105,8 @@ impl TryFrom<RawTimeouts> for Timeouts {
                 MAX_CONNECT_TIMEOUT.as_secs()
             ));
         }
-        if t.protocol_detection.is_zero() {
-            return Err("timeouts.protocolDetection: must be more than 0s".into());
+        if t.protocol_detection.is_zero() || t.protocol_detection > MAX_CONNECT_TIMEOUT {
+            return Err("timeouts.protocolDetection: must be in (0s, 60s]".into());
         }
         Ok(t)
     }

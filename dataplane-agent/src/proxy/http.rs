@@ -4,6 +4,7 @@
 
 mod body;
 mod forward;
+mod guard;
 pub mod headers;
 mod reply;
 pub mod upstream;
@@ -36,11 +37,20 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, service: Arc<Service>) {
     let idle = service.policy().timeouts.idle;
     let vip = service.config.vip;
+    // Only a weak reference: an open connection must not keep an old
+    // version (and its pools) alive after a reload.
+    let version = Arc::downgrade(&service);
+    drop(service);
     let handler = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let current = proxy.services.load().get(&vip).cloned();
-        let service = current.unwrap_or_else(|| Arc::clone(&service));
-        async move { Ok::<_, Infallible>(forward::handle(&proxy, &service, req, peer).await) }
+        let service = current.or_else(|| version.upgrade());
+        async move {
+            Ok::<_, Infallible>(match service {
+                Some(service) => forward::handle(&proxy, &service, req, peer).await,
+                None => reply::error(http::StatusCode::SERVICE_UNAVAILABLE, "no_service"),
+            })
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

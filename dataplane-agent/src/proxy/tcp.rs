@@ -14,7 +14,7 @@ use crate::health::{LocalFailure, Outcome};
 use crate::metrics::RefuseReason;
 use crate::ratelimit::{Decision, Request};
 use crate::resilience::Limit;
-use crate::state::{Endpoint, Service};
+use crate::state::Service;
 
 pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: &Service) {
     if service.endpoints.is_empty() {
@@ -28,10 +28,11 @@ pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: 
         debug!(%peer, service = %service.id, "maxConnections reached");
         return proxy.refuse(client, RefuseReason::Overflow);
     };
-    let Some((upstream, endpoint)) = connect_any(proxy, service).await else {
+    let Some((upstream, index)) = connect_any(proxy, service).await else {
         warn!(%peer, service = %service.id, "no endpoint could be reached");
         return proxy.refuse(client, RefuseReason::UpstreamUnavailable);
     };
+    let endpoint = &service.endpoints[index];
     proxy
         .metrics
         .forwarded
@@ -40,7 +41,10 @@ pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: 
     // Both sides, so that a vanished client is noticed too.
     let _ = upstream::set_keepalive(&socket2::SockRef::from(&client));
     debug!(%peer, service = %service.id, endpoint = %endpoint.addr, "forwarding");
+    // Active connections are the load that least-request balancing sees.
+    service.balancer.on_start(index);
     forward::forward(client, upstream, &proxy.metrics).await;
+    service.balancer.on_end(index, None, Instant::now());
 }
 
 /// The service's rate limit, counted in new connections per second.
@@ -74,12 +78,13 @@ async fn admit_rate(proxy: &Proxy, service: &Service, peer: SocketAddr) -> bool 
 /// Tries endpoints the balancer picks (a different one each time, among
 /// those outlier detection lets through) until one connects, at most once
 /// per endpoint.
-async fn connect_any<'s>(proxy: &Proxy, service: &'s Service) -> Option<(TcpStream, &'s Endpoint)> {
+async fn connect_any(proxy: &Proxy, service: &Service) -> Option<(TcpStream, usize)> {
     let timeout = service.policy().timeouts.connect;
     let mut tried = Vec::new();
     let mut available = Vec::new();
+    let mut rng = fastrand::Rng::new();
     while tried.len() < service.endpoints.len() {
-        let index = service.pick(&tried, None, &mut available)?;
+        let index = service.pick(&tried, None, &mut available, &mut rng)?.index;
         if tried.contains(&index) {
             // Only already-tried endpoints are left.
             return None;
@@ -96,7 +101,7 @@ async fn connect_any<'s>(proxy: &Proxy, service: &'s Service) -> Option<(TcpStre
         };
         service.record_outcome(proxy, index, outcome);
         match result {
-            Ok(stream) => return Some((stream, endpoint)),
+            Ok(stream) => return Some((stream, index)),
             Err(err) => {
                 info!(service = %service.id, endpoint = %endpoint.addr, %err, "endpoint connect failed, trying the next");
                 proxy

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use crate::balance::{Balancer, EndpointSpec, Locality, Pick};
 use crate::config;
-use crate::health::{Outcome, OutlierDetector};
-use crate::metrics::EndpointLabels;
+use crate::health::{Admission, Outcome, OutlierDetector};
+use crate::metrics::{EndpointLabels, ServiceLabels};
 use crate::proxy::http::upstream::{Clients, Connector};
 use crate::ratelimit::RateLimiter;
 use crate::resilience::{CircuitBreaker, RetryBudget};
@@ -20,6 +20,8 @@ pub struct Endpoint {
     pub addr: SocketAddrV4,
     /// Metric labels, built once rather than per request.
     pub labels: EndpointLabels,
+    /// Upstream HTTP connection pools to this endpoint.
+    pub clients: Clients,
 }
 
 /// One service as the proxy uses it.
@@ -27,6 +29,7 @@ pub struct Endpoint {
 pub struct Service {
     /// `namespace/name`, for logs and metrics.
     pub id: String,
+    pub labels: ServiceLabels,
     /// The config this runtime state was built from.
     pub config: config::Service,
     pub endpoints: Vec<Endpoint>,
@@ -35,77 +38,65 @@ pub struct Service {
     outlier: Option<Mutex<OutlierDetector>>,
     pub budget: Arc<RetryBudget>,
     pub breaker: Arc<CircuitBreaker>,
-    pub limiter: Option<RateLimiter>,
-    pub clients: Clients,
+    pub limiter: Option<Arc<RateLimiter>>,
+}
+
+/// An endpoint chosen for one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chosen {
+    pub index: usize,
+    /// The endpoint is half-open and this attempt is one of its probes:
+    /// its outcome must be recorded.
+    pub probe: bool,
 }
 
 impl Service {
+    /// Builds the state for `cfg`. From `old` (the previous version of the
+    /// same VIP) it keeps what must survive a reload: breaker occupancy,
+    /// retry budget, rate-limit buckets and connection pools when their
+    /// settings did not change, and the health of remaining endpoints.
     pub fn new(cfg: &config::Service, node: &NodeContext, old: Option<&Service>) -> Self {
         let id = format!("{}/{}", cfg.namespace, cfg.name);
         let policy = &cfg.traffic_policy;
-        let endpoints: Vec<Endpoint> = cfg
-            .endpoints
-            .iter()
-            .map(|ep| Endpoint {
-                addr: ep.address,
-                labels: EndpointLabels {
-                    service: id.clone(),
-                    endpoint: ep.address.to_string(),
-                },
-            })
-            .collect();
-        let specs: Vec<EndpointSpec> = cfg
-            .endpoints
-            .iter()
-            .map(|ep| EndpointSpec {
-                address: ep.address.to_string(),
-                weight: ep.weight,
-                locality: Locality {
-                    region: ep.region.clone(),
-                    zone: ep.zone.clone(),
-                },
-            })
-            .collect();
         let breaker = match old {
-            // Keeps the permits of requests in flight counted.
             Some(old) => {
                 old.breaker.update(&policy.connection_pool);
                 Arc::clone(&old.breaker)
             }
             None => Arc::new(CircuitBreaker::new(&policy.connection_pool)),
         };
-        let budget = match old {
-            Some(old) if old.policy().retries.budget == policy.retries.budget => {
-                Arc::clone(&old.budget)
-            }
-            _ => Arc::new(RetryBudget::new(&policy.retries.budget)),
+        let same =
+            |f: fn(&config::TrafficPolicy) -> String| old.filter(|o| f(o.policy()) == f(policy));
+        let budget = match same(|p| format!("{:?}", p.retries.budget)) {
+            Some(old) => Arc::clone(&old.budget),
+            None => Arc::new(RetryBudget::new(&policy.retries.budget)),
         };
+        let limiter = match same(|p| format!("{:?}", p.rate_limit)) {
+            Some(old) => old.limiter.clone(),
+            None => build_limiter(&id, policy),
+        };
+        let pools_from = same(|p| format!("{:?}", p.timeouts));
+        let endpoints: Vec<Endpoint> = cfg
+            .endpoints
+            .iter()
+            .map(|ep| endpoint(&id, ep.address, node, &breaker, policy, pools_from))
+            .collect();
         let outlier = policy
             .outlier_detection
             .clone()
             .map(|cfg| Mutex::new(carry_over_health(cfg, &endpoints, old)));
-        let connector = Connector {
-            mark: node.mark,
-            connect_timeout: policy.timeouts.connect,
-            breaker: Arc::clone(&breaker),
-        };
-        // The config was validated when parsed; a limiter that still cannot
-        // be built is logged and left out rather than failing the reload.
-        let limiter = policy.rate_limit.as_ref().and_then(|cfg| {
-            RateLimiter::new(cfg)
-                .inspect_err(|err| tracing::error!(service = %id, %err, "rate limit not applied"))
-                .ok()
-        });
         Self {
-            limiter,
-            balancer: Balancer::new(&policy.load_balancer, &specs, &node.locality),
+            balancer: Balancer::new(&policy.load_balancer, &endpoint_specs(cfg), &node.locality),
+            labels: ServiceLabels {
+                service: id.clone(),
+            },
             id,
             config: cfg.clone(),
             endpoints,
             outlier,
             budget,
             breaker,
-            clients: Clients::new(connector, policy.timeouts.idle),
+            limiter,
         }
     }
 
@@ -121,30 +112,54 @@ impl Service {
             .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
-    /// Chooses an endpoint not in `exclude` (when possible) among those
-    /// outlier detection lets through. `available` is scratch space.
+    /// Chooses an endpoint outlier detection lets through, not in `tried`
+    /// when possible, and admits it (taking a probe slot of a half-open
+    /// endpoint) under the same lock, so that concurrent requests cannot
+    /// exceed a half-open endpoint's probes. `available` is scratch space.
     pub fn pick(
         &self,
-        exclude: &[usize],
+        tried: &[usize],
         hash: Option<u64>,
         available: &mut Vec<bool>,
-    ) -> Option<usize> {
+        rng: &mut fastrand::Rng,
+    ) -> Option<Chosen> {
         let now = Instant::now();
         available.clear();
         available.resize(self.endpoints.len(), true);
-        if let Some(outlier) = self.outlier() {
-            outlier.fill_available(available, now);
-        }
+        let Some(mut outlier) = self.outlier() else {
+            let pick = Pick {
+                available,
+                exclude: tried,
+                hash,
+            };
+            let index = self.balancer.pick(&pick, rng, now)?;
+            return Some(Chosen {
+                index,
+                probe: false,
+            });
+        };
+        outlier.fill_available(available, now);
         let pick = Pick {
             available,
-            exclude,
+            exclude: tried,
             hash,
         };
-        self.balancer.pick(&pick, &mut fastrand::Rng::new(), now)
+        let index = self.balancer.pick(&pick, rng, now)?;
+        match outlier.admit(index, now) {
+            Admission::Yes => Some(Chosen {
+                index,
+                probe: false,
+            }),
+            Admission::Probe => Some(Chosen { index, probe: true }),
+            // Ejected or out of probe slots: the balancer only returns such
+            // an endpoint in panic mode, where it is used anyway.
+            Admission::No => Some(Chosen {
+                index,
+                probe: false,
+            }),
+        }
     }
-}
 
-impl Service {
     /// Tells outlier detection how a request or connection to
     /// `endpoints[index]` went, reporting any state change it causes.
     pub fn record_outcome(&self, proxy: &crate::proxy::Proxy, index: usize, outcome: Outcome) {
@@ -155,13 +170,62 @@ impl Service {
             proxy.metrics.outlier_event(self, &event);
         }
     }
+}
 
-    /// Lets a half-open endpoint count this request as one of its probes.
-    pub fn admit(&self, index: usize) {
-        if let Some(mut outlier) = self.outlier() {
-            let _ = outlier.admit(index, Instant::now());
-        }
+fn endpoint(
+    service: &str,
+    addr: SocketAddrV4,
+    node: &NodeContext,
+    breaker: &Arc<CircuitBreaker>,
+    policy: &config::TrafficPolicy,
+    pools_from: Option<&Service>,
+) -> Endpoint {
+    // Pools are per endpoint address: reuse them across versions so that
+    // idle connections are not orphaned (they hold maxConnections slots).
+    let clients = pools_from
+        .and_then(|old| old.endpoints.iter().find(|ep| ep.addr == addr))
+        .map(|ep| ep.clients.clone())
+        .unwrap_or_else(|| {
+            let connector = Connector {
+                endpoint: addr,
+                mark: node.mark,
+                connect_timeout: policy.timeouts.connect,
+                breaker: Arc::clone(breaker),
+            };
+            Clients::new(connector, policy.timeouts.idle)
+        });
+    Endpoint {
+        addr,
+        labels: EndpointLabels {
+            service: service.to_string(),
+            endpoint: addr.to_string(),
+        },
+        clients,
     }
+}
+
+fn endpoint_specs(cfg: &config::Service) -> Vec<EndpointSpec> {
+    cfg.endpoints
+        .iter()
+        .map(|ep| EndpointSpec {
+            address: ep.address.to_string(),
+            weight: ep.weight,
+            locality: Locality {
+                region: ep.region.clone(),
+                zone: ep.zone.clone(),
+            },
+        })
+        .collect()
+}
+
+/// The config was validated when parsed; a limiter that still cannot be
+/// built is logged and left out rather than failing the reload.
+fn build_limiter(id: &str, policy: &config::TrafficPolicy) -> Option<Arc<RateLimiter>> {
+    let cfg = policy.rate_limit.as_ref()?;
+    RateLimiter::new(cfg)
+        .inspect_err(|err| tracing::error!(service = %id, %err, "rate limit not applied"))
+        .ok()
+        .map(Arc::new)
 }
 
 /// A new detector for the new endpoint list, keeping the health of

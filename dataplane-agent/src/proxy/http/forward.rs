@@ -13,11 +13,13 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::header::{HOST, UPGRADE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tracing::debug;
 
 use super::body::RequestBody;
+use super::guard::{AttemptGuard, GuardedBody};
 use super::headers::strip_hop_by_hop;
 use super::reply;
 use super::upstream::{Body, tripped_limit};
@@ -27,7 +29,7 @@ use crate::metrics::ProxyMetrics;
 use crate::proxy::Proxy;
 use crate::ratelimit::{Decision, HeaderLookup, Request as RateRequest, retry_after_header};
 use crate::resilience::{Failure, GiveUpReason, Limit, RetryDecision, RetryState};
-use crate::state::Service;
+use crate::state::{Chosen, Service};
 
 /// Why one attempt produced no usable response.
 struct AttemptError {
@@ -44,28 +46,8 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
-    if let Err(response) = admit_rate(proxy, service, &req, peer).await {
-        return response;
-    }
-    let response = match service.breaker.try_acquire(Limit::Requests) {
-        Err(tripped) => overflow(proxy, service, tripped.limit),
-        Ok(_request_slot) => {
-            let timeout = service.policy().timeouts.request;
-            let attempts = attempt_all(proxy, service, req, peer);
-            if timeout.is_zero() {
-                attempts.await
-            } else {
-                match tokio::time::timeout(timeout, attempts).await {
-                    Ok(response) => response,
-                    Err(_) => local(
-                        proxy,
-                        service,
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "request_timeout",
-                    ),
-                }
-            }
-        }
+    let response = match handle_admitted(proxy, service, req, peer).await {
+        Ok(response) | Err(response) => response,
     };
     let labels = crate::metrics::ResponseLabels {
         service: service.id.clone(),
@@ -73,6 +55,45 @@ pub async fn handle(
     };
     proxy.metrics.http_responses.get_or_create(&labels).inc();
     response
+}
+
+async fn handle_admitted(
+    proxy: &Proxy,
+    service: &Service,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Response<Body>> {
+    if req.method() == Method::CONNECT || req.headers().contains_key(UPGRADE) {
+        // Tunnels and protocol upgrades (WebSocket) are not proxied yet:
+        // say so instead of forwarding a request that cannot work.
+        return Err(local(
+            proxy,
+            service,
+            StatusCode::NOT_IMPLEMENTED,
+            "upgrade_not_supported",
+        ));
+    }
+    admit_rate(proxy, service, &req, peer).await?;
+    let slot = service
+        .breaker
+        .try_acquire(Limit::Requests)
+        .map_err(|tripped| overflow(proxy, service, tripped.limit))?;
+    let timeout = service.policy().timeouts.request;
+    let attempts = attempt_all(proxy, service, req, peer);
+    let response = if timeout.is_zero() {
+        attempts.await
+    } else {
+        tokio::time::timeout(timeout, attempts).await.map_err(|_| {
+            local(
+                proxy,
+                service,
+                StatusCode::GATEWAY_TIMEOUT,
+                "request_timeout",
+            )
+        })?
+    };
+    // The slot is held until the response body is done.
+    Ok(response.map(|body| GuardedBody::wrap(body, Some(slot))))
 }
 
 /// Request headers as the rate limiter's classes see them.
@@ -151,16 +172,19 @@ async fn attempt_all(
     let hash = request_hash(service, &parts, peer);
     let policy = &service.policy().retries;
     let mut retry = RetryState::new(policy);
-    let mut tried = Vec::with_capacity(policy.attempts as usize + 1);
+    let capacity = (policy.attempts as usize)
+        .saturating_add(1)
+        .min(service.endpoints.len());
+    let mut tried = Vec::with_capacity(capacity);
     let mut available = Vec::new();
     let mut rng = fastrand::Rng::new();
     service.budget.deposit(Instant::now());
     loop {
-        let Some(index) = service.pick(&tried, hash, &mut available) else {
+        let Some(chosen) = service.pick(&tried, hash, &mut available, &mut rng) else {
             return no_endpoint(proxy, service, "no_healthy_upstream");
         };
-        tried.push(index);
-        let (failure, response) = match send_once(proxy, service, index, &parts, &mut body).await {
+        tried.push(chosen.index);
+        let (failure, response) = match send_once(proxy, service, chosen, &parts, &mut body).await {
             Ok(response) => match response_failure(service, &response) {
                 None => return downstream_response(response),
                 Some(failure) => (failure, Some(response)),
@@ -184,11 +208,7 @@ async fn attempt_all(
         ) {
             RetryDecision::Retry { after } => {
                 debug!(service = %service.id, ?failure, ?after, "retrying");
-                proxy
-                    .metrics
-                    .retries
-                    .get_or_create(&service_labels(service))
-                    .inc();
+                proxy.metrics.retries.get_or_create(&service.labels).inc();
                 tokio::time::sleep(after).await;
             }
             RetryDecision::GiveUp(reason) => {
@@ -208,28 +228,31 @@ async fn attempt_all(
     }
 }
 
-/// One try against `endpoints[index]`, reporting its outcome to outlier
-/// detection and the balancer.
+/// One try against the chosen endpoint, reporting its outcome to outlier
+/// detection and the balancer (also if the try is abandoned half-way).
 async fn send_once(
     proxy: &Proxy,
     service: &Service,
-    index: usize,
+    chosen: Chosen,
     parts: &http::request::Parts,
     body: &mut RequestBody,
 ) -> Result<Response<Incoming>, AttemptError> {
-    let endpoint = &service.endpoints[index];
+    let endpoint = &service.endpoints[chosen.index];
+    let guard = AttemptGuard::start(proxy, service, chosen.index);
     let Some(attempt_body) = body.take() else {
         // Unreachable: retries of a streamed body are refused earlier.
+        guard.finish(None, false);
         return Err(AttemptError::local(Failure::Reset, LocalFailure::Other));
     };
-    let request = upstream_request(parts, endpoint.addr, attempt_body)
-        .map_err(|_| AttemptError::local(Failure::Reset, LocalFailure::Other))?;
-    service.admit(index);
-    let client = service.clients.for_version(parts.version);
-    let per_try = service.policy().retries.per_try_timeout;
-    service.balancer.on_start(index);
-    let started = Instant::now();
-    let result = match per_try {
+    let request = match upstream_request(parts, endpoint.addr, attempt_body) {
+        Ok(request) => request,
+        Err(_) => {
+            guard.finish(None, false);
+            return Err(AttemptError::local(Failure::Reset, LocalFailure::Other));
+        }
+    };
+    let client = endpoint.clients.for_version(parts.version);
+    let result = match service.policy().retries.per_try_timeout {
         Some(limit) => match tokio::time::timeout(limit, client.request(request)).await {
             Ok(result) => result.map_err(|e| classify_error(&e)),
             Err(_) => Err(AttemptError::local(Failure::Timeout, LocalFailure::Other)),
@@ -239,16 +262,15 @@ async fn send_once(
             .await
             .map_err(|e| classify_error(&e)),
     };
-    let now = Instant::now();
-    let rtt = result.is_ok().then(|| now.duration_since(started));
-    service.balancer.on_end(index, rtt, now);
     let outcome = match &result {
         Ok(response) => Some(Outcome::Status(response.status().as_u16())),
         Err(err) => err.local.map(Outcome::LocalFailure),
     };
-    if let Some(outcome) = outcome {
-        service.record_outcome(proxy, index, outcome);
-    }
+    // A probe must always report back, or its slot stays taken.
+    let outcome = outcome.or(chosen
+        .probe
+        .then_some(Outcome::LocalFailure(LocalFailure::Other)));
+    guard.finish(outcome, result.is_ok());
     result
 }
 
@@ -281,7 +303,27 @@ fn classify_error(err: &hyper_util::client::legacy::Error) -> AttemptError {
         };
         return AttemptError::local(Failure::ConnectFailure, local);
     }
+    if refused_stream(err) {
+        // The server did not process the stream (HTTP/2 REFUSED_STREAM):
+        // safe to retry, and not the endpoint's fault.
+        return AttemptError {
+            failure: Failure::RefusedStream,
+            local: None,
+            overflow: None,
+        };
+    }
     AttemptError::local(Failure::Reset, LocalFailure::Reset)
+}
+
+fn refused_stream(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Whether the retry policy wants another try for this response: a
@@ -303,12 +345,6 @@ fn request_hash(service: &Service, parts: &http::request::Parts, peer: SocketAdd
             std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
             std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
         }),
-    }
-}
-
-fn service_labels(service: &Service) -> crate::metrics::ServiceLabels {
-    crate::metrics::ServiceLabels {
-        service: service.id.clone(),
     }
 }
 
@@ -369,15 +405,27 @@ fn local(
     reply::error(status, reason)
 }
 
-/// The request as sent to `endpoint`: same method, path, headers and
-/// version; the URI names the endpoint so the pool picks its connections.
+/// The request as sent upstream: same method, path, headers and version.
+/// The connection goes to the endpoint whatever the URI says (each
+/// endpoint has its own pools), so the URI keeps the client's authority,
+/// which becomes HTTP/2's `:authority`; failing that, the Host header, or
+/// the endpoint.
 fn upstream_request(
     parts: &http::request::Parts,
     endpoint: std::net::SocketAddrV4,
     body: Body,
 ) -> Result<Request<Body>, http::Error> {
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let uri: Uri = format!("http://{endpoint}{path}").parse()?;
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| Some(parts.headers.get(HOST)?.to_str().ok()?.to_string()))
+        .unwrap_or_else(|| endpoint.to_string());
+    let uri: Uri = match format!("http://{authority}{path}").parse() {
+        Ok(uri) => uri,
+        Err(_) => format!("http://{endpoint}{path}").parse()?,
+    };
     let mut request = Request::builder()
         .method(parts.method.clone())
         .uri(uri)

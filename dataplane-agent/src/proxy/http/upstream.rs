@@ -24,10 +24,13 @@ use crate::resilience::{CircuitBreaker, Limit, Permit, Tripped};
 pub type Body = BoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Connects to the endpoint named by the URI's authority, within the
-/// service's `maxConnections` circuit breaker.
+/// Connects to one endpoint, within the service's `maxConnections`
+/// circuit breaker. Bound to the endpoint rather than reading the URI, so
+/// that the request URI can keep the client's authority (HTTP/2
+/// `:authority`).
 #[derive(Clone, Debug)]
 pub struct Connector {
+    pub endpoint: SocketAddrV4,
     pub mark: u32,
     pub connect_timeout: Duration,
     pub breaker: Arc<CircuitBreaker>,
@@ -42,14 +45,10 @@ impl tower_service::Service<Uri> for Connector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let (mark, timeout) = (self.mark, self.connect_timeout);
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let (endpoint, mark, timeout) = (self.endpoint, self.mark, self.connect_timeout);
         let breaker = Arc::clone(&self.breaker);
         Box::pin(async move {
-            let endpoint: SocketAddrV4 = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("not an endpoint address: {uri}")))?;
             let permit = breaker
                 .try_acquire(Limit::Connections)
                 .map_err(std::io::Error::other)?;
@@ -61,6 +60,9 @@ impl tower_service::Service<Uri> for Connector {
         })
     }
 }
+
+/// Idle connections kept per endpoint and protocol; more are closed.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
 /// An upstream connection; it holds its `maxConnections` slot until the
 /// pool drops it.
@@ -123,8 +125,9 @@ pub fn tripped_limit(err: &(dyn std::error::Error + 'static)) -> Option<Limit> {
     None
 }
 
-/// One pool per protocol: requests go upstream in the version they came in,
-/// so gRPC (HTTP/2 with trailers) stays HTTP/2 end to end.
+/// The pools of one endpoint, one per protocol: requests go upstream in the
+/// version they came in, so gRPC (HTTP/2 with trailers) stays HTTP/2 end
+/// to end.
 #[derive(Clone, Debug)]
 pub struct Clients {
     pub http1: Client<Connector, Body>,
@@ -139,6 +142,7 @@ impl Clients {
             let mut b = Client::builder(TokioExecutor::new());
             b.pool_timer(hyper_util::rt::TokioTimer::new());
             b.pool_idle_timeout((!idle.is_zero()).then_some(idle));
+            b.pool_max_idle_per_host(MAX_IDLE_PER_ENDPOINT);
             b
         };
         Self {

@@ -201,7 +201,11 @@ async fn answer(req: Request<Incoming>, backend: &Backend) -> Action {
         Mode::Delay(d) => d,
         _ => Duration::ZERO,
     };
-    tokio::time::sleep((mode_delay + overrides.delay).min(MAX_DELAY)).await;
+    let delay = (mode_delay + overrides.delay).min(MAX_DELAY);
+    // Even a zero sleep waits for tokio's next millisecond tick.
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let status = match (overrides.status, mode) {
         (Some(status), _) | (None, Mode::Status(status)) => status,
         _ => StatusCode::OK,

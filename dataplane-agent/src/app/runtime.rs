@@ -1,0 +1,169 @@
+//! What node mode and sidecar mode share: the config and its watcher,
+//! metrics and the admin endpoint, the proxy and its service table, the
+//! outlier-detection ticker, and process-level set-up.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::admin::Admin;
+use crate::config::MeshConfig;
+use crate::metrics::ProxyMetrics;
+use crate::proxy::Proxy;
+use crate::reload::{Change, ConfigWatcher};
+use crate::state::{NodeContext, ServiceTable};
+
+/// The running proxy with its config, admin endpoint and watcher.
+pub struct Runtime {
+    pub config: MeshConfig,
+    watcher: ConfigWatcher,
+    pub proxy: Arc<Proxy>,
+    pub admin: Arc<Admin>,
+    node: NodeContext,
+}
+
+/// Reads and validates the config file (errors name field and line).
+pub fn load_config(path: &Path) -> anyhow::Result<(MeshConfig, ConfigWatcher)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --config {}", path.display()))?;
+    let config = MeshConfig::parse(&text, path)?;
+    Ok((config, ConfigWatcher::new(path.to_path_buf(), text)))
+}
+
+pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {flag} {addr}"))
+}
+
+impl Runtime {
+    /// Builds the service table and starts the admin endpoint and the
+    /// outlier-detection ticker. `register` adds mode-specific metrics.
+    pub fn start(
+        (config, watcher): (MeshConfig, ConfigWatcher),
+        node: NodeContext,
+        admin_listener: TcpListener,
+        register: impl FnOnce(&mut Registry),
+    ) -> Self {
+        let metrics = ProxyMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        register(&mut registry);
+        let admin = Arc::new(Admin {
+            registry,
+            ready: false.into(),
+            config: ArcSwap::from_pointee(config.clone()),
+        });
+        tokio::spawn(Arc::clone(&admin).serve(admin_listener));
+        let proxy = Arc::new(Proxy {
+            services: Arc::new(ArcSwap::from_pointee(ServiceTable::build(
+                &config, None, &node,
+            ))),
+            metrics,
+            mark: node.mark,
+        });
+        tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
+        Self {
+            config,
+            watcher,
+            proxy,
+            admin,
+            node,
+        }
+    }
+
+    pub fn set_ready(&self) {
+        self.admin.ready.store(true, Ordering::Release);
+    }
+
+    /// Applies a changed config file, or reports why it was rejected (the
+    /// last good config stays in force). True when a new config applied.
+    pub fn reload(&mut self) -> bool {
+        match self.watcher.poll() {
+            Change::Unchanged => false,
+            Change::Invalid(err) => {
+                warn!(error = %err, "config change rejected; keeping the last good config");
+                self.proxy.metrics.reload(false);
+                false
+            }
+            Change::Valid(config) => {
+                let previous = self.proxy.services.load();
+                let table = ServiceTable::build(&config, Some(&previous), &self.node);
+                self.proxy.services.store(Arc::new(table));
+                self.admin.config.store(Arc::new((*config).clone()));
+                self.proxy.metrics.reload(true);
+                info!(
+                    services = config.services.len(),
+                    pods = config.pods.len(),
+                    "config reloaded"
+                );
+                self.config = *config;
+                true
+            }
+        }
+    }
+}
+
+/// How often outlier detection ends ejections and runs its interval
+/// checks; each service's own `interval` decides when those are due.
+const OUTLIER_TICK: Duration = Duration::from_millis(100);
+
+async fn tick_outlier_detection(proxy: Arc<Proxy>) {
+    let mut ticker = tokio::time::interval(OUTLIER_TICK);
+    loop {
+        ticker.tick().await;
+        let now = std::time::Instant::now();
+        for service in proxy.services.load().services() {
+            let events = match service.outlier() {
+                Some(mut outlier) => outlier.tick(now),
+                None => continue,
+            };
+            for event in &events {
+                proxy.metrics.outlier_event(service, event);
+            }
+        }
+    }
+}
+
+/// Each proxied TCP connection holds six descriptors (two sockets, two
+/// pipes); the usual soft limit of 1024 would cap the proxy at ~170.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!("cannot raise the open file limit");
+            }
+        }
+    }
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(err) => {
+            warn!(%err, "cannot watch SIGTERM; only Ctrl-C stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

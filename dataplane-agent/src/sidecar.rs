@@ -1,0 +1,3 @@
+//! Pieces of sidecar mode that are not the proxy itself.
+
+pub mod redirect;

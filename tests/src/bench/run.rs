@@ -1,0 +1,193 @@
+//! The latency and throughput runs on one topology: for each pinning, a
+//! closed-loop run (maximum rate) and open-loop runs at fixed rates for
+//! each request/response workload, then bulk throughput.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use indicatif::ProgressBar;
+
+use super::report::RunResult;
+use super::sched::{Pinning, proxy_cpu_ns, set_affinity};
+use super::topology::Topology;
+use crate::bench_peers::{self, BenchReport};
+
+/// How much work a run does.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub quick: bool,
+}
+
+impl Plan {
+    fn duration(self) -> Duration {
+        if self.quick {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        }
+    }
+
+    /// Open-loop rates (requests/s) below and up to saturation.
+    fn rates(self, workload: &str) -> &'static [f64] {
+        match (self.quick, workload) {
+            (true, _) => &[500.0],
+            (false, "tcp-rr") => &[1000.0, 5000.0, 20000.0],
+            (false, _) => &[500.0, 2000.0, 8000.0],
+        }
+    }
+
+    fn bulk_bytes(self) -> u64 {
+        if self.quick { 16 << 20 } else { 512 << 20 }
+    }
+
+    /// Number of runs per topology, for the progress bar.
+    pub fn runs(self) -> u64 {
+        let rr: usize = ["tcp-rr", "http-rr"]
+            .iter()
+            .map(|w| 1 + self.rates(w).len())
+            .sum();
+        2 * (rr as u64 + 1)
+    }
+}
+
+/// Runs every workload on `top` in both pinnings.
+pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<Vec<RunResult>> {
+    let mut results = Vec::new();
+    for pinning in [Pinning::Pinned, Pinning::Unpinned] {
+        set_affinity(&top.service_pids(), pinning)?;
+        for workload in ["tcp-rr", "http-rr"] {
+            warm_up(top, workload, pinning)?;
+            bar.set_message(format!(
+                "{} {workload} {} max",
+                top.mode.name(),
+                pinning.name()
+            ));
+            let max = measure(top, workload, pinning, 0.0, plan)?;
+            let saturation = max.rps;
+            results.push(max);
+            bar.inc(1);
+            for &rate in plan.rates(workload) {
+                bar.set_message(format!(
+                    "{} {workload} {} {rate}/s",
+                    top.mode.name(),
+                    pinning.name()
+                ));
+                // Past saturation the latency only measures the queue.
+                if plan.quick || rate <= saturation * 1.05 {
+                    results.push(measure(top, workload, pinning, rate, plan)?);
+                }
+                bar.inc(1);
+            }
+        }
+        bar.set_message(format!("{} bulk {}", top.mode.name(), pinning.name()));
+        results.push(bulk(top, pinning, plan)?);
+        bar.inc(1);
+    }
+    Ok(results)
+}
+
+fn workload_args(top: &Topology, workload: &str) -> Vec<String> {
+    match workload {
+        "tcp-rr" => vec![
+            "tcp-rr".into(),
+            "--to".into(),
+            top.tcp_target().to_string(),
+            "--size".into(),
+            "100".into(),
+        ],
+        _ => vec!["http-rr".into(), "--url".into(), top.http_url()],
+    }
+}
+
+/// Fills pools, caches and the proxies' lazily built state; not measured.
+fn warm_up(top: &Topology, workload: &str, pinning: Pinning) -> anyhow::Result<()> {
+    let mut args = workload_args(top, workload);
+    args.extend(["--rate", "0", "--duration", "1", "--warmup", "0"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    bench_peers::run_in_pod(&top.node, &top.client, &args, pinning.prefix())?;
+    Ok(())
+}
+
+fn measure(
+    top: &Topology,
+    workload: &str,
+    pinning: Pinning,
+    rate: f64,
+    plan: Plan,
+) -> anyhow::Result<RunResult> {
+    let mut args = workload_args(top, workload);
+    let duration = plan.duration().as_secs().to_string();
+    args.extend([
+        "--rate".into(),
+        rate.to_string(),
+        "--duration".into(),
+        duration,
+        "--warmup".into(),
+        "0".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxies = top.proxy_pids();
+    let cpu_before = proxy_cpu_ns(&proxies);
+    let report = bench_peers::run_in_pod(&top.node, &top.client, &args, pinning.prefix())
+        .with_context(|| format!("{} {workload} at {rate}/s", top.mode.name()))?;
+    let cpu_ns = proxy_cpu_ns(&proxies).saturating_sub(cpu_before);
+    ensure!(
+        report.completed > 0,
+        "{} {workload}: no request completed: {report:?}",
+        top.mode.name()
+    );
+    Ok(result(top, workload, pinning, rate, &report, cpu_ns))
+}
+
+fn result(
+    top: &Topology,
+    workload: &str,
+    pinning: Pinning,
+    rate: f64,
+    r: &BenchReport,
+    cpu_ns: u64,
+) -> RunResult {
+    let latency = r.latency_us.as_ref();
+    let per_1k = (!proxy_free(top)).then(|| cpu_ns as f64 / 1e9 / (r.completed as f64 / 1000.0));
+    RunResult {
+        mode: top.mode.name().into(),
+        workload: workload.into(),
+        pinning: pinning.name().into(),
+        rate,
+        p50_us: latency.map(|l| l.p50 as f64),
+        p90_us: latency.map(|l| l.p90 as f64),
+        p99_us: latency.map(|l| l.p99 as f64),
+        p999_us: latency.map(|l| l.p999 as f64),
+        rps: r.achieved_rate.unwrap_or_default(),
+        cpu_s_per_1k_req: per_1k,
+        throughput_bps: None,
+        completed: r.completed,
+        errors: r.errors,
+    }
+}
+
+fn proxy_free(top: &Topology) -> bool {
+    top.proxy_pids().is_empty()
+}
+
+fn bulk(top: &Topology, pinning: Pinning, plan: Plan) -> anyhow::Result<RunResult> {
+    let bytes = plan.bulk_bytes().to_string();
+    let target = top.tcp_target().to_string();
+    let args = ["bulk", "--to", target.as_str(), "--bytes", bytes.as_str()];
+    let report = bench_peers::run_in_pod(&top.node, &top.client, &args, pinning.prefix())?;
+    ensure!(
+        report.bytes == Some(plan.bulk_bytes()),
+        "{} bulk moved {:?} of {} bytes",
+        top.mode.name(),
+        report.bytes,
+        plan.bulk_bytes()
+    );
+    Ok(RunResult {
+        mode: top.mode.name().into(),
+        workload: "bulk".into(),
+        pinning: pinning.name().into(),
+        throughput_bps: report.throughput_bps,
+        completed: 1,
+        ..RunResult::default()
+    })
+}

@@ -1,0 +1,220 @@
+//! The benchmark's topologies on a simulated node: a client pod and a
+//! server pod (an echo server for TCP, an HTTP server), connected
+//! directly, through per-pod sidecars (ours or HAProxy), or through the
+//! node proxy.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::agent::Agent;
+use crate::bench_peers;
+use crate::http_peers;
+use crate::sidecar::Sidecar;
+use crate::{Pod, Proc, SimNode};
+
+/// Echo server port (tcp-rr, bulk) and HTTP server port (http-rr).
+pub const ECHO_PORT: u16 = 9000;
+pub const HTTP_PORT: u16 = 8080;
+pub const TCP_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), ECHO_PORT);
+pub const HTTP_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 11), 80);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    Node,
+    Sidecar,
+    Haproxy,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Node, Mode::Sidecar, Mode::Haproxy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Node => "node",
+            Mode::Sidecar => "sidecar",
+            Mode::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// A built topology; dropping it tears everything down.
+pub struct Topology {
+    pub mode: Mode,
+    proxies: Proxies,
+    _servers: Vec<Proc>,
+    pub client: Pod,
+    pub server: Pod,
+    pub node: SimNode,
+}
+
+/// The proxy processes of a topology.
+enum Proxies {
+    None,
+    Node(Agent),
+    Sidecars(Vec<Sidecar>),
+    Haproxy(Vec<Proc>),
+}
+
+impl Topology {
+    pub fn build(mode: Mode) -> anyhow::Result<Topology> {
+        let mut node = SimNode::new(&format!("b{}", &mode.name()[..3]))?;
+        let client = node.add_pod("client")?;
+        let server = node.add_pod("server")?;
+        let servers = vec![
+            bench_peers::echo_serve(&node, &server, ECHO_PORT)?,
+            http_peers::serve(&node, &server, "server")?,
+        ];
+        let config = mesh_config(&server, &[&client], 0);
+        let proxies = match mode {
+            Mode::Direct => Proxies::None,
+            Mode::Node => Proxies::Node(Agent::start(&node, &config)?),
+            Mode::Sidecar => Proxies::Sidecars(vec![
+                Sidecar::start(&node, &client, &config, &[ECHO_PORT, HTTP_PORT])?,
+                Sidecar::start(&node, &server, &config, &[ECHO_PORT, HTTP_PORT])?,
+            ]),
+            Mode::Haproxy => Proxies::Haproxy(vec![
+                haproxy_sidecar(&node, &client, &server)?,
+                haproxy_sidecar(&node, &server, &server)?,
+            ]),
+        };
+        Ok(Topology {
+            mode,
+            proxies,
+            _servers: servers,
+            client,
+            server,
+            node,
+        })
+    }
+
+    /// Where the client sends TCP work: the server itself, or the VIP.
+    pub fn tcp_target(&self) -> SocketAddrV4 {
+        match self.mode {
+            Mode::Direct => SocketAddrV4::new(self.server.ip, ECHO_PORT),
+            _ => TCP_VIP,
+        }
+    }
+
+    pub fn http_url(&self) -> String {
+        match self.mode {
+            Mode::Direct => format!("http://{}:{HTTP_PORT}/", self.server.ip),
+            _ => format!("http://{HTTP_VIP}/"),
+        }
+    }
+
+    /// Every proxy process (for CPU accounting and pinning).
+    pub fn proxy_pids(&self) -> Vec<u32> {
+        match &self.proxies {
+            Proxies::None => Vec::new(),
+            Proxies::Node(agent) => agent.pid().into_iter().collect(),
+            Proxies::Sidecars(s) => s.iter().filter_map(Sidecar::pid).collect(),
+            Proxies::Haproxy(p) => p.iter().map(Proc::pid).collect(),
+        }
+    }
+
+    /// Proxies and servers: everything but the client.
+    pub fn service_pids(&self) -> Vec<u32> {
+        let mut pids = self.proxy_pids();
+        pids.extend(self._servers.iter().map(Proc::pid));
+        pids
+    }
+}
+
+/// The mesh config: the two services on `server`, `extra` more services
+/// (for memory tests), and the `enrolled` pods.
+pub fn mesh_config(server: &Pod, enrolled: &[&Pod], extra: u32) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: echo\n    vip: {TCP_VIP}\n    protocol: tcp\n    endpoints: [{{address: {}:{ECHO_PORT}}}]\n  \
+         - name: web\n    vip: {HTTP_VIP}\n    protocol: http\n    endpoints: [{{address: {}:{HTTP_PORT}}}]\n",
+        server.ip, server.ip
+    );
+    for i in 0..extra {
+        let _ = writeln!(
+            yaml,
+            "  - name: svc-{i}\n    vip: 198.19.{}.{}:80\n    protocol: http\n    endpoints: [{{address: {}:{HTTP_PORT}}}]",
+            1 + i / 250,
+            1 + i % 250,
+            server.ip
+        );
+    }
+    yaml.push_str("pods:\n");
+    for pod in enrolled {
+        let _ = writeln!(
+            yaml,
+            "  - {{uid: {}, name: {}, ip: {}}}",
+            pod.uid, pod.name, pod.ip
+        );
+    }
+    yaml
+}
+
+/// HAProxy as `pod`'s sidecar, with settings equivalent to ours (round
+/// robin, 2 retries with redispatch, 1 s connect timeout): outbound
+/// frontends for the two services (TCP and HTTP mode), inbound frontends
+/// to the local servers, and nftables rules sending traffic to them.
+pub fn haproxy_sidecar(node: &SimNode, pod: &Pod, server: &Pod) -> anyhow::Result<Proc> {
+    let dir = std::env::temp_dir().join(format!("dataplane-{}-{}", node.id(), pod.name));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(&cfg, haproxy_config(server))?;
+    let rules = dir.join("rules.nft");
+    std::fs::write(&rules, haproxy_rules())?;
+    let mut nft = Command::new("nft");
+    nft.arg("-f").arg(&rules);
+    let out = node.run_in_pod(pod, nft, Duration::from_secs(5))?;
+    if !out.status.success() {
+        bail!("nft: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let proc = node.spawn_in_pod(pod, cmd).context("starting haproxy")?;
+    // Ready when the outbound port accepts connections.
+    crate::eventually("haproxy listening", Duration::from_secs(5), || {
+        let mut check = Command::new("bash");
+        check.args(["-c", "exec 3<>/dev/tcp/127.0.0.1/15001"]);
+        let out = node.run_in_pod(pod, check, Duration::from_secs(2))?;
+        anyhow::ensure!(out.status.success(), "not yet");
+        Ok(())
+    })?;
+    Ok(proc)
+}
+
+fn haproxy_config(server: &Pod) -> String {
+    format!(
+        "global\n  maxconn 4096\n\
+         defaults\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  retries 2\n  option redispatch\n\
+         frontend out_tcp\n  mode tcp\n  bind 0.0.0.0:15001\n  default_backend echo\n\
+         backend echo\n  mode tcp\n  balance roundrobin\n  server s1 {ip}:{ECHO_PORT}\n\
+         frontend out_http\n  mode http\n  bind 0.0.0.0:15002\n  default_backend web\n\
+         backend web\n  mode http\n  balance roundrobin\n  http-reuse always\n  server s1 {ip}:{HTTP_PORT}\n\
+         frontend in_tcp\n  mode tcp\n  bind 0.0.0.0:15006\n  default_backend local_echo\n\
+         backend local_echo\n  mode tcp\n  server app 127.0.0.1:{ECHO_PORT}\n\
+         frontend in_http\n  mode http\n  bind 0.0.0.0:15007\n  default_backend local_web\n\
+         backend local_web\n  mode http\n  http-reuse always\n  server app 127.0.0.1:{HTTP_PORT}\n",
+        ip = server.ip
+    )
+}
+
+/// Outbound VIPs to HAProxy's frontends (one port per service, since
+/// HAProxy does not read the original destination), inbound ports to the
+/// inbound frontends.
+fn haproxy_rules() -> String {
+    format!(
+        "table ip haproxy_sidecar {{\n  chain outbound {{\n    type nat hook output priority -100; policy accept;\n    \
+         ip daddr {} tcp dport {ECHO_PORT} redirect to :15001\n    ip daddr {} tcp dport 80 redirect to :15002\n  }}\n  \
+         chain inbound {{\n    type nat hook prerouting priority -100; policy accept;\n    \
+         tcp dport {ECHO_PORT} redirect to :15006\n    tcp dport {HTTP_PORT} redirect to :15007\n  }}\n}}\n",
+        TCP_VIP.ip(),
+        HTTP_VIP.ip()
+    )
+}
