@@ -387,3 +387,37 @@ fn config_reload_applies_valid_changes_and_keeps_the_last_good_one() {
         "still the last good config: {report:?}"
     );
 }
+
+#[test]
+fn retried_requests_resend_their_body() {
+    if !require_privileges("retried_requests_resend_their_body") {
+        return;
+    }
+    let policy = "{retries: {attempts: 2, retryOn: [5xx]}, loadBalancer: {algorithm: roundRobin}}";
+    let mesh = HttpMesh::start("replay", &backends(&["b1", "b2"]), policy, &[]).expect("mesh");
+    set_mode(&mesh.node, mesh.backend("b1"), "status:503").expect("b1 fails");
+    // Bodies are streamed to the first endpoint and replayed to the next:
+    // HTTP/1.1 with Content-Length, and HTTP/2 (as gRPC sends them).
+    for extra in [&[][..], &["--http2"][..]] {
+        let mut args = vec![
+            "--requests",
+            "30",
+            "--concurrency",
+            "2",
+            "--body-bytes",
+            "20000",
+        ];
+        args.extend_from_slice(extra);
+        let report = mesh.load(&args).expect("load");
+        assert_eq!(
+            report.ok, 30,
+            "every POST succeeded on b2 after b1's 503: {report:?}"
+        );
+        assert_eq!(
+            report.backends.keys().collect::<Vec<_>>(),
+            ["b2"],
+            "{report:?}"
+        );
+    }
+    assert!(metric(&mesh, "dataplane_http_retries_total", &[]) >= 20.0);
+}

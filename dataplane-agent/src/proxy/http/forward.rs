@@ -162,13 +162,7 @@ async fn attempt_all(
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let mut body = match RequestBody::prepare(body).await {
-        Ok(body) => body,
-        Err(err) => {
-            debug!(%peer, %err, "client request body failed");
-            return local(proxy, service, StatusCode::BAD_REQUEST, "bad_request_body");
-        }
-    };
+    let mut body = RequestBody::new(body);
     let hash = request_hash(service, &parts, peer);
     let policy = &service.policy().retries;
     let mut retry = RetryState::new(policy);
