@@ -120,7 +120,7 @@ impl HttpBody for AttemptBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        lock(&self.shared).size_hint.clone()
+        lock(&self.shared).size_hint
     }
 }
 
