@@ -19,7 +19,7 @@ use crate::capture::reconcile::Reconciler;
 use crate::capture::{self, Capture, CaptureConfig};
 use crate::metrics::CaptureCollector;
 use crate::state::NodeContext;
-use runtime::{Runtime, raise_fd_limit, shutdown_signal};
+use runtime::{Runtime, raise_fd_limit};
 
 /// Node-level settings, from the command line.
 #[derive(Debug, Clone)]
@@ -79,21 +79,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     rt.set_ready();
     info!(proxy = %settings.proxy_addr, admin = %settings.admin_addr, "agent ready");
 
-    let mut resync = tokio::time::interval(settings.resync);
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = resync.tick() => {
-                if rt.reload() {
-                    reconciler.services(&rt.config);
-                }
-                reconciler.enrollment(&rt.config);
-                reconciler.check_kernel_counters();
-            }
-            _ = &mut shutdown => break,
+    rt.run_until_shutdown(settings.resync, |config, reloaded| {
+        if reloaded {
+            reconciler.services(config);
         }
-    }
+        reconciler.enrollment(config);
+        reconciler.check_kernel_counters();
+    })
+    .await;
     info!("stopping; pods stay captured (run `dataplane-agent cleanup` to uninstall)");
     Ok(())
 }

@@ -38,7 +38,8 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
         &[1, 8, 32, 64]
     };
     let memory_modes = [Mode::Node, Mode::Sidecar, Mode::Haproxy];
-    let total = plan.runs() * Mode::ALL.len() as u64 + (counts.len() * memory_modes.len()) as u64;
+    let runs = plan.runs(false) + plan.runs(true);
+    let total = runs * Mode::ALL.len() as u64 + (counts.len() * memory_modes.len()) as u64;
     let bar = progress(total);
     let mut report = Report {
         machine: machine(),
@@ -47,10 +48,13 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
         quick: options.quick,
         ..Report::default()
     };
-    for mode in Mode::ALL {
-        bar.set_message(format!("building the {} topology", mode.name()));
-        let top = Topology::build(mode).with_context(|| format!("{} topology", mode.name()))?;
-        report.results.extend(run::run_all(&top, plan, &bar)?);
+    for spread in [false, true] {
+        for mode in Mode::ALL {
+            bar.set_message(format!("building the {} topology", mode.name()));
+            let top = Topology::build(mode, spread)
+                .with_context(|| format!("{} topology (two nodes: {spread})", mode.name()))?;
+            report.results.extend(run::run_all(&top, plan, &bar)?);
+        }
     }
     for mode in memory_modes {
         report.memory.extend(memory::measure(mode, counts, &bar)?);
@@ -100,7 +104,7 @@ fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
         serde_json::to_string_pretty(report)?,
     )?;
     std::fs::write(out.join("report.md"), render::markdown(report))?;
-    for workload in ["tcp-rr", "http-rr"] {
+    for workload in ["tcp-rr", "http-rr", "tcp-rr-2nodes", "http-rr-2nodes"] {
         for pinning in ["pinned", "unpinned"] {
             let rate = report
                 .results

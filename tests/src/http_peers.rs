@@ -11,7 +11,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
@@ -116,20 +116,7 @@ pub fn httptool() -> anyhow::Result<PathBuf> {
 /// Starts `httptool serve` named `name` on port 8080 in `pod` and waits
 /// until it listens.
 pub fn serve(node: &SimNode, pod: &Pod, name: &str) -> anyhow::Result<Proc> {
-    let mut cmd = Command::new(httptool()?);
-    cmd.args([
-        "serve",
-        "--listen",
-        &format!("0.0.0.0:{BACKEND_PORT}"),
-        "--name",
-        name,
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
-    let mut proc = node.spawn_in_pod(pod, cmd)?;
-    proc.wait_for_line(Duration::from_secs(5), |line| line.starts_with("listening"))
-        .with_context(|| format!("http backend {name} did not start"))?;
-    Ok(proc)
+    crate::peers::serve_tool(node, pod, &httptool()?, name)
 }
 
 /// Runs `httptool load <args>` in `pod` and parses its summary.

@@ -53,7 +53,18 @@ pub struct Transfer {
 
 /// Starts `meshtool serve` named `name` in `pod` and waits until it listens.
 pub fn serve(node: &SimNode, pod: &Pod, name: &str) -> anyhow::Result<Proc> {
-    let mut cmd = Command::new(binaries::meshtool()?);
+    serve_tool(node, pod, &binaries::meshtool()?, name)
+}
+
+/// Starts `<tool> serve --listen 0.0.0.0:8080 --name <name>` in `pod` and
+/// waits for the `listening` line every test server prints once bound.
+pub fn serve_tool(
+    node: &SimNode,
+    pod: &Pod,
+    tool: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(tool);
     cmd.args([
         "serve",
         "--listen",
@@ -65,7 +76,7 @@ pub fn serve(node: &SimNode, pod: &Pod, name: &str) -> anyhow::Result<Proc> {
     .stderr(Stdio::inherit());
     let mut proc = node.spawn_in_pod(pod, cmd)?;
     proc.wait_for_line(Duration::from_secs(5), |line| line.starts_with("listening"))
-        .with_context(|| format!("backend {name} did not start"))?;
+        .with_context(|| format!("backend {name} ({}) did not start", tool.display()))?;
     Ok(proc)
 }
 

@@ -45,6 +45,8 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The service-VIP range (network address and prefix length). It is not
 /// routed anywhere: only eBPF capture makes connects to it succeed.
 pub const SERVICE_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 0, 0), 16);
+/// Node-to-node links (see [`link_nodes`]) use 198.18.`LINK_SUBNET`.0/24.
+const LINK_SUBNET: u8 = 254;
 /// Pods get 198.18.0.(10 + index), so at most this many per node.
 pub const MAX_PODS: usize = 240;
 
@@ -80,6 +82,8 @@ impl Pod {
 #[derive(Debug)]
 pub struct SimNode {
     id: String,
+    /// Third octet of the node's 198.18.x.0/24 (0 for a lone node).
+    subnet: u8,
     node_ns: String,
     cgroup_root: PathBuf,
     /// Set once `cgroup_root` was created by us (so teardown never touches
@@ -92,14 +96,56 @@ pub struct SimNode {
     procs: Mutex<Vec<Weak<Mutex<Child>>>>,
 }
 
+/// Joins two nodes as if by the cluster network: a veth between their
+/// network namespaces, and routes to each other's pod subnet. Both must
+/// have been built with different subnets ([`SimNode::new_in_subnet`]).
+pub fn link_nodes(a: &SimNode, b: &SimNode) -> anyhow::Result<()> {
+    ensure!(
+        a.subnet != b.subnet,
+        "nodes {} and {} share a subnet",
+        a.id,
+        b.id
+    );
+    let addr = |n: &SimNode| Ipv4Addr::new(198, 18, LINK_SUBNET, n.subnet + 1);
+    let (a_if, b_if) = (format!("xn{}", b.subnet), format!("xn{}", a.subnet));
+    ip_in(
+        &a.node_ns,
+        &[
+            "link", "add", &a_if, "type", "veth", "peer", "name", &b_if, "netns", &b.node_ns,
+        ],
+    )?;
+    for (node, ifname, peer) in [(a, &a_if, b), (b, &b_if, a)] {
+        let cidr = format!("{}/24", addr(node));
+        let peer_pods = format!("198.18.{}.0/24", peer.subnet);
+        let via = addr(peer).to_string();
+        for args in [
+            &["addr", "add", cidr.as_str(), "dev", ifname.as_str()][..],
+            &["link", "set", ifname.as_str(), "up"],
+            &["route", "add", peer_pods.as_str(), "via", via.as_str()],
+        ] {
+            ip_in(&node.node_ns, args)?;
+        }
+    }
+    Ok(())
+}
+
 impl SimNode {
     /// Builds a node. `hint` (1..=8 of a-z0-9) makes names readable; the id
     /// adds the pid and a counter, so names are unique across threads and
     /// concurrently running test processes.
     pub fn new(hint: &str) -> anyhow::Result<SimNode> {
+        Self::new_in_subnet(hint, 0)
+    }
+
+    /// Like [`SimNode::new`], for a node whose pods live in
+    /// 198.18.`subnet`.0/24 (and its bridge at .1), so that several nodes
+    /// can be joined with [`link_nodes`].
+    pub fn new_in_subnet(hint: &str, subnet: u8) -> anyhow::Result<SimNode> {
+        ensure!(subnet < LINK_SUBNET, "subnet {subnet} is reserved");
         let id = names::node_id(hint)?;
         let cgroup_root = cgroup2_mount()?.join(format!("dataplane-sim-{id}"));
         let mut node = SimNode {
+            subnet,
             node_ns: format!("dp{id}-node"),
             id,
             cgroup_root,
@@ -121,7 +167,7 @@ impl SimNode {
         cgroup::create(&self.node_cgroup())?;
         let ns = self.node_ns.clone();
         self.add_netns(&ns)?;
-        let br_addr = format!("{NODE_IP}/24");
+        let br_addr = format!("{}/24", self.node_ip());
         let vips = format!("{}/{}", SERVICE_NET.0, SERVICE_NET.1);
         for args in [
             &["link", "set", "lo", "up"][..],
@@ -153,9 +199,9 @@ impl SimNode {
         &self.node_ns
     }
 
-    /// The node's address on br0 ([`NODE_IP`]).
+    /// The node's address on br0 ([`NODE_IP`] for subnet 0).
     pub fn node_ip(&self) -> Ipv4Addr {
-        NODE_IP
+        Ipv4Addr::new(198, 18, self.subnet, 1)
     }
 
     /// `<cgroup2 mount>/dataplane-sim-<id>`.
@@ -197,7 +243,7 @@ impl SimNode {
         let uid = names::pod_uid();
         let pod = Pod {
             name: name.to_owned(),
-            ip: Ipv4Addr::new(198, 18, 0, 10 + index as u8),
+            ip: Ipv4Addr::new(198, 18, self.subnet, 10 + index as u8),
             netns: format!("dp{}-{name}", self.id),
             cgroup: self.pods_cgroup().join(format!("pod{uid}")),
             uid,
@@ -216,7 +262,7 @@ impl SimNode {
         let host_if = format!("vp{index}");
         let node = self.node_ns.as_str();
         let addr = format!("{}/24", pod.ip);
-        let gateway = NODE_IP.to_string();
+        let gateway = self.node_ip().to_string();
         ip_in(
             node,
             &[

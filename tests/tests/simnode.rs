@@ -253,3 +253,30 @@ fn run_in_pod_is_bounded_in_time() -> anyhow::Result<()> {
     // close() must kill the orphaned `sleep` through cgroup.kill.
     node.close()
 }
+
+#[test]
+fn linked_nodes_route_between_their_pods() {
+    if !simnode::require_privileges("linked_nodes_route_between_their_pods") {
+        return;
+    }
+    let mut a = SimNode::new("linka").expect("node a");
+    let mut b = SimNode::new_in_subnet("linkb", 1).expect("node b");
+    dataplane_tests::simnode::link_nodes(&a, &b).expect("link");
+    let client = a.add_pod("client").expect("pod");
+    let server = b.add_pod("server").expect("pod");
+    assert_eq!(
+        server.ip.octets()[2],
+        1,
+        "pods of node b live in 198.18.1.0/24"
+    );
+    let _srv = dataplane_tests::peers::serve(&b, &server, "far").expect("serve");
+    let to = std::net::SocketAddrV4::new(server.ip, dataplane_tests::peers::BACKEND_PORT);
+    let hellos = dataplane_tests::peers::hello(&a, &client, to, 2).expect("hello");
+    let client_ip = client.ip.to_string();
+    assert!(
+        hellos
+            .iter()
+            .all(|h| h.ok && h.peer_ip() == Some(client_ip.as_str())),
+        "routed across the link, no NAT: {hellos:#?}"
+    );
+}

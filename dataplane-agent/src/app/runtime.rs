@@ -84,6 +84,28 @@ impl Runtime {
         self.admin.ready.store(true, Ordering::Release);
     }
 
+    /// Until SIGTERM or Ctrl-C: every `resync`, re-reads the config file,
+    /// then calls `on_tick` with the config in force and whether it just
+    /// changed.
+    pub async fn run_until_shutdown(
+        &mut self,
+        resync: Duration,
+        mut on_tick: impl FnMut(&MeshConfig, bool),
+    ) {
+        let mut ticker = tokio::time::interval(resync);
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let reloaded = self.reload();
+                    on_tick(&self.config, reloaded);
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+    }
+
     /// Applies a changed config file, or reports why it was rejected (the
     /// last good config stays in force). True when a new config applied.
     pub fn reload(&mut self) -> bool {

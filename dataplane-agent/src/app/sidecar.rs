@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::runtime::{self, Runtime, raise_fd_limit, shutdown_signal};
+use super::runtime::{self, Runtime, raise_fd_limit};
 use crate::sidecar::redirect::{Ports, Redirect};
 use crate::state::NodeContext;
 
@@ -58,22 +58,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     rt.set_ready();
     info!(outbound = %settings.outbound_addr, inbound = %settings.inbound_addr, "sidecar ready");
 
-    let mut resync = tokio::time::interval(settings.resync);
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = resync.tick() => {
-                if rt.reload()
-                    && let Some(redirect) = &redirect
-                    && let Err(err) = redirect.update(&rt.config)
-                {
-                    warn!(%err, "nftables rules not updated");
-                }
-            }
-            _ = &mut shutdown => break,
+    rt.run_until_shutdown(settings.resync, |config, reloaded| {
+        if reloaded
+            && let Some(redirect) = &redirect
+            && let Err(err) = redirect.update(config)
+        {
+            warn!(%err, "nftables rules not updated");
         }
-    }
+    })
+    .await;
     if let Some(redirect) = redirect {
         redirect.remove()?;
     }

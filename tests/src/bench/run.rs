@@ -41,7 +41,10 @@ impl Plan {
     }
 
     /// Number of runs per topology, for the progress bar.
-    pub fn runs(self) -> u64 {
+    pub fn runs(self, spread: bool) -> u64 {
+        if spread {
+            return 2 * 2 * 2;
+        }
         let rr: usize = ["tcp-rr", "http-rr"]
             .iter()
             .map(|w| 1 + self.rates(w).len())
@@ -50,7 +53,9 @@ impl Plan {
     }
 }
 
-/// Runs every workload on `top` in both pinnings.
+/// Runs every workload on `top` in both pinnings. On a two-node
+/// topology: the request/response workloads at the maximum and the first
+/// rate only (reported as `<workload>-2nodes`), no bulk.
 pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<Vec<RunResult>> {
     let mut results = Vec::new();
     for pinning in [Pinning::Pinned, Pinning::Unpinned] {
@@ -66,7 +71,9 @@ pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<
             let saturation = max.rps;
             results.push(max);
             bar.inc(1);
-            for &rate in plan.rates(workload) {
+            let rates = plan.rates(workload);
+            let rates = if top.spread { &rates[..1] } else { rates };
+            for &rate in rates {
                 bar.set_message(format!(
                     "{} {workload} {} {rate}/s",
                     top.mode.name(),
@@ -79,9 +86,11 @@ pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<
                 bar.inc(1);
             }
         }
-        bar.set_message(format!("{} bulk {}", top.mode.name(), pinning.name()));
-        results.push(bulk(top, pinning, plan)?);
-        bar.inc(1);
+        if !top.spread {
+            bar.set_message(format!("{} bulk {}", top.mode.name(), pinning.name()));
+            results.push(bulk(top, pinning, plan)?);
+            bar.inc(1);
+        }
     }
     Ok(results)
 }
@@ -149,9 +158,14 @@ fn result(
 ) -> RunResult {
     let latency = r.latency_us.as_ref();
     let per_1k = (!proxy_free(top)).then(|| cpu_ns as f64 / 1e9 / (r.completed as f64 / 1000.0));
+    let workload = if top.spread {
+        format!("{workload}-2nodes")
+    } else {
+        workload.to_string()
+    };
     RunResult {
         mode: top.mode.name().into(),
-        workload: workload.into(),
+        workload,
         pinning: pinning.name().into(),
         rate,
         p50_us: latency.map(|l| l.p50 as f64),

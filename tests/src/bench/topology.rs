@@ -43,14 +43,20 @@ impl Mode {
     }
 }
 
-/// A built topology; dropping it tears everything down.
+/// A built topology; dropping it tears everything down (proxies and
+/// servers before their nodes).
 pub struct Topology {
     pub mode: Mode,
+    /// Client and server on two nodes joined by a link.
+    pub spread: bool,
     proxies: Proxies,
     _servers: Vec<Proc>,
     pub client: Pod,
     pub server: Pod,
+    /// The client's node (and the server's, unless `spread`).
     pub node: SimNode,
+    /// Kept (not read) so the second node lives as long as the topology.
+    _server_node: Option<SimNode>,
 }
 
 /// The proxy processes of a topology.
@@ -62,34 +68,50 @@ enum Proxies {
 }
 
 impl Topology {
-    pub fn build(mode: Mode) -> anyhow::Result<Topology> {
-        let mut node = SimNode::new(&format!("b{}", &mode.name()[..3]))?;
+    /// `spread`: the server on a second node, reached over the link
+    /// between the nodes (in node mode only the client's node has a node
+    /// proxy; sidecar modes have one on each side).
+    pub fn build(mode: Mode, spread: bool) -> anyhow::Result<Topology> {
+        let hint = format!("b{}{}", &mode.name()[..3], if spread { "2" } else { "" });
+        let mut node = SimNode::new(&hint)?;
+        let mut server_node = if spread {
+            let other = SimNode::new_in_subnet(&format!("{hint}s"), 1)?;
+            crate::simnode::link_nodes(&node, &other)?;
+            Some(other)
+        } else {
+            None
+        };
         let client = node.add_pod("client")?;
-        let server = node.add_pod("server")?;
+        let snode = server_node.as_mut().unwrap_or(&mut node);
+        let server = snode.add_pod("server")?;
+        let snode: &SimNode = server_node.as_ref().unwrap_or(&node);
         let servers = vec![
-            bench_peers::echo_serve(&node, &server, ECHO_PORT)?,
-            http_peers::serve(&node, &server, "server")?,
+            bench_peers::echo_serve(snode, &server, ECHO_PORT)?,
+            http_peers::serve(snode, &server, "server")?,
         ];
         let config = mesh_config(&server, &[&client], 0);
+        let ports = [ECHO_PORT, HTTP_PORT];
         let proxies = match mode {
             Mode::Direct => Proxies::None,
             Mode::Node => Proxies::Node(Agent::start(&node, &config)?),
             Mode::Sidecar => Proxies::Sidecars(vec![
-                Sidecar::start(&node, &client, &config, &[ECHO_PORT, HTTP_PORT])?,
-                Sidecar::start(&node, &server, &config, &[ECHO_PORT, HTTP_PORT])?,
+                Sidecar::start(&node, &client, &config, &ports)?,
+                Sidecar::start(snode, &server, &config, &ports)?,
             ]),
             Mode::Haproxy => Proxies::Haproxy(vec![
                 haproxy_sidecar(&node, &client, &server)?,
-                haproxy_sidecar(&node, &server, &server)?,
+                haproxy_sidecar(snode, &server, &server)?,
             ]),
         };
         Ok(Topology {
             mode,
+            spread,
             proxies,
             _servers: servers,
             client,
             server,
             node,
+            _server_node: server_node,
         })
     }
 

@@ -229,25 +229,31 @@ fn hello(opts: &Opts) -> Result<ExitCode, Failure> {
     let mut stdout = io::stdout().lock();
     for _ in 0..count {
         let start = Instant::now();
-        let line = match greet(to, timeout) {
-            Ok((backend, peer)) => HelloLine::Ok {
-                ok: true,
-                backend,
-                peer,
-                elapsed_us: start.elapsed().as_micros(),
-            },
-            Err(err) => HelloLine::Err {
-                ok: false,
-                kind: kind_of(&err),
-                error: err.to_string(),
-                elapsed_us: start.elapsed().as_micros(),
-            },
-        };
+        let line = hello_line(greet(to, timeout), start);
         let json = serde_json::to_string(&line).map_err(|e| Failure::Io(e.to_string()))?;
         writeln!(stdout, "{json}")?;
         stdout.flush()?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON line of one hello attempt that began at `start`.
+fn hello_line(result: io::Result<(String, String)>, start: Instant) -> HelloLine {
+    let elapsed_us = start.elapsed().as_micros();
+    match result {
+        Ok((backend, peer)) => HelloLine::Ok {
+            ok: true,
+            backend,
+            peer,
+            elapsed_us,
+        },
+        Err(err) => HelloLine::Err {
+            ok: false,
+            kind: kind_of(&err),
+            error: err.to_string(),
+            elapsed_us,
+        },
+    }
 }
 
 /// `hold`: opens `count` connections one after the other and keeps every
@@ -270,23 +276,11 @@ fn hold(opts: &Opts) -> Result<ExitCode, Failure> {
             let greeting = read_greeting(&mut reader, deadline)?;
             Ok((reader, greeting))
         });
-        lines.push(match attempt {
-            Ok((reader, (backend, peer))) => {
-                held.push(reader);
-                HelloLine::Ok {
-                    ok: true,
-                    backend,
-                    peer,
-                    elapsed_us: start.elapsed().as_micros(),
-                }
-            }
-            Err(err) => HelloLine::Err {
-                ok: false,
-                kind: kind_of(&err),
-                error: err.to_string(),
-                elapsed_us: start.elapsed().as_micros(),
-            },
+        let greeting = attempt.map(|(reader, greeting)| {
+            held.push(reader);
+            greeting
         });
+        lines.push(hello_line(greeting, start));
     }
     std::thread::sleep(hold_for);
     drop(held);
