@@ -28,6 +28,9 @@ pub struct Proxy {
     pub metrics: ProxyMetrics,
     /// `SO_MARK` for upstream sockets, so capture never loops them back.
     pub mark: u32,
+    /// Sidecar mode: the local application behind each inbound HTTP port,
+    /// as a one-endpoint service (kept so its pool is reused).
+    pub inbound: inbound::InboundApps,
 }
 
 impl Proxy {

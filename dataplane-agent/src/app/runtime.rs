@@ -69,6 +69,7 @@ impl Runtime {
             ))),
             metrics,
             mark: node.mark,
+            inbound: Default::default(),
         });
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
         Self {
