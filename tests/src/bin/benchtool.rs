@@ -43,7 +43,8 @@ mod driver;
 mod echo;
 #[path = "benchtool/http.rs"]
 mod http;
-#[path = "benchtool/opts.rs"]
+#[path = "common/opts.rs"]
+#[allow(dead_code, reason = "shared by the test tools; each uses a part")]
 mod opts;
 #[path = "benchtool/rr.rs"]
 mod rr;
@@ -72,7 +73,7 @@ fn main() -> ExitCode {
     let Some((command, rest)) = args.split_first() else {
         return usage("missing subcommand");
     };
-    match Opts::parse(rest).and_then(|opts| run(command, &opts)) {
+    match Opts::parse(rest, &[], &[]).and_then(|opts| run(command, &opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => usage(&msg),
         Err(Failure::Run(msg)) => {

@@ -37,7 +37,8 @@ mod client;
 mod grpc;
 #[path = "httptool/load.rs"]
 mod load;
-#[path = "httptool/opts.rs"]
+#[path = "common/opts.rs"]
+#[allow(dead_code, reason = "shared by the test tools; each uses a part")]
 mod opts;
 #[path = "httptool/raw.rs"]
 mod raw;
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
     let Some((command, rest)) = args.split_first() else {
         return usage("missing subcommand");
     };
-    let result = Opts::parse(rest).and_then(|opts| run(command, &opts));
+    let result = Opts::parse(rest, &["http2"], &["header"]).and_then(|opts| run(command, &opts));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => usage(&msg),

@@ -1,14 +1,16 @@
-//! Command-line options: `--key value` pairs only. Hand-rolled like the
-//! other test peers', so the benchmark tool carries no argument-parsing
-//! dependency and its options read the same way.
+//! Command-line options of the test tools (`httptool`, `benchtool`):
+//! `--key value` pairs, value-less flags and repeatable keys, as each tool
+//! declares them. Hand-rolled like meshtool's, so the test peers carry no
+//! argument-parsing dependency. Included by each tool with `#[path]`.
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Why a subcommand could not run: bad arguments (exit 2, with the usage)
-/// or a setup problem such as a refused connect or a port in use (exit 1).
-/// Failed requests are not failures: they are reported, the caller judges.
+/// Why a subcommand could not run: bad arguments (exit 2, with the
+/// usage) or a local problem such as a refused connect or a port in use
+/// (exit 1). Failed requests are not failures: they are reported and the
+/// caller judges.
 #[derive(Debug)]
 pub enum Failure {
     Usage(String),
@@ -17,23 +19,31 @@ pub enum Failure {
 
 /// Parsed options of one subcommand.
 pub struct Opts {
-    values: HashMap<String, String>,
+    values: HashMap<String, Vec<String>>,
 }
 
 impl Opts {
-    pub fn parse(args: &[String]) -> Result<Opts, Failure> {
-        let mut values = HashMap::new();
+    /// `flags` take no value; `repeatable` may be given more than once;
+    /// any other option given twice is an error.
+    pub fn parse(args: &[String], flags: &[&str], repeatable: &[&str]) -> Result<Opts, Failure> {
+        let mut values: HashMap<String, Vec<String>> = HashMap::new();
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let Some(name) = arg.strip_prefix("--") else {
                 return Err(Failure::Usage(format!("unexpected argument {arg:?}")));
             };
-            let value = it
-                .next()
-                .ok_or_else(|| Failure::Usage(format!("{arg} needs a value")))?;
-            if values.insert(name.to_owned(), value.clone()).is_some() {
+            let value = if flags.contains(&name) {
+                String::new()
+            } else {
+                it.next()
+                    .ok_or_else(|| Failure::Usage(format!("{arg} needs a value")))?
+                    .clone()
+            };
+            let entry = values.entry(name.to_owned()).or_default();
+            if !entry.is_empty() && !repeatable.contains(&name) {
                 return Err(Failure::Usage(format!("{arg} given twice")));
             }
+            entry.push(value);
         }
         Ok(Opts { values })
     }
@@ -47,8 +57,21 @@ impl Opts {
         }
     }
 
+    /// The raw value of a single-valued option.
     pub fn raw(&self, key: &str) -> Option<&str> {
-        self.values.get(key).map(String::as_str)
+        self.values
+            .get(key)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+
+    /// Every value of a repeatable option, in order.
+    pub fn all(&self, key: &str) -> &[String] {
+        self.values.get(key).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    pub fn flag(&self, key: &str) -> bool {
+        self.values.contains_key(key)
     }
 
     /// A required option parsed as `T`.
@@ -65,6 +88,15 @@ impl Opts {
     pub fn get_or<T: FromStr>(&self, key: &str, default: T) -> Result<T, Failure> {
         match self.raw(key) {
             Some(_) => self.get(key),
+            None => Ok(default),
+        }
+    }
+
+    /// An optional duration (`300ms`, `2s`), `default` when absent.
+    pub fn duration_or(&self, key: &str, default: Duration) -> Result<Duration, Failure> {
+        match self.raw(key) {
+            Some(value) => parse_duration(value)
+                .ok_or_else(|| Failure::Usage(format!("--{key}: invalid duration {value:?}"))),
             None => Ok(default),
         }
     }
@@ -140,6 +172,21 @@ pub fn parse_seconds(text: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(value * scale).ok()
 }
 
+/// `<n>ms` or `<n>s`. A unit is required so that `--max-duration 30`
+/// cannot silently mean 30 ms to one reader and 30 s to another.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    let secs = text.strip_suffix('s')?;
+    secs.parse().ok().map(Duration::from_secs)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it back.
+pub fn format_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,9 +205,9 @@ mod tests {
     #[test]
     fn repeated_and_unknown_options_are_rejected() {
         let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(Opts::parse(&args(&["--rate", "1", "--rate", "2"])).is_err());
-        assert!(Opts::parse(&args(&["--rate"])).is_err());
-        let opts = Opts::parse(&args(&["--rat", "1"])).ok();
+        assert!(Opts::parse(&args(&["--rate", "1", "--rate", "2"]), &[], &[]).is_err());
+        assert!(Opts::parse(&args(&["--rate"]), &[], &[]).is_err());
+        let opts = Opts::parse(&args(&["--rat", "1"]), &[], &[]).ok();
         assert!(opts.is_some_and(|o| o.only(&["rate"]).is_err()));
     }
 }
