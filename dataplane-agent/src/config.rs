@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use policy::{Fallback, TrafficPolicy};
-pub use service::{Endpoint, Protocol, Service};
+pub use service::{Endpoint, Protocol, Service, UpstreamProtocol};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

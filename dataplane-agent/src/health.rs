@@ -22,12 +22,14 @@
 //! the ejection is allowed (Envoy), so a skipped host needs a fresh run.
 //!
 //! # Ejection
-//! Allowed iff `100 * (out + 1) / endpoints <= maxEjectionPercent`, where
-//! `out` counts ejected *and half-open* hosts (half-open hosts carry almost
-//! no traffic); or, with `alwaysEjectOneHost`, when `out == 0` (Envoy ≥ 1.31).
-//! So with the default 10%, services with fewer than 10 endpoints eject
-//! nothing unless `alwaysEjectOneHost` is set. A skipped ejection is
-//! `Event::EjectionSkipped` and `Stats::ejections_overflow`.
+//! Allowed iff `100 * out / endpoints < maxEjectionPercent` (Envoy's rule:
+//! the share already out, before this ejection), where `out` counts ejected
+//! *and half-open* hosts (half-open hosts carry almost no traffic); or, with
+//! `alwaysEjectOneHost`, when `out == 0` (Envoy >= 1.31; only matters with
+//! `maxEjectionPercent: 0`). So with the default 10 %, any service can eject
+//! its first bad endpoint, and a service of three never more than one.
+//! A skipped ejection is `Event::EjectionSkipped` and
+//! `Stats::ejections_overflow`.
 //! Duration: `min(base * times, max)` where `times` is incremented at each
 //! ejection while `base * times < max + base` and decremented at each sweep
 //! for a host healthy for at least one full interval (both Envoy). Envoy
@@ -168,6 +170,15 @@ impl OutlierDetector {
         match self.hosts.get_mut(idx) {
             Some(host) => host.admit(now, &self.cfg),
             None => Admission::Yes,
+        }
+    }
+
+    /// Frees the probe slot `admit` granted to a request that ended with
+    /// no verdict on the host (cancelled by its client): neither a success
+    /// nor a failure is recorded.
+    pub fn release_probe(&mut self, idx: usize) {
+        if let Some(host) = self.hosts.get_mut(idx) {
+            host.release_probe();
         }
     }
 

@@ -20,3 +20,4 @@ pub mod reload;
 pub mod resilience;
 pub mod sidecar;
 pub mod state;
+pub mod upstream;

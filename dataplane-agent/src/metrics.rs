@@ -1,6 +1,7 @@
 //! Prometheus metrics of the agent: proxy connection outcomes and the
 //! capture programs' kernel counters.
 
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -99,6 +100,7 @@ pub struct ProxyMetrics {
     pub bytes: Family<DirectionLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub http_responses: Family<ResponseLabels, Counter>,
+    pub grpc_responses: Family<GrpcLabels, Counter>,
     pub retries: Family<ServiceLabels, Counter>,
     pub retry_giveups: Family<ReasonLabels, Counter>,
     pub overflows: Family<ReasonLabels, Counter>,
@@ -117,6 +119,12 @@ pub struct ServiceLabels {
 pub struct ResponseLabels {
     pub service: String,
     pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub service: String,
+    pub grpc_status: u32,
 }
 
 /// A service and a reason or limit name (snake_case).
@@ -190,6 +198,11 @@ impl ProxyMetrics {
             "Responses to clients, by status code",
             self.http_responses.clone(),
         );
+        h.register(
+            "grpc_responses",
+            "gRPC calls answered by an endpoint, by grpc-status (0 is OK)",
+            self.grpc_responses.clone(),
+        );
         h.register("retries", "Retries sent", self.retries.clone());
         h.register(
             "retry_give_ups",
@@ -237,22 +250,19 @@ impl ProxyMetrics {
         family.get_or_create(&labels).inc();
     }
 
-    /// Logs and counts an outlier detection event of `service`.
-    pub fn outlier_event(&self, service: &crate::state::Service, event: &Event) {
-        let (idx, name, reason) = match *event {
-            Event::Ejected { idx, reason, .. } => (idx, "ejected", reason.as_str()),
-            Event::HalfOpen { idx } => (idx, "half_open", ""),
-            Event::Restored { idx } => (idx, "restored", ""),
-            Event::EjectionSkipped { idx, reason } => (idx, "ejection_skipped", reason.as_str()),
+    /// Logs and counts an outlier detection event of service `service`;
+    /// `endpoint` names the endpoint the event's index points at.
+    pub fn outlier_event(&self, service: &str, endpoint: Option<SocketAddrV4>, event: &Event) {
+        let (name, reason) = match *event {
+            Event::Ejected { reason, .. } => ("ejected", reason.as_str()),
+            Event::HalfOpen { .. } => ("half_open", ""),
+            Event::Restored { .. } => ("restored", ""),
+            Event::EjectionSkipped { reason, .. } => ("ejection_skipped", reason.as_str()),
         };
-        let endpoint = service
-            .endpoints
-            .get(idx)
-            .map(|ep| ep.addr.to_string())
-            .unwrap_or_default();
-        tracing::info!(service = %service.id, %endpoint, event = name, reason, ?event, "outlier detection");
+        let endpoint = endpoint.map(|ep| ep.to_string()).unwrap_or_default();
+        tracing::info!(%service, %endpoint, event = name, reason, ?event, "outlier detection");
         let labels = OutlierLabels {
-            service: service.id.clone(),
+            service: service.to_string(),
             endpoint,
             event: name,
             reason,
@@ -260,14 +270,17 @@ impl ProxyMetrics {
         self.outlier_events.get_or_create(&labels).inc();
     }
 
-    pub fn rate_limited(
-        &self,
-        service: &crate::state::Service,
-        pod: Option<&str>,
-        decision: &'static str,
-    ) {
+    pub fn grpc_status(&self, service: &str, code: u32) {
+        let labels = GrpcLabels {
+            service: service.to_string(),
+            grpc_status: code,
+        };
+        self.grpc_responses.get_or_create(&labels).inc();
+    }
+
+    pub fn rate_limited(&self, service: &str, pod: Option<&str>, decision: &'static str) {
         let labels = RateLimitLabels {
-            service: service.id.clone(),
+            service: service.to_string(),
             pod: pod.unwrap_or("").to_string(),
             decision,
         };

@@ -2,14 +2,13 @@
 //! pod asked for, picks an endpoint and forwards bytes both ways.
 
 mod detect;
-mod forward;
 pub mod http;
 mod inbound;
 mod orig_dst;
+mod splice;
 mod tcp;
-mod upstream;
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -44,7 +43,7 @@ impl Proxy {
                     // Small request/response exchanges must not wait for
                     // Nagle in the response direction.
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(Arc::clone(&self).handle(stream, peer));
+                    tokio::spawn(Arc::clone(&self).handle(stream, peer, None));
                 }
                 Err(err) => {
                     warn!(%err, "accept failed");
@@ -60,8 +59,34 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let dst = match original_dst(&client) {
+    /// Serves every connection of `listener` as a connection to the
+    /// service at `vip`, without asking for the original destination: a
+    /// listener dedicated to one service (a gateway port), and how the
+    /// request path is tested in-process.
+    pub async fn serve_service(self: Arc<Self>, listener: TcpListener, vip: SocketAddrV4) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    self.metrics.accepted.inc();
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(Arc::clone(&self).handle(stream, peer, Some(vip)));
+                }
+                Err(err) => {
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        fixed: Option<SocketAddrV4>,
+    ) {
+        let _active = ActiveConnection::new(&self.metrics);
+        let dst = match fixed.map_or_else(|| original_dst(&client), Ok) {
             Ok(dst) => dst,
             Err(err) => {
                 debug!(%peer, %err, "no original destination");
@@ -91,6 +116,23 @@ impl Proxy {
     /// Closes with a reset, so the client fails at once instead of waiting.
     pub fn refuse(&self, client: TcpStream, reason: RefuseReason) {
         self.metrics.refuse(reason);
-        forward::reset(client);
+        splice::reset(client);
+    }
+}
+
+/// Counts a client connection in `dataplane_proxy_active_connections`
+/// for as long as it is open, whatever its protocol.
+struct ActiveConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl ActiveConnection {
+    fn new(metrics: &ProxyMetrics) -> Self {
+        metrics.active.inc();
+        Self(metrics.active.clone())
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -150,7 +150,8 @@ async fn tick_outlier_detection(proxy: Arc<Proxy>) {
                 None => continue,
             };
             for event in &events {
-                proxy.metrics.outlier_event(service, event);
+                let endpoint = service.endpoint_addr(event.idx());
+                proxy.metrics.outlier_event(&service.id, endpoint, event);
             }
         }
     }

@@ -38,7 +38,7 @@ pub struct TrafficPolicy {
     pub fallback: Option<Fallback>,
 }
 
-/// Timeouts; `request` and `idle` of zero disable them.
+/// Timeouts; `request`, `idle` and `headerRead` of zero disable them.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(
     deny_unknown_fields,
@@ -52,9 +52,14 @@ pub struct Timeouts {
     /// A whole HTTP request, retries included, until the response headers.
     #[serde(with = "humantime_serde")]
     pub request: Duration,
-    /// An HTTP connection (either side) with no request in flight.
+    /// An HTTP connection (either side) with no request in flight; zero
+    /// disables it.
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
+    /// From the first byte of a request to the end of its headers (against
+    /// slowloris clients); zero disables it.
+    #[serde(with = "humantime_serde")]
+    pub header_read: Duration,
     /// `protocol: auto`: how long to wait for the client's first bytes
     /// before treating the connection as opaque TCP.
     #[serde(with = "humantime_serde")]
@@ -67,6 +72,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(1),
             request: Duration::from_secs(15),
             idle: Duration::from_secs(300),
+            header_read: Duration::from_secs(10),
             protocol_detection: Duration::from_millis(100),
         }
     }
@@ -82,6 +88,8 @@ struct RawTimeouts {
     #[serde(default, with = "humantime_serde")]
     idle: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    header_read: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     protocol_detection: Option<Duration>,
 }
 
@@ -96,6 +104,7 @@ impl TryFrom<RawTimeouts> for Timeouts {
             connect: raw.connect.unwrap_or(d.connect),
             request: raw.request.unwrap_or(d.request),
             idle: raw.idle.unwrap_or(d.idle),
+            header_read: raw.header_read.unwrap_or(d.header_read),
             protocol_detection: raw.protocol_detection.unwrap_or(d.protocol_detection),
         };
         if t.connect.is_zero() || t.connect > MAX_CONNECT_TIMEOUT {

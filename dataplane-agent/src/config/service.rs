@@ -14,8 +14,26 @@ pub struct Service {
     pub namespace: String,
     pub vip: SocketAddrV4,
     pub protocol: Protocol,
+    /// The HTTP version requests are sent to the endpoints in.
+    pub upstream_protocol: UpstreamProtocol,
     pub endpoints: Vec<Endpoint>,
     pub traffic_policy: TrafficPolicy,
+}
+
+/// The HTTP version the endpoints are spoken to in; requests are
+/// translated (HTTP/1.1 <-> HTTP/2) when it differs from the client's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamProtocol {
+    /// The version the client spoke (gRPC stays HTTP/2 end to end).
+    #[default]
+    Auto,
+    /// HTTP/1.1 only: for backends without HTTP/2 (most web servers
+    /// without TLS), so that HTTP/2 and gRPC-web clients can still call them.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): multiplexes every request to an
+    /// endpoint on one connection.
+    Http2,
 }
 
 /// What the service speaks, which decides how the proxy handles it.
@@ -41,6 +59,8 @@ struct RawService {
     vip: SocketAddrV4,
     #[serde(default)]
     protocol: Protocol,
+    #[serde(default)]
+    upstream_protocol: UpstreamProtocol,
     #[serde(default)]
     endpoints: Vec<Endpoint>,
     #[serde(default)]
@@ -93,6 +113,7 @@ impl TryFrom<RawService> for Service {
             namespace: raw.namespace,
             vip: raw.vip,
             protocol: raw.protocol,
+            upstream_protocol: raw.upstream_protocol,
             endpoints: raw.endpoints,
             traffic_policy: raw.traffic_policy,
         })

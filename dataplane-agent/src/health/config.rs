@@ -47,11 +47,13 @@ pub struct OutlierDetectionConfig {
     /// Cap on one ejection. If unset: max(300s, baseEjectionTime) (Envoy).
     #[serde(with = "humantime_serde")]
     pub max_ejection_time: Duration,
-    /// An ejection happens only if, counting it, at most this % of the
-    /// endpoints are ejected or half-open (Envoy: `(active+1)/n <= max`).
+    /// An ejection happens only while fewer than this % of the endpoints
+    /// are ejected or half-open (Envoy: `active/n < max`), so the first
+    /// ejection is always allowed.
     pub max_ejection_percent: f64,
     /// Envoy's `always_eject_one_host`: allow one ejection when none is
-    /// active even if it exceeds `maxEjectionPercent` (small services).
+    /// active whatever `maxEjectionPercent` says (only changes anything
+    /// with `maxEjectionPercent: 0`).
     pub always_eject_one_host: bool,
     /// Success-rate ejection; absent disables it.
     pub success_rate: Option<SuccessRateConfig>,

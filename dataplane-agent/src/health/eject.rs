@@ -38,11 +38,14 @@ impl OutlierDetector {
         }
     }
 
-    /// Ejects a healthy host if `maxEjectionPercent` allows it.
+    /// Ejects a healthy host if `maxEjectionPercent` allows it: Envoy's
+    /// rule, which compares the share *already* out with the limit, so the
+    /// first ejection is always allowed (with the default 10 %, a service of
+    /// three endpoints can eject its bad one).
     pub(super) fn try_eject(&mut self, idx: usize, reason: Reason, now: Instant) -> Event {
         let out = self.ejections_active();
-        let after = (out.saturating_add(1) as f64) * 100.0;
-        let allowed = after <= self.cfg.max_ejection_percent * self.hosts.len() as f64
+        let current = (out as f64) * 100.0;
+        let allowed = current < self.cfg.max_ejection_percent * self.hosts.len() as f64
             || (self.cfg.always_eject_one_host && out == 0);
         if !allowed {
             self.stats.on_skipped(reason);

@@ -190,6 +190,14 @@ impl Host {
         }
     }
 
+    /// Gives back a probe slot whose request ended without an outcome that
+    /// says anything about the host (the client cancelled it).
+    pub(crate) fn release_probe(&mut self) {
+        if let Phase::HalfOpen { in_flight, .. } = &mut self.phase {
+            *in_flight = in_flight.saturating_sub(1);
+        }
+    }
+
     /// Ejects; returns `(until, times)`. Envoy's backoff: the multiplier
     /// grows while `base * times < max + base`, so it stops one step past the
     /// cap and decay soon shortens the next ejection again.

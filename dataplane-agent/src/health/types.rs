@@ -13,6 +13,8 @@ pub enum LocalFailure {
     ConnectTimeout,
     /// Connection reset (or closed) before a complete response.
     Reset,
+    /// No response within the per-try or request timeout.
+    Timeout,
     /// Any other proxy-side failure attributable to the endpoint.
     Other,
 }
@@ -110,6 +112,18 @@ pub enum Event {
     Restored { idx: usize },
     /// An ejection was detected but `maxEjectionPercent` forbade it.
     EjectionSkipped { idx: usize, reason: Reason },
+}
+
+impl Event {
+    /// The endpoint the event is about.
+    pub fn idx(&self) -> usize {
+        match *self {
+            Event::Ejected { idx, .. }
+            | Event::HalfOpen { idx }
+            | Event::Restored { idx }
+            | Event::EjectionSkipped { idx, .. } => idx,
+        }
+    }
 }
 
 /// Whether the balancer may send a request to an endpoint right now.

@@ -1,13 +1,17 @@
 //! HTTP services: the client connection is served by hyper (HTTP/1.1 with
 //! keep-alive, or HTTP/2 with prior knowledge), and every request goes
-//! through the service's policies on its own (see `forward`).
+//! through the service's policies on its own (see `request`).
 
-mod body;
-mod forward;
+mod attempt;
+pub mod grpc;
 mod guard;
 pub mod headers;
+mod replay;
 mod reply;
-pub mod upstream;
+mod request;
+mod timers;
+mod translate;
+mod upgrade;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +25,8 @@ use tracing::debug;
 
 use super::Proxy;
 use crate::state::Service;
+use guard::GuardedBody;
+use timers::{Activity, WatchedIo};
 
 /// Largest request head accepted; larger ones get 431 (Envoy's default
 /// limit is 60 KiB).
@@ -28,28 +34,32 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves one client connection until it closes. Malformed requests are
 /// answered by hyper (400, or 431 for oversize heads) and only affect this
-/// connection.
+/// connection; they never reach an endpoint or its health.
 ///
 /// Each request uses the service's current version: a config change applies
 /// to the next request on a keep-alive connection, not only to new
 /// connections. If the service was removed, the connection's version
 /// finishes the job.
 pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, service: Arc<Service>) {
-    let idle = service.policy().timeouts.idle;
+    let timeouts = service.policy().timeouts.clone();
     let vip = service.config.vip;
     // Only a weak reference: an open connection must not keep an old
     // version (and its pools) alive after a reload.
     let version = Arc::downgrade(&service);
     drop(service);
+    let activity = Activity::new();
+    let requests = Arc::clone(&activity);
     let handler = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let current = proxy.services.load().get(&vip).cloned();
         let service = current.or_else(|| version.upgrade());
+        let in_flight = requests.request_started();
         async move {
-            Ok::<_, Infallible>(match service {
-                Some(service) => forward::handle(&proxy, &service, req, peer).await,
+            let response = match service {
+                Some(service) => request::handle(&proxy, &service, req, peer).await,
                 None => reply::error(http::StatusCode::SERVICE_UNAVAILABLE, "no_service"),
-            })
+            };
+            Ok::<_, Infallible>(response.map(|body| GuardedBody::wrap(body, in_flight)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -57,16 +67,21 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
         .http1()
         .timer(TokioTimer::new())
         .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
-    if !idle.is_zero() {
-        // Closes keep-alive connections that send no new request in time.
-        builder.http1().header_read_timeout(idle);
-    }
+        .keep_alive(true)
+        // Our own timers tell a slow header from an idle keep-alive
+        // connection (hyper's one timer covers both).
+        .header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
-    if let Err(err) = builder
-        .serve_connection(TokioIo::new(client), handler)
-        .await
-    {
-        debug!(%peer, %err, "HTTP connection ended with an error");
+    let io = TokioIo::new(WatchedIo::new(client, Arc::clone(&activity)));
+    let connection = builder.serve_connection_with_upgrades(io, handler);
+    tokio::select! {
+        result = connection => {
+            if let Err(err) = result {
+                debug!(%peer, %err, "HTTP connection ended with an error");
+            }
+        }
+        why = activity.expired(timeouts.header_read, timeouts.idle) => {
+            debug!(%peer, why, "closing HTTP connection");
+        }
     }
 }

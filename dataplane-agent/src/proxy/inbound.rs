@@ -14,10 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use super::detect::Detected;
-use super::{Proxy, forward, original_dst, upstream};
+use super::{Proxy, original_dst, splice};
 use crate::config::{self, Protocol};
 use crate::metrics::RefuseReason;
 use crate::state::{NodeContext, Service};
+use crate::upstream;
 
 /// The application on loopback, with the service's timeouts and no
 /// retries (retrying is the caller's side's job).
@@ -92,6 +93,7 @@ impl Proxy {
     }
 
     async fn handle_inbound(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let _active = super::ActiveConnection::new(&self.metrics);
         let Ok(dst) = original_dst(&client) else {
             return self.refuse(client, RefuseReason::UnknownDestination);
         };
@@ -107,7 +109,7 @@ impl Proxy {
         }
         let app = SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port());
         match upstream::connect(app, self.mark, LOCAL_CONNECT_TIMEOUT).await {
-            Ok(upstream) => forward::forward(client, upstream, &self.metrics).await,
+            Ok(upstream) => splice::forward(client, upstream, &self.metrics).await,
             Err(err) => {
                 debug!(%peer, %app, %err, "application not reachable");
                 self.refuse(client, RefuseReason::UpstreamUnavailable);

@@ -9,12 +9,13 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{Proxy, forward, upstream};
+use super::{Proxy, splice};
 use crate::health::{LocalFailure, Outcome};
 use crate::metrics::RefuseReason;
 use crate::ratelimit::{Decision, Request};
 use crate::resilience::Limit;
 use crate::state::Service;
+use crate::upstream;
 
 pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: &Service) {
     if service.endpoints.is_empty() {
@@ -43,7 +44,7 @@ pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: 
     debug!(%peer, service = %service.id, endpoint = %endpoint.addr, "forwarding");
     // Active connections are the load that least-request balancing sees.
     service.balancer.on_start(index);
-    forward::forward(client, upstream, &proxy.metrics).await;
+    splice::forward(client, upstream, &proxy.metrics).await;
     service.balancer.on_end(index, None, Instant::now());
 }
 
@@ -63,13 +64,13 @@ async fn admit_rate(proxy: &Proxy, service: &Service, peer: SocketAddr) -> bool 
     match decision {
         Decision::Allow => true,
         Decision::Delay { wait, slot } => {
-            proxy.metrics.rate_limited(service, pod, "delayed");
+            proxy.metrics.rate_limited(&service.id, pod, "delayed");
             tokio::time::sleep(wait).await;
             drop(slot);
             true
         }
         Decision::Reject { .. } => {
-            proxy.metrics.rate_limited(service, pod, "rejected");
+            proxy.metrics.rate_limited(&service.id, pod, "rejected");
             false
         }
     }
@@ -99,7 +100,10 @@ async fn connect_any(proxy: &Proxy, service: &Service) -> Option<(TcpStream, usi
             }
             Err(_) => Outcome::LocalFailure(LocalFailure::ConnectRefused),
         };
-        service.record_outcome(proxy, index, outcome);
+        if let Some(event) = service.record_outcome(index, outcome) {
+            let endpoint = service.endpoint_addr(event.idx());
+            proxy.metrics.outlier_event(&service.id, endpoint, &event);
+        }
         match result {
             Ok(stream) => return Some((stream, index)),
             Err(err) => {

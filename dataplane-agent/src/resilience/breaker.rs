@@ -6,10 +6,14 @@
 //! sockets and starve every other service on the node. When a limit is reached the request fails
 //! immediately (Envoy answers 503 with response flag `UO` and `x-envoy-overloaded: true`).
 //!
-//! Defaults are Envoy's (1024 / 1024 / 1024 / 3). Istio instead defaults every limit to 2^32-1;
-//! write `4294967295` for that. Zero: `maxConnections` and `maxRequests` reject 0, because it
-//! would black-hole the service and is usually Istio's "0 = unset" misread; `maxPendingRequests: 0`
-//! (never queue, fail fast) and `maxRetries: 0` (no retries at all) are valid, as in Envoy.
+//! Defaults are Istio's: every limit 2^32-1, i.e. off until an operator sets one. A node proxy
+//! serves every pod of the node, so a static per-service limit sized for one sidecar would throttle
+//! a whole node; retry storms are bounded by the retry budget instead (Envoy's own advice: budgets
+//! over a static `max_retries`, which at Envoy's default of 3 refuses most retries under load,
+//! since each retry holds its slot through its backoff). Zero: `maxConnections` and `maxRequests`
+//! reject 0, because it would black-hole the service and is usually Istio's "0 = unset" misread;
+//! `maxPendingRequests: 0` (never queue, fail fast) and `maxRetries: 0` (no retries at all) are
+//! valid, as in Envoy.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,10 +24,10 @@ use serde::{Deserialize, Serialize};
 /// Circuit-breaker limits of one service.
 ///
 /// ```yaml
-/// maxConnections: 1024      # TCP connections to the service's endpoints
-/// maxPendingRequests: 1024  # requests waiting for a connection
-/// maxRequests: 1024         # requests in flight
-/// maxRetries: 3             # retries in flight
+/// maxConnections: 4294967295      # TCP connections to the service's endpoints
+/// maxPendingRequests: 4294967295  # requests waiting in a rate-limit delay queue
+/// maxRequests: 4294967295         # requests in flight
+/// maxRetries: 4294967295          # retries in flight
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(
@@ -42,13 +46,16 @@ pub struct ConnectionPool {
     pub max_retries: u32,
 }
 
+/// Istio's default for every limit (2^32-1): no limit.
+pub const UNLIMITED: u32 = u32::MAX;
+
 impl Default for ConnectionPool {
     fn default() -> Self {
         Self {
-            max_connections: 1024,
-            max_pending_requests: 1024,
-            max_requests: 1024,
-            max_retries: 3,
+            max_connections: UNLIMITED,
+            max_pending_requests: UNLIMITED,
+            max_requests: UNLIMITED,
+            max_retries: UNLIMITED,
         }
     }
 }

@@ -4,10 +4,15 @@
 //! (Istio merges both into one `retryOn` list); matching follows Envoy's `RetryStateImpl`
 //! (`wouldRetryFromHeaders` / `wouldRetryFromReset`), see [`RetryOn`].
 //!
-//! Defaults are Istio's mesh-wide default retry policy: `attempts: 2`, `retryOn:
-//! connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` and no retriable
-//! status codes (older Istio releases also listed 503; it is not retried by default because
-//! the upstream may already have acted on the request). Add `retriableStatusCodes: [503]` to get it.
+//! Defaults start from Istio's mesh-wide default retry policy (`attempts: 2`, `retryOn:
+//! connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`) and add `reset`
+//! and `gateway-error`, so that one failing endpoint of several (answering 502/503/504, resetting,
+//! killed, or timing out behind a `perTryTimeout`) costs the caller nothing. That is safe because
+//! of the idempotency rule below: a failure after which the upstream may have acted on the request
+//! is retried only for idempotent methods (RFC 9110: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and
+//! for gRPC status conditions (gRPC's own retry rules); a POST or PATCH is retried only when it
+//! surely was not processed (connect failure, HTTP/2 `REFUSED_STREAM`), unless
+//! `retryNonIdempotent: true`.
 
 use std::time::Duration;
 
@@ -47,6 +52,12 @@ impl Failure {
             self,
             Failure::ConnectFailure | Failure::RefusedStream | Failure::Reset | Failure::Timeout
         )
+    }
+
+    /// True when the upstream surely did not act on the request, so that retrying is safe
+    /// whatever the method.
+    pub fn is_unprocessed(&self) -> bool {
+        matches!(self, Failure::ConnectFailure | Failure::RefusedStream)
     }
 }
 
@@ -122,6 +133,7 @@ impl RetryOn {
 /// perTryTimeout: 500ms   # optional; absent = only the overall request timeout applies
 /// retryOn: [connect-failure, refused-stream, reset, gateway-error]
 /// retriableStatusCodes: [409]
+/// retryNonIdempotent: false
 /// backoff: {baseInterval: 25ms, maxInterval: 250ms}
 /// budget: {retryPercent: 20, minRetriesPerSecond: 10, window: 10s}
 /// ```
@@ -145,6 +157,9 @@ pub struct RetryPolicy {
     pub retry_on: Vec<RetryOn>,
     /// Statuses retried by `retriable-status-codes` (100..=599).
     pub retriable_status_codes: Vec<u16>,
+    /// Also retry non-idempotent requests (POST, PATCH, ...) after failures where the upstream
+    /// may have processed them. Off by default: a retried payment is worse than a failed one.
+    pub retry_non_idempotent: bool,
     /// Delay between tries.
     pub backoff: Backoff,
     /// The service-wide retry budget this policy's retries draw from.
@@ -159,11 +174,14 @@ impl Default for RetryPolicy {
             retry_on: vec![
                 RetryOn::ConnectFailure,
                 RetryOn::RefusedStream,
+                RetryOn::Reset,
+                RetryOn::GatewayError,
                 RetryOn::Unavailable,
                 RetryOn::Cancelled,
                 RetryOn::RetriableStatusCodes,
             ],
             retriable_status_codes: Vec::new(),
+            retry_non_idempotent: false,
             backoff: Backoff::default(),
             budget: BudgetConfig::default(),
         }
@@ -202,6 +220,8 @@ struct RawRetryPolicy {
     #[serde(default)]
     retriable_status_codes: Vec<u16>,
     #[serde(default)]
+    retry_non_idempotent: bool,
+    #[serde(default)]
     backoff: Backoff,
     #[serde(default)]
     budget: BudgetConfig,
@@ -236,6 +256,7 @@ impl TryFrom<RawRetryPolicy> for RetryPolicy {
             per_try_timeout: raw.per_try_timeout,
             retry_on: raw.retry_on,
             retriable_status_codes: raw.retriable_status_codes,
+            retry_non_idempotent: raw.retry_non_idempotent,
             backoff: raw.backoff,
             budget: raw.budget,
         })

@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use crate::balance::{Balancer, EndpointSpec, Locality, Pick};
 use crate::config;
-use crate::health::{Admission, Outcome, OutlierDetector};
+use crate::health::{Admission, Event, Outcome, OutlierDetector};
 use crate::metrics::{EndpointLabels, ServiceLabels};
-use crate::proxy::http::upstream::{Clients, Connector};
 use crate::ratelimit::RateLimiter;
 use crate::resilience::{CircuitBreaker, RetryBudget};
+use crate::upstream::{EndpointPool, PoolSettings};
 
 use super::NodeContext;
 
@@ -20,8 +20,8 @@ pub struct Endpoint {
     pub addr: SocketAddrV4,
     /// Metric labels, built once rather than per request.
     pub labels: EndpointLabels,
-    /// Upstream HTTP connection pools to this endpoint.
-    pub clients: Clients,
+    /// Upstream HTTP connections to this endpoint.
+    pub pool: Arc<EndpointPool>,
 }
 
 /// One service as the proxy uses it.
@@ -65,21 +65,21 @@ impl Service {
             }
             None => Arc::new(CircuitBreaker::new(&policy.connection_pool)),
         };
-        let same =
-            |f: fn(&config::TrafficPolicy) -> String| old.filter(|o| f(o.policy()) == f(policy));
-        let budget = match same(|p| format!("{:?}", p.retries.budget)) {
+        // Compared structurally: what did not change carries over, so a
+        // timeout change keeps the budget, the rate-limit buckets and every
+        // pool whose own settings are the same.
+        let budget = match old.filter(|o| o.policy().retries.budget == policy.retries.budget) {
             Some(old) => Arc::clone(&old.budget),
             None => Arc::new(RetryBudget::new(&policy.retries.budget)),
         };
-        let limiter = match same(|p| format!("{:?}", p.rate_limit)) {
+        let limiter = match old.filter(|o| o.policy().rate_limit == policy.rate_limit) {
             Some(old) => old.limiter.clone(),
             None => build_limiter(&id, policy),
         };
-        let pools_from = same(|p| format!("{:?}", p.timeouts));
         let endpoints: Vec<Endpoint> = cfg
             .endpoints
             .iter()
-            .map(|ep| endpoint(&id, ep.address, node, &breaker, policy, pools_from))
+            .map(|ep| endpoint(&id, ep.address, node, &breaker, policy, old))
             .collect();
         let outlier = policy
             .outlier_detection
@@ -161,14 +161,25 @@ impl Service {
     }
 
     /// Tells outlier detection how a request or connection to
-    /// `endpoints[index]` went, reporting any state change it causes.
-    pub fn record_outcome(&self, proxy: &crate::proxy::Proxy, index: usize, outcome: Outcome) {
-        let event = self
-            .outlier()
-            .and_then(|mut outlier| outlier.record(index, outcome, Instant::now()));
-        if let Some(event) = event {
-            proxy.metrics.outlier_event(self, &event);
+    /// `endpoints[index]` went; returns the state change it caused, for the
+    /// caller to report.
+    #[must_use = "report the event (metrics, log)"]
+    pub fn record_outcome(&self, index: usize, outcome: Outcome) -> Option<Event> {
+        self.outlier()
+            .and_then(|mut outlier| outlier.record(index, outcome, Instant::now()))
+    }
+
+    /// Gives back the probe slot of a half-open endpoint whose request
+    /// ended with no verdict on the endpoint (the client went away).
+    pub fn release_probe(&self, index: usize) {
+        if let Some(mut outlier) = self.outlier() {
+            outlier.release_probe(index);
         }
+    }
+
+    /// The address of `endpoints[index]`, for reports.
+    pub fn endpoint_addr(&self, index: usize) -> Option<SocketAddrV4> {
+        self.endpoints.get(index).map(|ep| ep.addr)
     }
 }
 
@@ -178,29 +189,29 @@ fn endpoint(
     node: &NodeContext,
     breaker: &Arc<CircuitBreaker>,
     policy: &config::TrafficPolicy,
-    pools_from: Option<&Service>,
+    old: Option<&Service>,
 ) -> Endpoint {
-    // Pools are per endpoint address: reuse them across versions so that
+    let settings = PoolSettings {
+        endpoint: addr,
+        mark: node.mark,
+        connect_timeout: policy.timeouts.connect,
+        idle_timeout: policy.timeouts.idle,
+    };
+    // Reused across versions while its settings are the same, so that
     // idle connections are not orphaned (they hold maxConnections slots).
-    let clients = pools_from
+    let pool = old
         .and_then(|old| old.endpoints.iter().find(|ep| ep.addr == addr))
-        .map(|ep| ep.clients.clone())
-        .unwrap_or_else(|| {
-            let connector = Connector {
-                endpoint: addr,
-                mark: node.mark,
-                connect_timeout: policy.timeouts.connect,
-                breaker: Arc::clone(breaker),
-            };
-            Clients::new(connector, policy.timeouts.idle)
-        });
+        .map(|ep| &ep.pool)
+        .filter(|pool| *pool.settings() == settings)
+        .map(Arc::clone)
+        .unwrap_or_else(|| EndpointPool::new(settings, Arc::clone(breaker)));
     Endpoint {
         addr,
         labels: EndpointLabels {
             service: service.to_string(),
             endpoint: addr.to_string(),
         },
-        clients,
+        pool,
     }
 }
 

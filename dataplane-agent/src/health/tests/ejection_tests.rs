@@ -89,30 +89,51 @@ fn backoff_decays_once_per_sweep_down_to_zero() {
 }
 
 #[test]
-fn max_ejection_percent_skips_ejection_below_ten_hosts() {
+fn the_first_ejection_is_allowed_even_below_ten_hosts() {
+    // Envoy compares the share already ejected with the limit: with the
+    // default 10 % a service of three endpoints ejects its bad one, and a
+    // second bad one waits (33 % out is not below 10 %).
     let t0 = Instant::now();
-    let mut d = OutlierDetector::new(OutlierDetectionConfig::default(), 5, t0);
-    let ev = feed(&mut d, 0, S500, 5, t0);
+    let mut d = OutlierDetector::new(OutlierDetectionConfig::default(), 3, t0);
+    assert!(matches!(
+        feed(&mut d, 0, S500, 5, t0)[..],
+        [Event::Ejected { .. }]
+    ));
+    let ev = feed(&mut d, 1, S500, 5, t0);
     assert_eq!(
         ev,
         vec![Event::EjectionSkipped {
-            idx: 0,
+            idx: 1,
             reason: Reason::Consecutive5xx
         }]
     );
-    assert_eq!(d.state(0), HostState::Healthy);
+    assert_eq!(d.state(1), HostState::Healthy);
     assert_eq!(d.stats().ejections_overflow(), 1);
     assert_eq!(d.stats().skipped(Reason::Consecutive5xx), 1);
-    assert_eq!(d.stats().ejections_total(), 0);
+    assert_eq!(d.stats().ejections_total(), 1);
     // The tripped counter was reset: a fresh run is needed to try again.
-    assert!(feed(&mut d, 0, S500, 4, t0).is_empty());
+    assert!(feed(&mut d, 1, S500, 4, t0).is_empty());
     assert_eq!(
-        d.record(0, S500, t0),
+        d.record(1, S500, t0),
         Some(Event::EjectionSkipped {
-            idx: 0,
+            idx: 1,
             reason: Reason::Consecutive5xx
         })
     );
+}
+
+#[test]
+fn max_ejection_percent_zero_ejects_nothing() {
+    let t0 = Instant::now();
+    let c = OutlierDetectionConfig {
+        max_ejection_percent: 0.0,
+        ..Default::default()
+    };
+    let mut d = OutlierDetector::new(c, 3, t0);
+    assert!(matches!(
+        feed(&mut d, 0, S500, 5, t0)[..],
+        [Event::EjectionSkipped { .. }]
+    ));
 }
 
 #[test]
@@ -134,6 +155,7 @@ fn always_eject_one_host_allows_exactly_one_over_the_limit() {
     let t0 = Instant::now();
     let c = OutlierDetectionConfig {
         always_eject_one_host: true,
+        max_ejection_percent: 0.0,
         ..Default::default()
     };
     let mut d = OutlierDetector::new(c, 5, t0);

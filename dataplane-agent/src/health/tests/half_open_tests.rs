@@ -210,3 +210,28 @@ fn successes_to_close_zero_restores_directly_like_envoy() {
     assert_eq!(d.stats().half_opens(), 0);
     assert_eq!(d.stats().restorations(), 1);
 }
+
+#[test]
+fn a_cancelled_probe_frees_its_slot_without_a_verdict() {
+    let t0 = Instant::now();
+    let mut d = ejected_at(t0, cfg());
+    let now = t0 + s(30);
+    d.tick(now);
+    for _ in 0..3 {
+        assert_eq!(d.admit(0, now), Admission::Probe);
+    }
+    assert_eq!(d.admit(0, now), Admission::No);
+    d.release_probe(0);
+    assert_eq!(
+        d.state(0),
+        HostState::HalfOpen {
+            probes_in_flight: 2,
+            successes: 0
+        },
+        "neither success nor failure was counted"
+    );
+    assert_eq!(d.admit(0, now), Admission::Probe);
+    // Releasing on a healthy host changes nothing.
+    d.release_probe(1);
+    assert_eq!(d.state(1), HostState::Healthy);
+}

@@ -5,8 +5,8 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 
-use super::upstream::Body;
 use crate::config::Fallback;
+use crate::upstream::Body;
 
 /// Names why the proxy answered instead of an endpoint, e.g.
 /// `no_healthy_upstream`, `upstream_timeout`.

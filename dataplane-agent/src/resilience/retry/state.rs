@@ -12,6 +12,9 @@ use crate::resilience::budget::RetryBudget;
 pub enum GiveUpReason {
     /// No `retryOn` condition matches the failure.
     NotRetriable,
+    /// The method is not idempotent and the upstream may have processed the request (see
+    /// `retryNonIdempotent`).
+    NotIdempotent,
     /// `attempts` retries were already made (Envoy `upstream_rq_retry_limit_exceeded`).
     AttemptsExhausted,
     /// The request body was not (fully) buffered, so it cannot be sent again.
@@ -27,10 +30,23 @@ impl GiveUpReason {
     pub fn as_str(self) -> &'static str {
         match self {
             GiveUpReason::NotRetriable => "not_retriable",
+            GiveUpReason::NotIdempotent => "not_idempotent",
             GiveUpReason::AttemptsExhausted => "attempts_exhausted",
             GiveUpReason::BodyNotReplayable => "body_not_replayable",
             GiveUpReason::BreakerOpen => "breaker_open",
             GiveUpReason::BudgetExhausted => "budget_exhausted",
+        }
+    }
+
+    /// Value of `x-dataplane-error` on a response the proxy gave up retrying: why the caller
+    /// sees a failure although retries were configured. `None` when retrying did not apply.
+    pub fn error_header(self) -> Option<&'static str> {
+        match self {
+            GiveUpReason::NotRetriable | GiveUpReason::NotIdempotent => None,
+            GiveUpReason::AttemptsExhausted => Some("retries_exhausted"),
+            GiveUpReason::BodyNotReplayable => Some("retry_body_too_large"),
+            GiveUpReason::BreakerOpen => Some("retry_overflow"),
+            GiveUpReason::BudgetExhausted => Some("retry_budget_exhausted"),
         }
     }
 }
@@ -54,6 +70,8 @@ pub enum RetryDecision {
 #[derive(Debug)]
 pub struct RetryState<'p> {
     policy: &'p RetryPolicy,
+    /// Whether the request may be sent again after the upstream may have acted on it.
+    idempotent: bool,
     retries: u32,
     permit: Option<Permit>,
 }
@@ -62,8 +80,15 @@ impl<'p> RetryState<'p> {
     /// State for a new request. Does not touch the budget: the integrator calls
     /// [`RetryBudget::deposit`] for every original request, failed or not.
     pub fn new(policy: &'p RetryPolicy) -> Self {
+        Self::for_request(policy, true)
+    }
+
+    /// State for a request whose method is (`idempotent`) or is not safe to repeat; a
+    /// non-idempotent one is retried only after failures where it surely was not processed.
+    pub fn for_request(policy: &'p RetryPolicy, idempotent: bool) -> Self {
         Self {
             policy,
+            idempotent: idempotent || policy.retry_non_idempotent,
             retries: 0,
             permit: None,
         }
@@ -116,8 +141,11 @@ impl<'p> RetryState<'p> {
 
     /// Per-request conditions, which need no shared state.
     fn check_request(&self, failure: &Failure, replayable: bool) -> Result<(), GiveUpReason> {
+        let grpc = matches!(failure, Failure::GrpcStatus(_));
         if !self.policy.is_retriable(failure) {
             Err(GiveUpReason::NotRetriable)
+        } else if !self.idempotent && !failure.is_unprocessed() && !grpc {
+            Err(GiveUpReason::NotIdempotent)
         } else if self.retries >= self.policy.attempts {
             Err(GiveUpReason::AttemptsExhausted)
         } else if !replayable {

@@ -14,7 +14,7 @@ fn breaker(max: u32) -> Arc<CircuitBreaker> {
 }
 
 #[test]
-fn empty_mapping_gives_envoy_defaults() {
+fn empty_mapping_gives_istio_defaults_no_limit() {
     let p: ConnectionPool = yaml("{}").unwrap();
     assert_eq!(p, ConnectionPool::default());
     assert_eq!(
@@ -24,7 +24,7 @@ fn empty_mapping_gives_envoy_defaults() {
             p.max_requests,
             p.max_retries
         ),
-        (1024, 1024, 1024, 3)
+        (u32::MAX, u32::MAX, u32::MAX, u32::MAX)
     );
 }
 
@@ -135,7 +135,7 @@ fn update_keeps_outstanding_permits_and_applies_new_limits() {
         ..ConnectionPool::default()
     });
     assert_eq!(b.max(Limit::Connections), 1);
-    assert_eq!(b.max(Limit::Retries), 3);
+    assert_eq!(b.max(Limit::Retries), u32::MAX, "the default applies again");
     assert_eq!(b.in_use(Limit::Connections), 3);
     assert_eq!(b.remaining(Limit::Connections), 0);
     assert!(b.try_acquire(Limit::Connections).is_err());

@@ -35,7 +35,7 @@ fn retried(policy: &RetryPolicy) -> Vec<Failure> {
 }
 
 #[test]
-fn empty_mapping_gives_istio_defaults() {
+fn empty_mapping_gives_the_documented_defaults() {
     let p: RetryPolicy = yaml("{}").unwrap();
     assert_eq!(p, RetryPolicy::default());
     assert_eq!(p.attempts, 2);
@@ -45,22 +45,35 @@ fn empty_mapping_gives_istio_defaults() {
         [
             RetryOn::ConnectFailure,
             RetryOn::RefusedStream,
+            RetryOn::Reset,
+            RetryOn::GatewayError,
             RetryOn::Unavailable,
             RetryOn::Cancelled,
             RetryOn::RetriableStatusCodes
         ]
     );
     assert!(p.retriable_status_codes.is_empty());
+    assert!(!p.retry_non_idempotent);
     assert_eq!(p.backoff, Backoff::default());
     assert_eq!(p.budget, BudgetConfig::default());
 }
 
 #[test]
-fn default_policy_retries_only_connection_problems_and_grpc_unavailable_cancelled() {
+fn default_policy_retries_transport_failures_gateway_errors_and_grpc_unavailable_cancelled() {
     use Failure::*;
     assert_eq!(
         retried(&RetryPolicy::default()),
-        [ConnectFailure, RefusedStream, GrpcStatus(1), GrpcStatus(14)]
+        [
+            ConnectFailure,
+            RefusedStream,
+            Reset,
+            Timeout,
+            Status(502),
+            Status(503),
+            Status(504),
+            GrpcStatus(1),
+            GrpcStatus(14)
+        ]
     );
 }
 

@@ -262,3 +262,48 @@ fn state_and_shared_pieces_are_thread_safe() {
     assert_send_sync::<RetryBudget>();
     assert_send_sync::<RetryPolicy>();
 }
+
+#[test]
+fn non_idempotent_requests_retry_only_when_surely_unprocessed() {
+    let mut p = policy(2);
+    p.retry_on.push(RetryOn::Unavailable);
+    let mut h = Harness::new(budget(20.0, 10));
+    for failure in [Failure::Reset, Failure::Timeout, Failure::Status(503)] {
+        let mut s = RetryState::for_request(&p, false);
+        assert_eq!(
+            h.next(&mut s, failure),
+            RetryDecision::GiveUp(NotIdempotent),
+            "{failure:?}"
+        );
+    }
+    let mut s = RetryState::for_request(&p, false);
+    assert_eq!(h.next(&mut s, Failure::ConnectFailure), retry_after(25));
+    assert_eq!(h.next(&mut s, Failure::RefusedStream), retry_after(50));
+    // gRPC status conditions follow gRPC's own rules, whatever the method.
+    let mut s = RetryState::for_request(&p, false);
+    assert_eq!(h.next(&mut s, Failure::GrpcStatus(14)), retry_after(25));
+}
+
+#[test]
+fn retry_non_idempotent_lifts_the_method_rule() {
+    let mut p = policy(2);
+    p.retry_non_idempotent = true;
+    let mut h = Harness::new(budget(20.0, 10));
+    let mut s = RetryState::for_request(&p, false);
+    assert_eq!(h.next(&mut s, Failure::Status(503)), retry_after(25));
+}
+
+#[test]
+fn give_up_reasons_that_hide_a_retry_name_themselves_to_the_caller() {
+    assert_eq!(BreakerOpen.error_header(), Some("retry_overflow"));
+    assert_eq!(
+        BudgetExhausted.error_header(),
+        Some("retry_budget_exhausted")
+    );
+    assert_eq!(AttemptsExhausted.error_header(), Some("retries_exhausted"));
+    assert_eq!(
+        BodyNotReplayable.error_header(),
+        Some("retry_body_too_large")
+    );
+    assert_eq!(NotRetriable.error_header(), None);
+}

@@ -10,7 +10,6 @@ use crate::metrics::{Direction, DirectionLabels, ProxyMetrics};
 /// half-close is passed on (shutdown(SHUT_WR)) and the other direction keeps
 /// going, so request/response protocols that half-close work.
 pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, metrics: &ProxyMetrics) {
-    metrics.active.inc();
     match tokio_splice::zero_copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => {
             count_bytes(metrics, Direction::Upstream, up);
@@ -23,7 +22,6 @@ pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, metrics: &P
             reset(upstream);
         }
     }
-    metrics.active.dec();
 }
 
 fn count_bytes(metrics: &ProxyMetrics, direction: Direction, bytes: u64) {

@@ -1,4 +1,4 @@
-//! Connecting to an endpoint.
+//! Connecting to an endpoint over TCP.
 
 use std::net::SocketAddrV4;
 use std::time::Duration;
