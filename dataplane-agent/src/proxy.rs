@@ -33,6 +33,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    pub fn new(services: SharedServices, metrics: ProxyMetrics, mark: u32) -> Self {
+        Self {
+            services,
+            metrics,
+            mark,
+            inbound: Default::default(),
+        }
+    }
+
     /// Accepts until the task is dropped. Each connection runs in its own
     /// task; a failure there never affects the listener.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {

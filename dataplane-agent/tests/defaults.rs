@@ -1,0 +1,109 @@
+//! The README's promise: with the default policy plus `outlierDetection:
+//! {}`, one backend of three failing in any way fails no idempotent
+//! request, under a closed-loop load of 8 concurrent callers.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Backend, Mode, TestProxy, bounded, config, failures, load};
+
+const DEFAULTS: &str = "    trafficPolicy:\n      outlierDetection: {}\n";
+const CALLERS: usize = 8;
+const EACH: usize = 150;
+
+async fn three(bad: Mode) -> (Backend, Backend, Backend) {
+    (
+        Backend::start("good-1", Mode::Ok).await,
+        Backend::start("good-2", Mode::Ok).await,
+        Backend::start("bad", bad).await,
+    )
+}
+
+async fn assert_no_failures(bad: Mode, extra: &str) -> (TestProxy, Backend) {
+    let (a, b, bad) = three(bad).await;
+    let proxy = TestProxy::start(&config(&[&a, &b, &bad], extra)).await;
+    let results = load(&proxy, CALLERS, EACH).await;
+    assert_eq!(results.len(), CALLERS * EACH);
+    assert!(
+        failures(&results).is_empty(),
+        "failed: {:?}",
+        failures(&results)
+    );
+    (proxy, bad)
+}
+
+fn ejections(proxy: &TestProxy) -> f64 {
+    proxy.metric(
+        "dataplane_policy_outlier_events_total",
+        &["event=\"ejected\""],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_answering_503_fails_nothing_and_is_ejected() {
+    bounded(async {
+        let (proxy, bad) = assert_no_failures(Mode::Status(503), DEFAULTS).await;
+        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+        // Ejected after 5 consecutive 5xx: it saw a handful, not a third.
+        assert!(bad.hits() < 100, "bad backend got {} requests", bad.hits());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_resetting_fails_nothing_and_is_ejected() {
+    bounded(async {
+        let (proxy, _bad) = assert_no_failures(Mode::Reset, DEFAULTS).await;
+        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_killed_mid_load_fails_nothing() {
+    bounded(async {
+        let (a, b, bad) = three(Mode::Ok).await;
+        let proxy = TestProxy::start(&config(&[&a, &b, &bad], DEFAULTS)).await;
+        let running = load(&proxy, CALLERS, EACH);
+        let kill = async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            bad.kill();
+        };
+        let (results, ()) = tokio::join!(running, kill);
+        assert!(
+            failures(&results).is_empty(),
+            "failed: {:?}",
+            failures(&results)
+        );
+        assert!(bad.hits() > 0, "the killed backend served before it died");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_blackholed_behind_a_per_try_timeout_fails_nothing() {
+    bounded(async {
+        let extra = "    trafficPolicy:\n      outlierDetection: {}\n      retries: {perTryTimeout: 200ms}\n";
+        let (proxy, _bad) = assert_no_failures(Mode::Hang, extra).await;
+        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_refusing_connections_fails_nothing() {
+    bounded(async {
+        let (a, b, bad) = three(Mode::Ok).await;
+        bad.kill();
+        let proxy = TestProxy::start(&config(&[&a, &b, &bad], DEFAULTS)).await;
+        let results = load(&proxy, CALLERS, EACH).await;
+        assert!(
+            failures(&results).is_empty(),
+            "failed: {:?}",
+            failures(&results)
+        );
+        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+    })
+    .await
+}

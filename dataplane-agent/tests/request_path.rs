@@ -1,0 +1,353 @@
+//! The HTTP request path through the real proxy, in-process on loopback:
+//! what counts against an endpoint, what the caller is told, protocol
+//! translation, pools, timers, upgrades, gRPC outcomes and body replay.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use support::{Backend, Mode, TestProxy, bounded, client, config};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+fn ejections(proxy: &TestProxy) -> f64 {
+    proxy.metric(
+        "dataplane_policy_outlier_events_total",
+        &["event=\"ejected\""],
+    )
+}
+
+async fn get(proxy: &TestProxy, http2: bool) -> http::Response<Bytes> {
+    let req = Request::get(format!("http://{}/", proxy.addr))
+        .body(Full::default())
+        .unwrap();
+    let resp = client(http2).request(req).await.expect("response");
+    let (parts, body) = resp.into_parts();
+    http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+/// Reads from a raw socket until the peer closes or `limit` passes.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(String::from_utf8_lossy(&all).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_give_up_do_not_eject_a_slow_healthy_endpoint() {
+    bounded(async {
+        let slow = Backend::start("slow", Mode::Delay(Duration::from_millis(300))).await;
+        let extra =
+            "    trafficPolicy:\n      outlierDetection: {consecutiveLocalOriginFailures: 3}\n";
+        let proxy = TestProxy::start(&config(&[&slow], extra)).await;
+        for _ in 0..6 {
+            let call = get(&proxy, false);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), call)
+                    .await
+                    .is_err(),
+                "the caller gives up first"
+            );
+        }
+        assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+        assert_eq!(get(&proxy, false).await.status(), StatusCode::OK);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_client_body_gets_400_and_never_counts_against_endpoints() {
+    bounded(async {
+        let backends = [
+            Backend::start("a", Mode::Echo).await,
+            Backend::start("b", Mode::Echo).await,
+            Backend::start("c", Mode::Echo).await,
+        ];
+        let extra = "    trafficPolicy:\n      outlierDetection: {consecutive5xxErrors: 1, consecutiveLocalOriginFailures: 1, maxEjectionPercent: 100}\n";
+        let proxy = TestProxy::start(&config(&backends.iter().collect::<Vec<_>>(), extra)).await;
+        for _ in 0..12 {
+            let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+            s.write_all(
+                b"POST / HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+            )
+            .await
+            .unwrap();
+            let answer = read_until_closed(&mut s, Duration::from_secs(5)).await.unwrap_or_default();
+            assert!(answer.starts_with("HTTP/1.1 400"), "answer: {answer:?}");
+        }
+        assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+        for _ in 0..6 {
+            assert_eq!(get(&proxy, false).await.status(), StatusCode::OK);
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_retry_is_named_in_x_dataplane_error() {
+    bounded(async {
+        let bad = Backend::start("bad", Mode::Status(503)).await;
+        let other = Backend::start("bad-too", Mode::Status(503)).await;
+        for (policy, expected) in [
+            (
+                "{budget: {retryPercent: 0, minRetriesPerSecond: 0}}",
+                "retry_budget_exhausted",
+            ),
+            ("{attempts: 1}", "retries_exhausted"),
+        ] {
+            let extra = format!("    trafficPolicy:\n      retries: {policy}\n");
+            let proxy = TestProxy::start(&config(&[&bad, &other], &extra)).await;
+            let resp = get(&proxy, false).await;
+            assert_eq!(
+                resp.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream status kept"
+            );
+            assert_eq!(resp.headers()["x-dataplane-error"], expected);
+            let backend = resp.headers()["x-backend"].to_str().unwrap();
+            assert!(backend.starts_with("bad"), "the backend's own answer");
+        }
+        let extra = "    trafficPolicy:\n      connectionPool: {maxRetries: 0}\n";
+        let proxy = TestProxy::start(&config(&[&bad, &other], extra)).await;
+        assert_eq!(
+            get(&proxy, false).await.headers()["x-dataplane-error"],
+            "retry_overflow"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_are_translated_both_ways() {
+    bounded(async {
+        let backend = Backend::start("b", Mode::Ok).await;
+        for (upstream, http2_client) in [
+            ("http1", true),
+            ("http2", false),
+            ("auto", true),
+            ("auto", false),
+        ] {
+            let extra = format!("    upstreamProtocol: {upstream}\n");
+            let proxy = TestProxy::start(&config(&[&backend], &extra)).await;
+            let resp = get(&proxy, http2_client).await;
+            assert_eq!(
+                resp.status(),
+                StatusCode::OK,
+                "{upstream} from h2={http2_client}"
+            );
+            assert_eq!(&resp.body()[..], b"b");
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pool_per_endpoint_whatever_the_host_header() {
+    bounded(async {
+        let backend = Backend::start("b", Mode::Ok).await;
+        let proxy = TestProxy::start(&config(&[&backend], "")).await;
+        let client = client(false);
+        for i in 0..40 {
+            let req = Request::get(format!("http://{}/", proxy.addr))
+                .header("host", format!("tenant-{i}.example"))
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let _ = resp.into_body().collect().await;
+        }
+        assert_eq!(
+            backend
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_status_in_trailers_feeds_outlier_detection_and_metrics() {
+    bounded(async {
+        let good = Backend::start("good", Mode::GrpcTrailers(0)).await;
+        let bad = Backend::start("bad", Mode::GrpcTrailers(14)).await;
+        let extra = "    trafficPolicy:\n      outlierDetection: {}\n";
+        let proxy = TestProxy::start(&config(&[&good, &bad], extra)).await;
+        let client = client(true);
+        for _ in 0..40 {
+            let req = Request::post(format!("http://{}/pkg.Svc/Call", proxy.addr))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let _ = resp.into_body().collect().await;
+        }
+        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+        assert!(
+            bad.hits() < 15,
+            "the UNAVAILABLE backend was ejected: {} calls",
+            bad.hits()
+        );
+        assert!(
+            proxy.metric(
+                "dataplane_http_grpc_responses_total",
+                &["grpc_status=\"14\""]
+            ) >= 5.0
+        );
+        assert!(
+            proxy.metric(
+                "dataplane_http_grpc_responses_total",
+                &["grpc_status=\"0\""]
+            ) >= 20.0
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_head_is_cut_but_an_idle_keepalive_connection_is_not() {
+    bounded(async {
+        let backend = Backend::start("b", Mode::Ok).await;
+        let extra = "    trafficPolicy:\n      timeouts: {headerRead: 300ms, idle: 3s}\n";
+        let proxy = TestProxy::start(&config(&[&backend], extra)).await;
+        // Idle for longer than headerRead, then a request: still served.
+        let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        idle.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        // A head dribbled a byte at a time is cut after headerRead.
+        let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut closed = false;
+        for byte in b"GET / HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" {
+            if slow.write_all(&[*byte]).await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if started.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+        }
+        let rest = read_until_closed(&mut slow, Duration::from_secs(2)).await;
+        assert!(
+            closed || rest.is_some(),
+            "the slowloris connection was closed"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_connections_count_http_connections() {
+    bounded(async {
+        let backend = Backend::start("b", Mode::Ok).await;
+        let proxy = TestProxy::start(&config(&[&backend], "")).await;
+        let mut open = Vec::new();
+        for _ in 0..20 {
+            let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).await.unwrap();
+            open.push(s);
+        }
+        assert_eq!(
+            proxy.metric("dataplane_proxy_active_connections", &[]),
+            20.0
+        );
+        drop(open);
+        let mut left = 20.0;
+        for _ in 0..50 {
+            left = proxy.metric("dataplane_proxy_active_connections", &[]);
+            if left == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(left, 0.0, "closed connections leave the gauge");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_offers_are_answered_in_http1() {
+    bounded(async {
+        let backend = Backend::start("b", Mode::Ok).await;
+        let proxy = TestProxy::start(&config(&[&backend], "")).await;
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_posts_replay_their_body_byte_for_byte() {
+    bounded(async {
+        let failing = Backend::start("failing", Mode::Status(503)).await;
+        let echo = Backend::start("echo", Mode::Echo).await;
+        let extra = "    trafficPolicy:\n      retries: {retryNonIdempotent: true}\n";
+        let proxy = TestProxy::start(&config(&[&failing, &echo], extra)).await;
+        let mut rng = fastrand::Rng::with_seed(7);
+        for http2 in [false, true] {
+            for size in [1usize, 1000, 40_000] {
+                let body: Vec<u8> = (0..size).map(|_| rng.u8(..)).collect();
+                for _ in 0..2 {
+                    let req = Request::post(format!("http://{}/", proxy.addr))
+                        .body(Full::new(Bytes::from(body.clone())))
+                        .unwrap();
+                    let resp = client(http2).request(req).await.unwrap();
+                    assert_eq!(resp.status(), StatusCode::OK);
+                    let got = resp.into_body().collect().await.unwrap().to_bytes();
+                    assert!(got[..] == body[..], "h2={http2} size={size}: body differs");
+                }
+            }
+        }
+        assert!(
+            failing.hits() >= 4,
+            "the failing backend was tried first sometimes"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_are_not_retried_after_the_endpoint_may_have_acted() {
+    bounded(async {
+        let failing = Backend::start("failing", Mode::Status(503)).await;
+        let proxy = TestProxy::start(&config(&[&failing, &failing], "")).await;
+        let req = Request::post(format!("http://{}/", proxy.addr))
+            .body(Full::new(Bytes::from_static(b"pay")))
+            .unwrap();
+        let resp = client(false).request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(failing.hits(), 1, "sent once");
+    })
+    .await
+}
