@@ -77,6 +77,39 @@ pub const SOL_IP: i32 = 0;
 /// Kubelet nests pods at most ~5 levels below the root (systemd driver).
 pub const MAX_CGROUP_DEPTH: i32 = 16;
 
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, RFC 4291 2.5.5.2), as
+/// the kernel hands IPv6 addresses to eBPF programs: four `u32` words,
+/// each in network order (`bpf_sock_addr.user_ip6`,
+/// `bpf_sock_ops.remote_ip6`...).
+///
+/// A dual-stack client (an `AF_INET6` socket without `IPV6_V6ONLY`, as
+/// Java and gRPC open them) reaches an IPv4 service by dialling its mapped
+/// address; the connection on the wire is plain IPv4. Only IPv4 services
+/// exist, so these are the only IPv6 destinations the data plane captures.
+pub mod v4_mapped {
+    /// The third word of a mapped address: bytes `00 00 ff ff`.
+    const MARKER: u32 = 0x0000_ffff;
+
+    /// Whether `ip6` is `::ffff:a.b.c.d`.
+    #[inline(always)]
+    pub const fn is_mapped(ip6: [u32; 4]) -> bool {
+        ip6[0] == 0 && ip6[1] == 0 && u32::from_be(ip6[2]) == MARKER
+    }
+
+    /// The IPv4 address inside a mapped address (network order, as in
+    /// `user_ip4`), or `None` for any other IPv6 address.
+    #[inline(always)]
+    pub const fn ip4_of(ip6: [u32; 4]) -> Option<u32> {
+        if is_mapped(ip6) { Some(ip6[3]) } else { None }
+    }
+
+    /// `::ffff:<ip4>` for an IPv4 address in network order.
+    #[inline(always)]
+    pub const fn from_ip4(ip4: u32) -> [u32; 4] {
+        [0, 0, MARKER.to_be(), ip4]
+    }
+}
+
 /// Value of `DP_ENROLLED`: room for per-pod flags later.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,6 +169,52 @@ pub struct ConnKey {
     pub proxy_port: u16,
 }
 const _: () = assert!(size_of::<ConnKey>() == 12);
+
+#[cfg(test)]
+mod tests {
+    use super::v4_mapped;
+
+    /// An address as the kernel stores it: 16 bytes, read as four `u32`s.
+    fn words(bytes: [u8; 16]) -> [u32; 4] {
+        let mut out = [0u32; 4];
+        for (word, chunk) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        out
+    }
+
+    fn ip4(octets: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(octets)
+    }
+
+    #[test]
+    fn mapped_addresses_are_recognised_and_unwrapped() {
+        // ::ffff:198.19.0.10
+        let mapped = words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 19, 0, 10]);
+        assert!(v4_mapped::is_mapped(mapped));
+        assert_eq!(v4_mapped::ip4_of(mapped), Some(ip4([198, 19, 0, 10])));
+        assert_eq!(v4_mapped::from_ip4(ip4([198, 19, 0, 10])), mapped);
+    }
+
+    #[test]
+    fn other_ipv6_addresses_are_not_mapped() {
+        let cases = [
+            // ::1
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            // ::198.19.0.10 (the deprecated "IPv4-compatible" form)
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 198, 19, 0, 10],
+            // 64:ff9b::198.19.0.10 (NAT64)
+            [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, 198, 19, 0, 10],
+            // ::ffff:0:198.19.0.10 (SIIT "IPv4-translated")
+            [0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 198, 19, 0, 10],
+            // fd00::ffff:c613:a
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 19, 0, 10],
+        ];
+        for bytes in cases {
+            assert_eq!(v4_mapped::ip4_of(words(bytes)), None, "{bytes:?}");
+        }
+    }
+}
 
 #[cfg(feature = "user")]
 mod user {

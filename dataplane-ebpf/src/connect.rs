@@ -1,14 +1,24 @@
-//! `cgroup/connect4`: redirect an enrolled pod's connect to a mesh service
-//! towards the node proxy.
+//! `cgroup/connect4` and `cgroup/connect6`: redirect an enrolled pod's
+//! connect to a mesh service towards the node proxy.
+//!
+//! Both hooks make the same decision ([`capture`]); they differ only in
+//! where the address lives in the context. connect6 exists for dual-stack
+//! clients: an `AF_INET6` socket (without `IPV6_V6ONLY`, as Java and gRPC
+//! open them) dialling an IPv4 service by its mapped address
+//! `::ffff:a.b.c.d`. The kernel runs only the connect6 hook for such a
+//! socket, never connect4, although the connection on the wire is IPv4;
+//! without connect6 these connects would bypass the mesh silently.
+//! Services are IPv4 only today, so pure IPv6 destinations are left alone.
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::{debug, error};
-use dataplane_common::{MAX_CGROUP_DEPTH, OrigDst, ServiceKey, stats};
+use dataplane_common::{MAX_CGROUP_DEPTH, OrigDst, ServiceKey, stats, v4_mapped};
 
 use crate::maps::{
     DP_PROXY_IP4, DP_PROXY_MARK, DP_PROXY_PORT, ENROLLED, ORIG_DST, SERVICES, count,
@@ -20,33 +30,127 @@ const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 
+/// What to do with one connect.
+enum Decision {
+    /// Not ours: leave the destination as it is.
+    Leave,
+    /// Captured (original destination stored): send it to the proxy at
+    /// this address (network order) and port (host order).
+    Redirect { proxy_ip4: u32, proxy_port: u16 },
+    /// Captured, but the original destination could not be stored.
+    Refuse,
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn dp_connect4(ctx: SockAddrContext) -> i32 {
-    match try_connect4(&ctx) {
-        Ok(verdict) | Err(verdict) => verdict,
+    let addr = ctx.sock_addr;
+    // SAFETY: `addr` is the context pointer the kernel passed in; user_ip4
+    // and user_port are readable by connect4 programs.
+    let (ip4, port_be) = unsafe { ((*addr).user_ip4, (*addr).user_port) };
+    match capture(&ctx, ip4, port_be) {
+        Decision::Leave => ALLOW,
+        Decision::Refuse => REJECT,
+        Decision::Redirect {
+            proxy_ip4,
+            proxy_port,
+        } => {
+            // SAFETY: writes to user_ip4/user_port are allowed in connect4.
+            // Each is a separate volatile store so LLVM cannot merge them
+            // into one wide store, which the verifier rejects on context
+            // fields.
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*addr).user_ip4, proxy_ip4);
+                write_port(addr, proxy_port);
+            }
+            ALLOW
+        }
     }
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+#[cgroup_sock_addr(connect6)]
+pub fn dp_connect6(ctx: SockAddrContext) -> i32 {
     let addr = ctx.sock_addr;
-    // SAFETY: `addr` is the context pointer the kernel passed in; the fields
-    // read and written here are the ones connect4 programs may access.
-    let (protocol, ip4, port_be, sk) = unsafe {
-        (
-            (*addr).protocol,
-            (*addr).user_ip4,
-            (*addr).user_port,
-            (*addr).__bindgen_anon_1.sk,
-        )
+    // SAFETY: `addr` is the context pointer the kernel passed in; user_ip6
+    // and user_port are readable by connect6 programs.
+    let (ip6, port_be) = unsafe { (read_ip6(addr), (*addr).user_port) };
+    // Only IPv4 services exist: a pure IPv6 destination is never a service.
+    let Some(ip4) = v4_mapped::ip4_of(ip6) else {
+        return ALLOW;
     };
+    match capture(&ctx, ip4, port_be) {
+        Decision::Leave => ALLOW,
+        Decision::Refuse => REJECT,
+        Decision::Redirect {
+            proxy_ip4,
+            proxy_port,
+        } => {
+            // The destination stays a mapped address, `::ffff:<proxy>`, so
+            // the kernel carries on exactly as for the original one (it
+            // connects over IPv4) and the proxy's accepted socket is IPv4.
+            // The first three words already hold the `::ffff:` prefix:
+            // only the IPv4 word changes.
+            // SAFETY: 4-byte writes to user_ip6[i] and user_port are
+            // allowed in connect6; volatile keeps them separate (see
+            // dp_connect4).
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*addr).user_ip6[3], proxy_ip4);
+                write_port(addr, proxy_port);
+            }
+            ALLOW
+        }
+    }
+}
+
+/// Reads `user_ip6` one 4-byte word at a time: the verifier accepts only
+/// 4-byte (or aligned 8-byte) loads of it, and a plain array copy leaves the
+/// width to LLVM.
+///
+/// # Safety
+/// `addr` must be the context of a connect6 program.
+#[inline(always)]
+unsafe fn read_ip6(addr: *mut bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: per the function's contract.
+    unsafe {
+        let ip6 = &raw const (*addr).user_ip6;
+        [
+            core::ptr::read_volatile(&raw const (*ip6)[0]),
+            core::ptr::read_volatile(&raw const (*ip6)[1]),
+            core::ptr::read_volatile(&raw const (*ip6)[2]),
+            core::ptr::read_volatile(&raw const (*ip6)[3]),
+        ]
+    }
+}
+
+/// Sets the destination port (host order in, network order in the u32
+/// field, as the kernel expects).
+///
+/// # Safety
+/// `addr` must be the context of a connect4 or connect6 program.
+#[inline(always)]
+unsafe fn write_port(addr: *mut bpf_sock_addr, port: u16) {
+    // SAFETY: per the function's contract; user_port is writable there.
+    unsafe { core::ptr::write_volatile(&raw mut (*addr).user_port, u32::from(port.to_be())) };
+}
+
+/// The decision shared by connect4 and connect6, for a destination
+/// `ip4` (network order) and `port_be` (network order, as in `user_port`):
+/// redirect TCP connects of enrolled pods to mesh services, except the
+/// proxy's own; store the original destination under the socket cookie
+/// first (refusing the connect if that is impossible) and count.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, ip4: u32, port_be: u32) -> Decision {
+    let addr = ctx.sock_addr;
+    // SAFETY: `addr` is the context pointer; protocol and sk are readable
+    // by both connect hooks.
+    let (protocol, sk) = unsafe { ((*addr).protocol, (*addr).__bindgen_anon_1.sk) };
     if protocol != IPPROTO_TCP {
-        return Ok(ALLOW);
+        return Decision::Leave;
     }
     // The proxy marks its own sockets: never send the proxy to itself.
     let mark = DP_PROXY_MARK.load();
     // SAFETY: `sk` is always set for sock_addr programs.
     if mark != 0 && !sk.is_null() && unsafe { (*sk).mark } == mark {
-        return Ok(ALLOW);
+        return Decision::Leave;
     }
     let service = ServiceKey {
         ip4,
@@ -55,7 +159,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     // SAFETY: the value is only tested for presence.
     if unsafe { SERVICES.get(service) }.is_none() || !caller_enrolled() {
-        return Ok(ALLOW);
+        return Decision::Leave;
     }
 
     // SAFETY: the helper takes the program context.
@@ -73,23 +177,19 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
             ctx,
             "DP_ORIG_DST full: refusing connect to port {}", service.port
         );
-        return Err(REJECT);
+        return Decision::Refuse;
     }
-
-    let proxy_port = DP_PROXY_PORT.load();
-    // SAFETY: writes to user_ip4/user_port are allowed in connect4. Each is a
-    // separate volatile store so LLVM cannot merge them into one wide store,
-    // which the verifier rejects on context fields.
-    unsafe {
-        core::ptr::write_volatile(&mut (*addr).user_ip4, DP_PROXY_IP4.load());
-        core::ptr::write_volatile(&mut (*addr).user_port, u32::from(proxy_port.to_be()));
-    }
+    // One counter for both hooks: a captured connection is a captured
+    // connection, whichever socket family the client happened to open.
     count(stats::CAPTURED);
     debug!(
         ctx,
         "captured connect to port {} (cookie {})", service.port, cookie
     );
-    Ok(ALLOW)
+    Decision::Redirect {
+        proxy_ip4: DP_PROXY_IP4.load(),
+        proxy_port: DP_PROXY_PORT.load(),
+    }
 }
 
 /// Whether the calling task's cgroup, or one of its ancestors, is enrolled.

@@ -8,7 +8,9 @@
 //! 1. `dp_connect4` (cgroup/connect4 on the pods' cgroup): the pod calls
 //!    `connect(VIP:port)`; if the pod is enrolled and VIP:port is a mesh
 //!    service, remember the destination under the socket cookie and rewrite
-//!    the destination to the node proxy.
+//!    the destination to the node proxy. `dp_connect6` (cgroup/connect6)
+//!    does the same for dual-stack `AF_INET6` sockets dialling an IPv4
+//!    service by its mapped address `::ffff:a.b.c.d`.
 //! 2. `dp_sockops` (sock_ops on the pods' cgroup): when that socket is
 //!    established, move the destination to a key the proxy can compute, the
 //!    connection's 4-tuple; clean up when a connect fails.

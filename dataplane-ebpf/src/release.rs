@@ -3,6 +3,10 @@
 //! reason (refused, timed out, or failed inside connect() before any SYN,
 //! e.g. no ephemeral port left). Without it such entries would leak in a
 //! pinned map until it fills and every captured connect fails.
+//!
+//! The hook runs in `inet_release`, which `AF_INET6` sockets go through
+//! too, so the dual-stack sockets captured by connect6 are freed the same
+//! way (keyed by cookie, the family does not matter).
 
 use aya_ebpf::{
     EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock, programs::SockContext,

@@ -170,6 +170,7 @@ fn agent_restart_keeps_capture_and_cleanup_removes_it() {
         attachments(&pods_cgroup),
         [
             "cgroup_inet4_connect:dp_connect4",
+            "cgroup_inet6_connect:dp_connect6",
             "cgroup_inet_sock_release:dp_sock_release",
             "cgroup_sock_ops:dp_sockops"
         ],
@@ -182,7 +183,7 @@ fn agent_restart_keeps_capture_and_cleanup_removes_it() {
 
     mesh.agent.kill().expect("stop");
     let report = mesh.agent.cleanup().expect("cleanup");
-    assert!(String::from_utf8_lossy(&report.stdout).contains("detached 3 links"));
+    assert!(String::from_utf8_lossy(&report.stdout).contains("detached 4 links"));
     assert!(!mesh.agent.pin_dir().exists(), "no pinned object is left");
     assert!(attachments(&pods_cgroup).is_empty(), "nothing attached");
     assert!(attachments(&node_cgroup).is_empty(), "nothing attached");

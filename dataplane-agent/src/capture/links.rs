@@ -12,6 +12,9 @@ use super::{CaptureConfig, CaptureError};
 
 /// Pinned link names, relative to `<pin_dir>/links`.
 const LINK_CONNECT4: &str = "connect4";
+/// connect6: dual-stack sockets dialling a service by its IPv4-mapped
+/// address (the kernel runs connect6, not connect4, for them).
+const LINK_CONNECT6: &str = "connect6";
 const LINK_SOCKOPS: &str = "sockops";
 const LINK_SOCK_RELEASE: &str = "sock_release";
 
@@ -57,9 +60,9 @@ macro_rules! attach_fd_link {
     }};
 }
 
-/// Attaches the programs. The pods' side (connect4, sock_ops, sock_release) is
-/// pinned, replacing a previous agent's links, so pods stay captured while
-/// no agent runs. The proxy's side (getsockopt) is deliberately not pinned:
+/// Attaches the programs. The pods' side (connect4, connect6, sock_ops,
+/// sock_release) is pinned, replacing a previous agent's links, so pods stay
+/// captured while no agent runs. The proxy's side (getsockopt) is deliberately not pinned:
 /// it only serves the proxy in this process, so it lives and dies with it
 /// (it stays attached while `ebpf` is alive) and can never be left behind.
 pub fn attach_all(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<(), CaptureError> {
@@ -68,14 +71,18 @@ pub fn attach_all(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<(), CaptureErr
     let links_dir = cfg.pin_dir.join("links");
 
     // Order: the proxy-side answer first, so that no connection redirected
-    // by the new connect4 meets a proxy that cannot learn its destination.
+    // by the new connect4/connect6 meets a proxy that cannot learn its
+    // destination; sock_ops before the connect hooks, so that every socket
+    // they capture has its destination handed over on establishment.
     let _ = attach!(ebpf, CgroupSockopt, "dp_getsockopt", &proxy);
     let release = attach_fd_link!(ebpf, CgroupSock, "dp_sock_release", &pods);
     let sockops = attach_fd_link!(ebpf, SockOps, "dp_sockops", &pods);
     let connect4 = attach_fd_link!(ebpf, CgroupSockAddr, "dp_connect4", &pods);
+    let connect6 = attach_fd_link!(ebpf, CgroupSockAddr, "dp_connect6", &pods);
     replace_pinned(release, &links_dir.join(LINK_SOCK_RELEASE))?;
     replace_pinned(sockops, &links_dir.join(LINK_SOCKOPS))?;
     replace_pinned(connect4, &links_dir.join(LINK_CONNECT4))?;
+    replace_pinned(connect6, &links_dir.join(LINK_CONNECT6))?;
     tracing::info!(
         pods_cgroup = %cfg.pods_cgroup.display(),
         proxy_cgroup = %cfg.proxy_cgroup.display(),
