@@ -15,6 +15,7 @@ pub mod agent;
 pub mod bench;
 pub mod bench_peers;
 pub mod binaries;
+pub mod bpfmaps;
 pub mod http_peers;
 pub mod peers;
 pub mod proc;

@@ -1,0 +1,67 @@
+//! Reading the agent's pinned eBPF maps from a test, with `bpftool`.
+//!
+//! Tests use it to prove that no per-connection entry leaks
+//! (`DP_ORIG_DST`, `DP_CONNS`): the agent exports counters, not the
+//! number of entries in those maps, and a leak only shows as entries that
+//! stay.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::proc::run_with_timeout;
+
+/// Bound on one `bpftool` run (a dump of a few entries takes milliseconds).
+const BPFTOOL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pinned map `name` under an agent's `pin_dir`. The agent keeps maps
+/// in a directory named after their layout version (`maps-v<n>`); there is
+/// exactly one while a single agent version ran, which the tests ensure.
+pub fn pinned_map(pin_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let entries = std::fs::read_dir(pin_dir)
+        .with_context(|| format!("reading pin directory {}", pin_dir.display()))?;
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("maps"))
+        })
+        .map(|e| e.path().join(name))
+        .filter(|path| path.exists())
+        .collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => bail!("no pinned map {name} under {}", pin_dir.display()),
+        _ => bail!("map {name} is pinned in several layouts: {found:?}"),
+    }
+}
+
+/// How many entries the pinned map at `path` holds (`bpftool map dump`).
+pub fn entry_count(path: &Path) -> anyhow::Result<usize> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["-j", "map", "dump", "pinned"]).arg(path);
+    let out = run_with_timeout(cmd, BPFTOOL_TIMEOUT)
+        .context("running bpftool (installed by `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map dump {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Ok(0);
+    }
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("bpftool printed no JSON array: {text:?}"))?;
+    Ok(entries.len())
+}
+
+/// Entries in the agent's map `name` (e.g. `DP_CONNS`).
+pub fn agent_map_entries(pin_dir: &Path, name: &str) -> anyhow::Result<usize> {
+    entry_count(&pinned_map(pin_dir, name)?)
+}
