@@ -4,7 +4,8 @@
 //!   and the clippy/rustfmt components lint uses;
 //! - `bpf-linker`, built against the LLVM inside the nightly toolchain, so
 //!   that its LLVM always matches the one rustc emits bitcode for;
-//! - the Debian packages the simulated node and the tests use.
+//! - the Debian packages the simulated node and the tests use;
+//! - the Python packages the tests' Python clients import.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,14 +15,35 @@ use anyhow::{Context as _, bail};
 use crate::run;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages: `ip` for namespaces, `bpftool` to inspect attachments,
-/// `nft` for sidecar mode's redirects, HAProxy as the benchmark's peer sidecar.
-const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "nftables", "haproxy"];
+/// Debian packages the simulated node, the tests and the benchmark use.
+const APT_PACKAGES: &[&str] = &[
+    // `ip`: namespaces, veths and routes of every simulated node.
+    "iproute2",
+    // Attachments and map contents (capture and dualstack tests).
+    "bpftool",
+    // `nft`: sidecar mode's redirects.
+    "nftables",
+    // The benchmark's peer sidecar.
+    "haproxy",
+    // `sysctl`: IPv6 settings inside pods (dualstack test).
+    "procps",
+    // A real dual-stack HTTP client dialling `[::ffff:<VIP>]` (dualstack test).
+    "curl",
+    // The dualstack test's AF_INET6 client; the gRPC test's client (grpcio).
+    "python3",
+    // `h2load`: the HTTP/2 load tests.
+    "nghttp2-client",
+];
+
+/// Python modules the tests import, with the PyPI package providing each:
+/// `grpc` for the gRPC client test.
+const PIP_PACKAGES: &[(&str, &str)] = &[("grpc", "grpcio")];
 
 pub fn ensure_all() -> anyhow::Result<()> {
     ensure_toolchains()?;
     ensure_bpf_linker()?;
-    ensure_apt_packages()
+    ensure_apt_packages()?;
+    ensure_pip_packages()
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
@@ -196,4 +218,24 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing))
+}
+
+/// Installs each of [`PIP_PACKAGES`] whose module `python3` cannot import
+/// (so nothing is downloaded when all are there: setup stays idempotent
+/// and works offline once done). Runs after the apt step, which provides
+/// `python3`.
+fn ensure_pip_packages() -> anyhow::Result<()> {
+    for (module, package) in PIP_PACKAGES {
+        let importable = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if importable {
+            continue;
+        }
+        eprintln!("setup: installing the Python package {package}");
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))
+            .with_context(|| format!("Python module {module} (package {package})"))?;
+    }
+    Ok(())
 }
