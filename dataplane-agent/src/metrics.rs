@@ -296,10 +296,105 @@ impl ProxyMetrics {
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
+    /// Drops every series of an endpoint that left its service, so that
+    /// endpoint churn does not grow the metrics (and the agent's memory)
+    /// without bound.
+    pub fn forget_endpoint(&self, service: &str, endpoint: SocketAddrV4) {
+        let labels = EndpointLabels {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        self.forwarded.remove(&labels);
+        self.connect_errors.remove(&labels);
+        let reasons = crate::health::Reason::ALL.map(crate::health::Reason::as_str);
+        for event in ["ejected", "half_open", "restored", "ejection_skipped"] {
+            for reason in reasons.iter().copied().chain([""]) {
+                self.outlier_events.remove(&OutlierLabels {
+                    service: labels.service.clone(),
+                    endpoint: labels.endpoint.clone(),
+                    event,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Drops every series of a service that left the config.
+    pub fn forget_service(&self, service: &str) {
+        let id = service.to_string();
+        self.retries.remove(&ServiceLabels {
+            service: id.clone(),
+        });
+        for code in 100..=599 {
+            self.http_responses.remove(&ResponseLabels {
+                service: id.clone(),
+                code,
+            });
+        }
+        for grpc_status in 0..=16 {
+            self.grpc_responses.remove(&GrpcLabels {
+                service: id.clone(),
+                grpc_status,
+            });
+        }
+        for family in [
+            &self.retry_giveups,
+            &self.overflows,
+            &self.fallbacks,
+            &self.local_replies,
+        ] {
+            for reason in KNOWN_REASONS {
+                family.remove(&ReasonLabels {
+                    service: id.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Drops the rate-limit series of a pod that left, for `services`.
+    pub fn forget_pod<'a>(&self, pod: &str, services: impl Iterator<Item = &'a str>) {
+        for service in services {
+            for decision in ["delayed", "rejected"] {
+                self.rate_limited.remove(&RateLimitLabels {
+                    service: service.to_string(),
+                    pod: pod.to_string(),
+                    decision,
+                });
+            }
+        }
+    }
+
     pub fn refuse(&self, reason: RefuseReason) {
         self.refused.get_or_create(&RefusedLabels { reason }).inc();
     }
 }
+
+/// Every `reason` label value the per-service reason families use: local
+/// replies, retry give-ups and circuit-breaker limits.
+const KNOWN_REASONS: &[&str] = &[
+    "no_healthy_upstream",
+    "upstream_connect_failure",
+    "upstream_reset",
+    "upstream_per_try_timeout",
+    "request_timeout",
+    "rate_limited",
+    "overflow",
+    "bad_request_body",
+    "bad_upgrade",
+    "upgrade_not_supported",
+    "connect_not_supported",
+    "no_service",
+    "not_idempotent",
+    "attempts_exhausted",
+    "body_not_replayable",
+    "breaker_open",
+    "budget_exhausted",
+    "max_connections",
+    "max_pending_requests",
+    "max_requests",
+    "max_retries",
+];
 
 /// Exposes the eBPF programs' per-CPU counters, read at scrape time.
 #[derive(Debug)]
@@ -347,5 +442,56 @@ impl Collector for CaptureCollector {
             counter.encode(metric)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(metrics: &ProxyMetrics) -> String {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn series_of_departed_services_endpoints_and_pods_are_dropped() {
+        let m = ProxyMetrics::default();
+        let ep: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        for (service, code) in [("default/gone", 503), ("default/kept", 200)] {
+            m.http_responses
+                .get_or_create(&ResponseLabels {
+                    service: service.into(),
+                    code,
+                })
+                .inc();
+            ProxyMetrics::reason(&m.local_replies, service, "upstream_reset");
+            m.grpc_status(service, 14);
+            m.rate_limited(service, Some("pod-1"), "rejected");
+        }
+        m.forwarded
+            .get_or_create(&EndpointLabels {
+                service: "default/kept".into(),
+                endpoint: ep.to_string(),
+            })
+            .inc();
+        let event = Event::Ejected {
+            idx: 0,
+            reason: crate::health::Reason::Consecutive5xx,
+            until: std::time::Instant::now(),
+            times: 1,
+        };
+        m.outlier_event("default/kept", Some(ep), &event);
+        m.forget_service("default/gone");
+        m.forget_endpoint("default/kept", ep);
+        m.forget_pod("pod-1", ["default/kept", "default/gone"].into_iter());
+        let text = encoded(&m);
+        assert!(!text.contains("default/gone"), "{text}");
+        assert!(!text.contains("10.0.0.1:80"), "{text}");
+        assert!(!text.contains("pod-1"), "{text}");
+        assert!(text.contains("default/kept"), "{text}");
     }
 }

@@ -120,6 +120,7 @@ impl Runtime {
             Change::Valid(config) => {
                 let previous = self.proxy.services.load();
                 let table = ServiceTable::build(&config, Some(&previous), &self.node);
+                forget_departed(&self.proxy.metrics, &self.config, &config);
                 self.proxy.services.store(Arc::new(table));
                 self.admin.config.store(Arc::new((*config).clone()));
                 self.proxy.metrics.reload(true);
@@ -131,6 +132,36 @@ impl Runtime {
                 self.config = *config;
                 true
             }
+        }
+    }
+}
+
+/// Drops the metric series of services, endpoints and pods that `new`
+/// no longer has, so churn does not grow memory without bound.
+fn forget_departed(metrics: &ProxyMetrics, old: &MeshConfig, new: &MeshConfig) {
+    let id = |s: &crate::config::Service| format!("{}/{}", s.namespace, s.name);
+    for service in &old.services {
+        let service_id = id(service);
+        match new.services.iter().find(|s| id(s) == service_id) {
+            None => {
+                metrics.forget_service(&service_id);
+                for ep in &service.endpoints {
+                    metrics.forget_endpoint(&service_id, ep.address);
+                }
+            }
+            Some(kept) => {
+                for ep in &service.endpoints {
+                    if !kept.endpoints.iter().any(|e| e.address == ep.address) {
+                        metrics.forget_endpoint(&service_id, ep.address);
+                    }
+                }
+            }
+        }
+    }
+    let ids: Vec<String> = old.services.iter().map(id).collect();
+    for pod in &old.pods {
+        if !new.pods.iter().any(|p| p.uid == pod.uid) {
+            metrics.forget_pod(&pod.uid, ids.iter().map(String::as_str));
         }
     }
 }
