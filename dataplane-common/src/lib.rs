@@ -55,7 +55,9 @@ pub mod globals {
 
 /// Indexes into the `DP_STATS` per-CPU counter array.
 pub mod stats {
-    /// Connections redirected to the node proxy by `connect4`.
+    /// Connections redirected to the node proxy by `connect4`, or by
+    /// `connect6` for dual-stack sockets (one counter: a capture is a
+    /// capture, whichever socket family the client opened).
     pub const CAPTURED: u32 = 0;
     /// Connects refused because `DP_ORIG_DST` was full.
     pub const ORIG_DST_FULL: u32 = 1;
@@ -73,7 +75,8 @@ pub mod stats {
 pub const SO_ORIGINAL_DST: i32 = 80;
 /// `SOL_IP` / `IPPROTO_IP`.
 pub const SOL_IP: i32 = 0;
-/// How deep in the cgroup tree `connect4` looks for an enrolled ancestor.
+/// How deep in the cgroup tree the connect hooks look for an enrolled
+/// ancestor.
 /// Kubelet nests pods at most ~5 levels below the root (systemd driver).
 pub const MAX_CGROUP_DEPTH: i32 = 16;
 
@@ -138,7 +141,8 @@ pub struct ServiceValue {
 }
 const _: () = assert!(size_of::<ServiceValue>() == 4);
 
-/// The destination a pod asked for before `connect4` rewrote it.
+/// The destination a pod asked for before `connect4` (or `connect6`, for an
+/// IPv4-mapped destination) rewrote it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {

@@ -1,6 +1,8 @@
 //! `cgroup/getsockopt` on the proxy's cgroup: answer `SO_ORIGINAL_DST` for
-//! connections that `connect4` redirected, exactly as netfilter answers it
-//! behind an iptables REDIRECT, so the proxy has one code path for both.
+//! connections that `connect4` or `connect6` redirected, exactly as
+//! netfilter answers it behind an iptables REDIRECT, so the proxy has one
+//! code path for both. The accepted socket is always IPv4: a dual-stack
+//! client's connection to the mapped proxy address is IPv4 on the wire.
 
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 use dataplane_common::{ConnKey, SO_ORIGINAL_DST, SOL_IP, stats};
