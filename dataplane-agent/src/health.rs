@@ -22,14 +22,13 @@
 //! the ejection is allowed (Envoy), so a skipped host needs a fresh run.
 //!
 //! # Ejection
-//! Allowed iff `100 * out / endpoints < maxEjectionPercent` (Envoy's rule:
-//! the share already out, before this ejection), where `out` counts ejected
-//! *and half-open* hosts (half-open hosts carry almost no traffic); or, with
-//! `alwaysEjectOneHost`, when `out == 0` (Envoy >= 1.31; only matters with
-//! `maxEjectionPercent: 0`). So with the default 10 %, any service can eject
-//! its first bad endpoint, and a service of three never more than one.
-//! A skipped ejection is `Event::EjectionSkipped` and
-//! `Stats::ejections_overflow`.
+//! Allowed iff `100 * (out + 1) / endpoints <= maxEjectionPercent` (Envoy's
+//! rule, counting this ejection), where `out` counts ejected *and
+//! half-open* hosts (half-open hosts carry almost no traffic); or, with
+//! `alwaysEjectOneHost` (on by default here, off in Envoy), when
+//! `out == 0`. So with the default 10 %, any service ejects its first bad
+//! endpoint, and a service of three never more than one. A skipped
+//! ejection is `Event::EjectionSkipped` and `Stats::ejections_overflow`.
 //! Duration: `min(base * times, max)` where `times` is incremented at each
 //! ejection while `base * times < max + base` and decremented at each sweep
 //! for a host healthy for at least one full interval (both Envoy). Envoy

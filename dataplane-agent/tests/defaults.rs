@@ -66,17 +66,30 @@ async fn one_backend_killed_mid_load_fails_nothing() {
         let (a, b, bad) = three(Mode::Ok).await;
         let proxy = TestProxy::start(&config(&[&a, &b, &bad], DEFAULTS)).await;
         let running = load(&proxy, CALLERS, EACH);
+        // Killed once it has served a share of the load, so that the kill
+        // lands mid-load however fast the machine is.
         let kill = async {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            for _ in 0..2000 {
+                if bad.hits() >= 50 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             bad.kill();
+            (a.hits() + b.hits(), bad.hits())
         };
-        let (results, ()) = tokio::join!(running, kill);
+        let (results, (good_at_kill, bad_at_kill)) = tokio::join!(running, kill);
         assert!(
             failures(&results).is_empty(),
             "failed: {:?}",
             failures(&results)
         );
-        assert!(bad.hits() > 0, "the killed backend served before it died");
+        assert!(bad_at_kill >= 50, "killed after serving {bad_at_kill}");
+        assert!(
+            a.hits() + b.hits() > good_at_kill + 100,
+            "load went on after the kill: {good_at_kill} then {}",
+            a.hits() + b.hits()
+        );
     })
     .await
 }

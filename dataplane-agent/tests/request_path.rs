@@ -133,21 +133,19 @@ async fn a_refused_retry_is_named_in_x_dataplane_error() {
 async fn versions_are_translated_both_ways() {
     bounded(async {
         let backend = Backend::start("b", Mode::Ok).await;
-        for (upstream, http2_client) in [
-            ("http1", true),
-            ("http2", false),
-            ("auto", true),
-            ("auto", false),
+        for (upstream, http2_client, seen) in [
+            ("http1", true, "HTTP/1.1"),
+            ("http2", false, "HTTP/2.0"),
+            ("auto", true, "HTTP/2.0"),
+            ("auto", false, "HTTP/1.1"),
         ] {
             let extra = format!("    upstreamProtocol: {upstream}\n");
             let proxy = TestProxy::start(&config(&[&backend], &extra)).await;
             let resp = get(&proxy, http2_client).await;
-            assert_eq!(
-                resp.status(),
-                StatusCode::OK,
-                "{upstream} from h2={http2_client}"
-            );
+            let case = format!("{upstream} from h2={http2_client}");
+            assert_eq!(resp.status(), StatusCode::OK, "{case}");
             assert_eq!(&resp.body()[..], b"b");
+            assert_eq!(resp.headers()["x-request-version"], seen, "{case}");
         }
     })
     .await

@@ -47,13 +47,12 @@ pub struct OutlierDetectionConfig {
     /// Cap on one ejection. If unset: max(300s, baseEjectionTime) (Envoy).
     #[serde(with = "humantime_serde")]
     pub max_ejection_time: Duration,
-    /// An ejection happens only while fewer than this % of the endpoints
-    /// are ejected or half-open (Envoy: `active/n < max`), so the first
-    /// ejection is always allowed.
+    /// An ejection happens only if, counting it, at most this % of the
+    /// endpoints are ejected or half-open (Envoy: `(active+1)/n <= max`).
     pub max_ejection_percent: f64,
     /// Envoy's `always_eject_one_host`: allow one ejection when none is
-    /// active whatever `maxEjectionPercent` says (only changes anything
-    /// with `maxEjectionPercent: 0`).
+    /// active whatever `maxEjectionPercent` says. On by default (Envoy:
+    /// off), so small services eject their bad endpoint.
     pub always_eject_one_host: bool,
     /// Success-rate ejection; absent disables it.
     pub success_rate: Option<SuccessRateConfig>,
@@ -74,7 +73,7 @@ impl Default for OutlierDetectionConfig {
             base_ejection_time,
             max_ejection_time: default_max_ejection_time(base_ejection_time),
             max_ejection_percent: 10.0,
-            always_eject_one_host: false,
+            always_eject_one_host: true,
             success_rate: None,
             failure_percentage: None,
             half_open: HalfOpenConfig::default(),

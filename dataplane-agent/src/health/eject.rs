@@ -38,14 +38,14 @@ impl OutlierDetector {
         }
     }
 
-    /// Ejects a healthy host if `maxEjectionPercent` allows it: Envoy's
-    /// rule, which compares the share *already* out with the limit, so the
-    /// first ejection is always allowed (with the default 10 %, a service of
-    /// three endpoints can eject its bad one).
+    /// Ejects a healthy host if `maxEjectionPercent` allows it, counting
+    /// this ejection (Envoy's rule since 1.27), or if none is out and
+    /// `alwaysEjectOneHost` (on by default) allows the first one, so a
+    /// service of three can eject its bad endpoint under the default 10 %.
     pub(super) fn try_eject(&mut self, idx: usize, reason: Reason, now: Instant) -> Event {
         let out = self.ejections_active();
-        let current = (out as f64) * 100.0;
-        let allowed = current < self.cfg.max_ejection_percent * self.hosts.len() as f64
+        let after = (out.saturating_add(1) as f64) * 100.0;
+        let allowed = after <= self.cfg.max_ejection_percent * self.hosts.len() as f64
             || (self.cfg.always_eject_one_host && out == 0);
         if !allowed {
             self.stats.on_skipped(reason);

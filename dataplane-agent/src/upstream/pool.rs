@@ -187,9 +187,6 @@ impl EndpointPool {
     ) -> Result<Response<Body>, SendError> {
         let endpoint = self.settings.endpoint;
         while let Some(mut sender) = self.checkout_http1() {
-            if sender.ready().await.is_err() {
-                continue;
-            }
             match sender.try_send_request(req).await {
                 Ok(response) => return Ok(self.return_when_done(response, sender)),
                 Err(mut err) => match err.take_message() {
@@ -374,13 +371,24 @@ impl EndpointPool {
     fn checkout_http1(&self) -> Option<http1::SendRequest<Body>> {
         let idle = self.settings.idle_timeout;
         let mut pool = lock(&self.idle_http1);
+        let mut busy = Vec::new();
+        let mut found = None;
         while let Some(entry) = pool.pop() {
             let expired = !idle.is_zero() && entry.since.elapsed() >= idle;
-            if !expired && !entry.sender.is_closed() {
-                return Some(entry.sender);
+            if expired || entry.sender.is_closed() {
+                continue;
             }
+            // Still writing the previous request's body (its response came
+            // first): never make another request wait for that upload.
+            if !entry.sender.is_ready() {
+                busy.push(entry);
+                continue;
+            }
+            found = Some(entry.sender);
+            break;
         }
-        None
+        pool.extend(busy.into_iter().rev());
+        found
     }
 
     /// The response, whose body gives the connection back to the pool

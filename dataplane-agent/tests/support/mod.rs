@@ -160,6 +160,10 @@ async fn answer(name: &str, mode: Mode, req: Request<Incoming>) -> Response<Test
     response
         .headers_mut()
         .insert("x-backend", name.parse().unwrap());
+    let version = format!("{:?}", req.version());
+    response
+        .headers_mut()
+        .insert("x-request-version", version.parse().unwrap());
     match mode {
         Mode::Ok | Mode::Hang | Mode::Reset => {}
         Mode::Delay(d) => tokio::time::sleep(d).await,
@@ -280,8 +284,11 @@ pub async fn load(
                             .headers()
                             .get("x-dataplane-error")
                             .map(|v| v.to_str().unwrap_or("?").to_string());
-                        let status = resp.status();
-                        let _ = resp.into_body().collect().await;
+                        let mut status = resp.status();
+                        if resp.into_body().collect().await.is_err() {
+                            // A truncated body is a failure too.
+                            status = StatusCode::BAD_GATEWAY;
+                        }
                         seen.push((status, error));
                     }
                     Err(err) => {

@@ -17,7 +17,10 @@ fn empty_mapping_gives_documented_defaults() {
     assert_eq!(c.base_ejection_time, s(30));
     assert_eq!(c.max_ejection_time, s(300));
     assert_eq!(c.max_ejection_percent, 10.0);
-    assert!(!c.always_eject_one_host);
+    assert!(
+        c.always_eject_one_host,
+        "on by default: small services eject"
+    );
     assert_eq!(c.success_rate, None);
     assert_eq!(c.failure_percentage, None);
     assert_eq!(
@@ -35,7 +38,7 @@ fn full_example_parses() {
     let c = parse(
         "consecutive5xxErrors: 7\nconsecutiveGatewayErrors: 2\nconsecutiveLocalOriginFailures: 0\n\
          interval: 250ms\nbaseEjectionTime: 15s\nmaxEjectionTime: 2m\nmaxEjectionPercent: 33.5\n\
-         alwaysEjectOneHost: true\n\
+         alwaysEjectOneHost: false\n\
          successRate: {minimumHosts: 3, requestVolume: 20, stdevFactor: 1.0}\n\
          failurePercentage: {threshold: 60, minimumHosts: 4, requestVolume: 10}\n\
          halfOpen: {probeRequests: 1, successesToClose: 5, probeTimeout: 5s}\n",
@@ -47,7 +50,7 @@ fn full_example_parses() {
     assert_eq!(c.interval, Duration::from_millis(250));
     assert_eq!(c.max_ejection_time, s(120));
     assert_eq!(c.max_ejection_percent, 33.5);
-    assert!(c.always_eject_one_host);
+    assert!(!c.always_eject_one_host);
     let sr = SuccessRateConfig {
         minimum_hosts: 3,
         request_volume: 20,

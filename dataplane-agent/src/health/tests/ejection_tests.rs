@@ -90,9 +90,9 @@ fn backoff_decays_once_per_sweep_down_to_zero() {
 
 #[test]
 fn the_first_ejection_is_allowed_even_below_ten_hosts() {
-    // Envoy compares the share already ejected with the limit: with the
-    // default 10 % a service of three endpoints ejects its bad one, and a
-    // second bad one waits (33 % out is not below 10 %).
+    // alwaysEjectOneHost (on by default): with the default 10 % a service
+    // of three endpoints ejects its bad one, and a second bad one waits
+    // ((1+1)/3 = 67 % > 10 %).
     let t0 = Instant::now();
     let mut d = OutlierDetector::new(OutlierDetectionConfig::default(), 3, t0);
     assert!(matches!(
@@ -123,10 +123,11 @@ fn the_first_ejection_is_allowed_even_below_ten_hosts() {
 }
 
 #[test]
-fn max_ejection_percent_zero_ejects_nothing() {
+fn without_always_eject_one_host_small_services_eject_nothing() {
+    // Envoy's own default: (0+1)/3 = 33 % > 10 %.
     let t0 = Instant::now();
     let c = OutlierDetectionConfig {
-        max_ejection_percent: 0.0,
+        always_eject_one_host: false,
         ..Default::default()
     };
     let mut d = OutlierDetector::new(c, 3, t0);

@@ -200,6 +200,10 @@ impl HttpBody for VerdictBody {
                 if let Some(code) = frame.trailers_ref().and_then(grpc::status) {
                     let status = grpc::http_equivalent(code);
                     self.conclude(Some(Outcome::Status(status)), Some(code));
+                } else if self.inner.is_end_stream() {
+                    // hyper stops polling at the end of the stream: judge
+                    // now a call that ended without a status.
+                    self.conclude(Some(Outcome::Status(500)), Some(2));
                 }
             }
             // The stream broke before its status: the endpoint's failure.

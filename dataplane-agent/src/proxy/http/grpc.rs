@@ -11,7 +11,11 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+        .is_some_and(|v| {
+            // Not gRPC-web: its status travels in the body, not in trailers.
+            v.strip_prefix("application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+        })
 }
 
 /// `grpc-status` of a header or trailer block, if present and valid.
@@ -87,6 +91,19 @@ mod tests {
             r = r.header("grpc-status", code);
         }
         r.body(()).unwrap()
+    }
+
+    #[test]
+    fn grpc_web_is_not_grpc() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(http::header::CONTENT_TYPE, v.parse().unwrap());
+            m
+        };
+        assert!(is_grpc(&h("application/grpc")));
+        assert!(is_grpc(&h("application/grpc+proto")));
+        assert!(!is_grpc(&h("application/grpc-web+proto")));
+        assert!(!is_grpc(&h("application/json")));
     }
 
     #[test]

@@ -48,6 +48,11 @@ struct Recording {
     client_failed: bool,
     size_hint: SizeHint,
     next_attempt: u64,
+    /// The newest attempt: the only one that may read the client. An
+    /// abandoned attempt's old connection may still poll its body; it must
+    /// neither steal the client's waker (the client body has one) nor its
+    /// data.
+    current: u64,
 }
 
 /// A request body, as far as retries are concerned.
@@ -79,6 +84,7 @@ impl RequestBody {
             client_failed: false,
             size_hint,
             next_attempt: 0,
+            current: 0,
         }))))
     }
 
@@ -108,6 +114,7 @@ impl RequestBody {
                 }
                 let id = rec.next_attempt;
                 rec.next_attempt += 1;
+                rec.current = id;
                 drop(rec);
                 let attempt = AttemptBody {
                     shared: Arc::clone(shared),
@@ -145,6 +152,11 @@ fn lock<T>(shared: &Mutex<T>) -> MutexGuard<'_, T> {
 )]
 struct ReplayGone;
 
+/// The client's body failed while another attempt was reading it.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed")]
+struct ClientBodyFailed;
+
 /// One attempt's view: the recorded chunks first, then the live source.
 struct AttemptBody {
     shared: Arc<Mutex<Recording>>,
@@ -171,8 +183,11 @@ impl HttpBody for AttemptBody {
             self.next_chunk += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        if rec.overflowed && rec.owner != Some(self.id) {
+        if rec.current != self.id || (rec.overflowed && rec.owner != Some(self.id)) {
             return Poll::Ready(Some(Err(Box::new(ReplayGone))));
+        }
+        if rec.client_failed {
+            return Poll::Ready(Some(Err(Box::new(ClientBodyFailed))));
         }
         let Some(source) = rec.source.as_mut() else {
             return Poll::Ready(self.trailers_once(&rec).map(Ok));

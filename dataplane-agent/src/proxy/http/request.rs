@@ -344,7 +344,10 @@ fn give_up(
     ending: Ending,
     reason: GiveUpReason,
 ) -> Response<Body> {
-    let hidden_retry = reason.error_header();
+    // With `attempts: 0` nothing was hidden: failing fast was asked for.
+    let hidden_retry = reason
+        .error_header()
+        .filter(|_| service.policy().retries.attempts > 0);
     match ending {
         Ending::Response(response) => downstream_response(response, hidden_retry),
         Ending::Failed(failure) => {
