@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use crate::config::Protocol;
 use crate::metrics::{ProxyMetrics, RefuseReason};
-use crate::state::SharedServices;
+use crate::state::{Service, SharedServices};
 use detect::Detected;
 
 pub use orig_dst::original_dst;
@@ -120,6 +120,20 @@ impl Proxy {
             Detected::Opaque => tcp::serve(&self, client, peer, &service).await,
             Detected::Http1 | Detected::Http2 => http::serve(self, client, peer, service).await,
         }
+    }
+
+    /// Records how `endpoints[index]` did and reports the state change it
+    /// causes (log, metric): the one way TCP, HTTP and the ticker feed
+    /// outlier detection.
+    pub fn record_outcome(&self, service: &Service, index: usize, outcome: crate::health::Outcome) {
+        if let Some(event) = service.record_outcome(index, outcome) {
+            self.report_outlier(service, &event);
+        }
+    }
+
+    pub fn report_outlier(&self, service: &Service, event: &crate::health::Event) {
+        let endpoint = service.endpoint_addr(event.idx());
+        self.metrics.outlier_event(&service.id, endpoint, event);
     }
 
     /// Closes with a reset, so the client fails at once instead of waiting.

@@ -181,8 +181,7 @@ async fn tick_outlier_detection(proxy: Arc<Proxy>) {
                 None => continue,
             };
             for event in &events {
-                let endpoint = service.endpoint_addr(event.idx());
-                proxy.metrics.outlier_event(&service.id, endpoint, event);
+                proxy.report_outlier(service, event);
             }
         }
     }

@@ -55,11 +55,17 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
         let service = current.or_else(|| version.upgrade());
         let in_flight = requests.request_started();
         async move {
-            let response = match service {
+            let (response, slot) = match service {
                 Some(service) => request::handle(&proxy, &service, req, peer).await,
-                None => reply::error(http::StatusCode::SERVICE_UNAVAILABLE, "no_service"),
+                None => (
+                    reply::error(http::StatusCode::SERVICE_UNAVAILABLE, "no_service"),
+                    None,
+                ),
             };
-            Ok::<_, Infallible>(response.map(|body| GuardedBody::wrap(body, in_flight)))
+            // One wrapper holds both until the body is done: the request's
+            // maxRequests slot and the connection's in-flight mark.
+            let held = (in_flight, slot);
+            Ok::<_, Infallible>(response.map(|body| GuardedBody::wrap(body, held)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -100,10 +100,7 @@ async fn connect_any(proxy: &Proxy, service: &Service) -> Option<(TcpStream, usi
             }
             Err(_) => Outcome::LocalFailure(LocalFailure::ConnectRefused),
         };
-        if let Some(event) = service.record_outcome(index, outcome) {
-            let endpoint = service.endpoint_addr(event.idx());
-            proxy.metrics.outlier_event(&service.id, endpoint, &event);
-        }
+        proxy.record_outcome(service, index, outcome);
         match result {
             Ok(stream) => return Some((stream, index)),
             Err(err) => {

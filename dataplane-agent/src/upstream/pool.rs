@@ -125,7 +125,11 @@ pub struct EndpointPool {
     http2_attempts: AtomicU64,
     /// HTTP/2 requests whose response is still streaming.
     http2_active: Arc<AtomicUsize>,
-    http2_last_used: Mutex<Instant>,
+    /// When the pool was made: the epoch of `http2_last_used`.
+    created: Instant,
+    /// Milliseconds after `created` of the last HTTP/2 request (lock-free:
+    /// written on every request).
+    http2_last_used: AtomicU64,
 }
 
 impl std::fmt::Debug for EndpointPool {
@@ -148,7 +152,8 @@ impl EndpointPool {
             http2: tokio::sync::Mutex::new(Http2Slot::default()),
             http2_attempts: AtomicU64::new(0),
             http2_active: Arc::default(),
-            http2_last_used: Mutex::new(Instant::now()),
+            created: Instant::now(),
+            http2_last_used: AtomicU64::new(0),
         });
         let idle = pool.settings.idle_timeout;
         if !idle.is_zero()
@@ -161,11 +166,6 @@ impl EndpointPool {
 
     pub fn settings(&self) -> &PoolSettings {
         &self.settings
-    }
-
-    /// Idle HTTP/1.1 connections (for tests and the admin view).
-    pub fn idle_http1(&self) -> usize {
-        lock(&self.idle_http1).len()
     }
 
     /// Sends `req` to the endpoint in `protocol`. The request must already
@@ -272,7 +272,8 @@ impl EndpointPool {
             .send_request(req)
             .await
             .map_err(|e| SendError::Request(endpoint, e))?;
-        *lock(&self.http2_last_used) = Instant::now();
+        self.http2_last_used
+            .store(self.millis_since_created(), Ordering::Relaxed);
         Ok(response.map(|body| {
             OnDone {
                 inner: body,
@@ -427,11 +428,17 @@ impl EndpointPool {
         }
     }
 
+    fn millis_since_created(&self) -> u64 {
+        u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Closes connections idle for longer than the idle timeout.
     fn reap_idle(&self) {
         let idle = self.settings.idle_timeout;
         lock(&self.idle_http1).retain(|e| e.since.elapsed() < idle && !e.sender.is_closed());
-        let quiet = lock(&self.http2_last_used).elapsed() >= idle;
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let last = self.http2_last_used.load(Ordering::Relaxed);
+        let quiet = self.millis_since_created().saturating_sub(last) >= idle_ms;
         if quiet
             && self.http2_active.load(Ordering::Relaxed) == 0
             && let Ok(mut slot) = self.http2.try_lock()

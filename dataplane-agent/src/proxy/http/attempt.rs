@@ -122,12 +122,8 @@ impl AttemptGuard {
             return;
         }
         self.verdict_given = true;
-        if let Some(event) = self.service.record_outcome(self.chosen.index, outcome) {
-            let endpoint = self.service.endpoint_addr(event.idx());
-            self.proxy
-                .metrics
-                .outlier_event(&self.service.id, endpoint, &event);
-        }
+        self.proxy
+            .record_outcome(&self.service, self.chosen.index, outcome);
     }
 
     fn grpc_status(&self, code: u32) {

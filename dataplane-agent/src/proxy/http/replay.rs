@@ -8,14 +8,16 @@
 //! (Envoy does the same with its per-request buffer limit).
 //!
 //! An abandoned attempt (per-try timeout) may still be read by its old
-//! connection while a retry reads the same recording, so every chunk has a
-//! fixed position: an attempt never skips one. Once the recording overflows,
-//! only the attempt that was reading the client at that moment may go on;
-//! any other fails rather than send a body with a hole in it.
+//! connection while a retry reads the same recording. Every chunk has a
+//! fixed position, so an attempt never skips one, and only the newest
+//! attempt reads the client (its body has a single waker); an older one
+//! that catches up fails rather than send a body with a hole in it. Once
+//! the recording overflows, no new attempt can start.
 //!
 //! With no retry possible (`attempts: 0`), nothing is recorded.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -40,9 +42,8 @@ struct Recording {
     len: usize,
     trailers: Option<HeaderMap>,
     /// More than `MAX_REPLAY_BYTES` went through: the chunks are gone and
-    /// only `owner` may read on.
+    /// only `current` may read on (no attempt can be added after that).
     overflowed: bool,
-    owner: Option<u64>,
     /// The client's body failed (malformed chunking, reset): the client's
     /// fault, never the endpoint's.
     client_failed: bool,
@@ -62,7 +63,7 @@ enum Inner {
     /// Recorded for replay.
     Recorded(Arc<Mutex<Recording>>),
     /// Passed through once (no retry possible); `None` once taken.
-    Once(Option<Incoming>, Arc<Mutex<bool>>),
+    Once(Option<Incoming>, Arc<AtomicBool>),
 }
 
 impl RequestBody {
@@ -80,7 +81,6 @@ impl RequestBody {
             len: 0,
             trailers: None,
             overflowed: false,
-            owner: None,
             client_failed: false,
             size_hint,
             next_attempt: 0,
@@ -100,7 +100,7 @@ impl RequestBody {
     pub fn client_failed(&self) -> bool {
         match &self.0 {
             Inner::Recorded(shared) => lock(shared).client_failed,
-            Inner::Once(_, failed) => *lock(failed),
+            Inner::Once(_, failed) => failed.load(Ordering::Relaxed),
         }
     }
 
@@ -129,7 +129,7 @@ impl RequestBody {
                 let body = body.take()?;
                 Some(
                     body.map_err(move |err| {
-                        *lock(&failed) = true;
+                        failed.store(true, Ordering::Relaxed);
                         Box::new(err) as BoxError
                     })
                     .boxed(),
@@ -183,7 +183,7 @@ impl HttpBody for AttemptBody {
             self.next_chunk += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        if rec.current != self.id || (rec.overflowed && rec.owner != Some(self.id)) {
+        if rec.current != self.id {
             return Poll::Ready(Some(Err(Box::new(ReplayGone))));
         }
         if rec.client_failed {
@@ -227,7 +227,6 @@ impl AttemptBody {
                     rec.chunks.push(data.clone());
                 } else if !rec.overflowed {
                     rec.overflowed = true;
-                    rec.owner = Some(self.id);
                     rec.chunks = Vec::new();
                 }
                 Frame::data(data)

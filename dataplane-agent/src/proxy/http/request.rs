@@ -20,7 +20,6 @@ use tokio::time::Instant as Deadline;
 use tracing::debug;
 
 use super::attempt::{AttemptError, AttemptGuard};
-use super::guard::GuardedBody;
 use super::headers::strip_hop_by_hop;
 use super::replay::RequestBody;
 use super::{grpc, reply, translate, upgrade};
@@ -29,7 +28,7 @@ use crate::health::LocalFailure;
 use crate::metrics::ProxyMetrics;
 use crate::proxy::Proxy;
 use crate::ratelimit::{Decision, HeaderLookup, Request as RateRequest, retry_after_header};
-use crate::resilience::{Failure, GiveUpReason, Limit, RetryDecision, RetryState};
+use crate::resilience::{Failure, GiveUpReason, Limit, Permit, RetryDecision, RetryState};
 use crate::state::Service;
 use crate::upstream::Body;
 
@@ -38,16 +37,17 @@ pub async fn handle(
     service: &Arc<Service>,
     req: Request<Incoming>,
     peer: SocketAddr,
-) -> Response<Body> {
-    let response = match handle_admitted(proxy, service, req, peer).await {
-        Ok(response) | Err(response) => response,
+) -> (Response<Body>, Option<Permit>) {
+    let (response, slot) = match handle_admitted(proxy, service, req, peer).await {
+        Ok((response, slot)) => (response, Some(slot)),
+        Err(response) => (response, None),
     };
     let labels = crate::metrics::ResponseLabels {
         service: service.id.clone(),
         code: response.status().as_u16(),
     };
     proxy.metrics.http_responses.get_or_create(&labels).inc();
-    response
+    (response, slot)
 }
 
 async fn handle_admitted(
@@ -55,7 +55,7 @@ async fn handle_admitted(
     service: &Arc<Service>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
-) -> Result<Response<Body>, Response<Body>> {
+) -> Result<(Response<Body>, Permit), Response<Body>> {
     if req.method() == Method::CONNECT {
         return Err(local(
             proxy,
@@ -85,8 +85,8 @@ async fn handle_admitted(
             "upgrade_not_supported",
         ),
     };
-    // The slot is held until the response body is done.
-    Ok(response.map(|body| GuardedBody::wrap(body, slot)))
+    // The caller holds the slot until the response body is done.
+    Ok((response, slot))
 }
 
 /// Request headers as the rate limiter's classes see them.
@@ -156,11 +156,8 @@ fn idempotent(parts: &http::request::Parts) -> bool {
     ) || parts.headers.contains_key("idempotency-key")
 }
 
-/// What the attempt loop ended with.
-enum Ending {
-    Response(Response<Body>),
-    /// The last attempt got no response.
-    Failed(Failure),
+/// A failed attempt that ends the request whatever the retry policy says.
+enum Final {
     /// The request deadline passed.
     TimedOut,
     /// The client's own body failed: its fault, answered 400.
@@ -207,8 +204,8 @@ async fn attempt_all(
                     return overflow(proxy, service, limit);
                 }
                 match ending {
-                    Some(Ending::TimedOut) => return request_timeout(proxy, service),
-                    Some(Ending::ClientBody) => {
+                    Some(Final::TimedOut) => return request_timeout(proxy, service),
+                    Some(Final::ClientBody) => {
                         return local(proxy, service, StatusCode::BAD_REQUEST, "bad_request_body");
                     }
                     _ => (err.failure, None),
@@ -240,11 +237,7 @@ async fn attempt_all(
                         reason.as_str(),
                     );
                 }
-                let ending = match response {
-                    Some(response) => Ending::Response(response),
-                    None => Ending::Failed(failure),
-                };
-                return give_up(proxy, service, ending, reason);
+                return give_up(proxy, service, response, &failure, reason);
             }
         }
     }
@@ -256,17 +249,17 @@ fn attempt_failed(
     err: &AttemptError,
     body: &RequestBody,
     deadline: Option<Deadline>,
-) -> Option<Ending> {
+) -> Option<Final> {
     guard.end(false);
     if body.client_failed() {
         // Dropping the guard gives no verdict: the endpoint did nothing wrong.
-        return Some(Ending::ClientBody);
+        return Some(Final::ClientBody);
     }
     if let Some(local) = err.local {
         guard.verdict(crate::health::Outcome::LocalFailure(local));
     }
     let expired = deadline.is_some_and(|d| Deadline::now() >= d);
-    (err.failure == Failure::Timeout && expired).then_some(Ending::TimedOut)
+    (err.failure == Failure::Timeout && expired).then_some(Final::TimedOut)
 }
 
 /// One try against `endpoints[index]`, within the per-try timeout and the
@@ -336,22 +329,24 @@ fn request_hash(service: &Service, parts: &http::request::Parts, peer: SocketAdd
     }
 }
 
-/// The caller gets the last failure, and learns from `x-dataplane-error`
-/// when a retry that would have been made was refused.
+/// The caller gets the last failure (the endpoint's `response`, or the
+/// proxy's reply for `failure`), and learns from `x-dataplane-error` when
+/// a retry that would have been made was refused.
 fn give_up(
     proxy: &Proxy,
     service: &Service,
-    ending: Ending,
+    response: Option<Response<Body>>,
+    failure: &Failure,
     reason: GiveUpReason,
 ) -> Response<Body> {
     // With `attempts: 0` nothing was hidden: failing fast was asked for.
     let hidden_retry = reason
         .error_header()
         .filter(|_| service.policy().retries.attempts > 0);
-    match ending {
-        Ending::Response(response) => downstream_response(response, hidden_retry),
-        Ending::Failed(failure) => {
-            let mut response = failure_reply(proxy, service, &failure);
+    match response {
+        Some(response) => downstream_response(response, hidden_retry),
+        None => {
+            let mut response = failure_reply(proxy, service, failure);
             if let Some(why) = hidden_retry
                 && let Some(value) = response
                     .headers()
@@ -363,8 +358,6 @@ fn give_up(
             }
             response
         }
-        Ending::TimedOut => request_timeout(proxy, service),
-        Ending::ClientBody => local(proxy, service, StatusCode::BAD_REQUEST, "bad_request_body"),
     }
 }
 

@@ -11,6 +11,11 @@
 //!
 //! HTTP/2 connections have no header timer here: frames arrive between
 //! requests (PING, SETTINGS, WINDOW_UPDATE) and hyper bounds stream heads.
+//!
+//! Requests never wake the watchdog: it checks back at most every
+//! `min(headerRead, idle)`, so a connection costs one timer wake-up per
+//! period, whatever its request rate, and a slow head is cut between
+//! `headerRead` and twice that after its first byte.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,7 +24,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// What the connection is doing, shared by its I/O, its requests and its
@@ -33,7 +37,6 @@ pub struct Activity {
     /// whose head is not complete yet; 0: none.
     head_started: AtomicU64,
     http2: AtomicBool,
-    changed: Notify,
 }
 
 impl Activity {
@@ -44,7 +47,6 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             http2: AtomicBool::new(false),
-            changed: Notify::new(),
         })
     }
 
@@ -57,7 +59,6 @@ impl Activity {
     pub fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(0, Ordering::Release);
-        self.changed.notify_one();
         InFlight(Arc::clone(self))
     }
 
@@ -74,46 +75,49 @@ impl Activity {
         {
             self.head_started
                 .store(self.now_ms() + 1, Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
     /// Resolves when a timer runs out, naming it; zero durations disable.
     pub async fn expired(&self, header_read: Duration, idle: Duration) -> &'static str {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let Some(period) = [header_read, idle]
+            .into_iter()
+            .filter(|d| !d.is_zero())
+            .min()
+        else {
+            return std::future::pending().await;
+        };
         loop {
-            let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
-                None
-            } else {
-                match self.head_started.load(Ordering::Acquire) {
-                    started if started > 0 && !header_read.is_zero() => {
-                        let at = (started - 1).saturating_add(ms(header_read));
-                        Some((at, "header_read_timeout"))
-                    }
-                    started if started > 0 => None,
-                    _ if idle.is_zero() => None,
-                    _ => Some((
-                        self.idle_since
-                            .load(Ordering::Acquire)
-                            .saturating_add(ms(idle)),
-                        "idle_timeout",
-                    )),
-                }
-            };
-            let changed = self.changed.notified();
-            match deadline {
-                Some((at, why)) => {
-                    if self.now_ms() >= at {
-                        return why;
-                    }
-                    let wake = self.base + Duration::from_millis(at);
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(wake) => {}
-                        _ = changed => {}
-                    }
-                }
-                None => changed.await,
+            let deadline = self.deadline(ms(header_read), ms(idle));
+            let now = self.now_ms();
+            if let Some((at, why)) = deadline
+                && now >= at
+            {
+                return why;
             }
+            let check_back = now.saturating_add(ms(period));
+            let wake = deadline.map_or(check_back, |(at, _)| at.min(check_back));
+            tokio::time::sleep_until(self.base + Duration::from_millis(wake)).await;
+        }
+    }
+
+    /// The next timer due, in milliseconds since `base` (zero: disabled).
+    fn deadline(&self, header_read: u64, idle: u64) -> Option<(u64, &'static str)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        match self.head_started.load(Ordering::Acquire) {
+            0 if idle > 0 => Some((
+                self.idle_since.load(Ordering::Acquire).saturating_add(idle),
+                "idle_timeout",
+            )),
+            0 => None,
+            started if header_read > 0 => Some((
+                (started - 1).saturating_add(header_read),
+                "header_read_timeout",
+            )),
+            _ => None,
         }
     }
 }
@@ -129,7 +133,6 @@ impl Drop for InFlight {
                 .idle_since
                 .store(activity.now_ms(), Ordering::Release);
         }
-        activity.changed.notify_one();
     }
 }
 
