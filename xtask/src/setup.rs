@@ -29,21 +29,14 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     // A real dual-stack HTTP client dialling `[::ffff:<VIP>]` (dualstack test).
     "curl",
-    // The dualstack test's AF_INET6 client; the gRPC test's client (grpcio).
+    // The dualstack test's AF_INET6 client (opens sockets as Java and gRPC do).
     "python3",
-    // `h2load`: the HTTP/2 load tests.
-    "nghttp2-client",
 ];
-
-/// Python modules the tests import, with the PyPI package providing each:
-/// `grpc` for the gRPC client test.
-const PIP_PACKAGES: &[(&str, &str)] = &[("grpc", "grpcio")];
 
 pub fn ensure_all() -> anyhow::Result<()> {
     ensure_toolchains()?;
     ensure_bpf_linker()?;
-    ensure_apt_packages()?;
-    ensure_pip_packages()
+    ensure_apt_packages()
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
@@ -218,24 +211,4 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing))
-}
-
-/// Installs each of [`PIP_PACKAGES`] whose module `python3` cannot import
-/// (so nothing is downloaded when all are there: setup stays idempotent
-/// and works offline once done). Runs after the apt step, which provides
-/// `python3`.
-fn ensure_pip_packages() -> anyhow::Result<()> {
-    for (module, package) in PIP_PACKAGES {
-        let importable = Command::new("python3")
-            .args(["-c", &format!("import {module}")])
-            .output()
-            .is_ok_and(|out| out.status.success());
-        if importable {
-            continue;
-        }
-        eprintln!("setup: installing the Python package {package}");
-        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))
-            .with_context(|| format!("Python module {module} (package {package})"))?;
-    }
-    Ok(())
 }
