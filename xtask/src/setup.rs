@@ -15,22 +15,31 @@ use anyhow::{Context as _, bail};
 use crate::run;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the simulated node, the tests and the benchmark use.
-const APT_PACKAGES: &[&str] = &[
-    // `ip`: namespaces, veths and routes of every simulated node.
-    "iproute2",
-    // Attachments and map contents (capture and dualstack tests).
-    "bpftool",
-    // `nft`: sidecar mode's redirects.
-    "nftables",
-    // The benchmark's peer sidecar.
-    "haproxy",
-    // `sysctl`: IPv6 settings inside pods (dualstack test).
-    "procps",
-    // A real dual-stack HTTP client dialling `[::ffff:<VIP>]` (dualstack test).
-    "curl",
-    // The dualstack test's AF_INET6 client (opens sockets as Java and gRPC do).
-    "python3",
+/// Debian packages the simulated node, the tests and the benchmark use,
+/// each with what needs it.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    (
+        "iproute2",
+        "`ip`: namespaces, veths and routes of every simulated node",
+    ),
+    (
+        "bpftool",
+        "attachments and map contents (capture and dualstack tests)",
+    ),
+    ("nftables", "`nft`: sidecar mode's redirects"),
+    ("haproxy", "the benchmark's peer sidecar"),
+    (
+        "procps",
+        "`sysctl`: IPv6 settings inside pods (dualstack test)",
+    ),
+    (
+        "curl",
+        "a real dual-stack HTTP client dialling `[::ffff:<VIP>]`",
+    ),
+    (
+        "python3",
+        "the dualstack test's AF_INET6 client, opened as Java and gRPC do",
+    ),
 ];
 
 pub fn ensure_all() -> anyhow::Result<()> {
@@ -192,7 +201,7 @@ fn link_llvm(llvm_lib: &Path, lib_dir: &Path) -> anyhow::Result<()> {
 fn ensure_apt_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
-        .copied()
+        .map(|&(pkg, _why)| pkg)
         .filter(|pkg| {
             !Command::new("dpkg-query")
                 .args(["-W", "-f=${Status}", pkg])
