@@ -98,6 +98,8 @@ pub struct ProxyMetrics {
     pub connect_errors: Family<EndpointLabels, Counter>,
     pub active: Gauge,
     pub bytes: Family<DirectionLabels, Counter>,
+    /// Opaque TCP connections closed because neither side sent data.
+    pub idle_timeouts: Counter,
     pub reloads: Family<ReloadLabels, Counter>,
     pub http_responses: Family<ResponseLabels, Counter>,
     pub grpc_responses: Family<GrpcLabels, Counter>,
@@ -192,6 +194,11 @@ impl ProxyMetrics {
             self.active.clone(),
         );
         r.register("bytes", "Bytes forwarded, by direction", self.bytes.clone());
+        r.register(
+            "idle_timeouts",
+            "Opaque TCP connections closed after the idle timeout without data",
+            self.idle_timeouts.clone(),
+        );
         let h = registry.sub_registry_with_prefix("dataplane_http");
         h.register(
             "responses",

@@ -118,6 +118,13 @@ impl Proxy {
         };
         match protocol {
             Detected::Opaque => tcp::serve(&self, client, peer, &service).await,
+            Detected::Silent => {
+                if let tcp::Silent::Http(client) =
+                    tcp::serve_silent(&self, client, peer, &service).await
+                {
+                    http::serve(self, client, peer, service).await;
+                }
+            }
             Detected::Http1 | Detected::Http2 => http::serve(self, client, peer, service).await,
         }
     }

@@ -11,8 +11,12 @@ pub enum Detected {
     Http1,
     /// HTTP/2 with prior knowledge (h2c): the connection preface.
     Http2,
-    /// Anything else, or a client that waits for the server to speak first.
+    /// Anything else.
     Opaque,
+    /// Nothing arrived in time: a client waiting for a server-first
+    /// protocol's greeting, or an HTTP client's connection opened ahead of
+    /// use. Not decided yet (see `tcp::serve_silent`).
+    Silent,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -57,8 +61,8 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     }
 }
 
-/// Peeks until the protocol is known or `timeout` passes (then: opaque,
-/// e.g. a server-first protocol such as MySQL or SMTP).
+/// Peeks until the protocol is known or `timeout` passes: then `Silent`
+/// if nothing arrived, `Opaque` if the bytes so far are still ambiguous.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Detected> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; H2_PREFACE.len()];
@@ -66,6 +70,7 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<De
     loop {
         let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(result) => result?,
+            Err(_) if last_len == usize::MAX => return Ok(Detected::Silent),
             Err(_) => return Ok(Detected::Opaque),
         };
         if peeked == 0 {
@@ -117,5 +122,25 @@ mod tests {
         );
         assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
         assert_eq!(classify(b""), None);
+    }
+}
+
+#[cfg(test)]
+mod silence {
+    use super::*;
+
+    #[tokio::test]
+    async fn silence_is_not_decided_but_a_stalled_prefix_is_opaque() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let wait = Duration::from_millis(20);
+        assert_eq!(detect(&server, wait).await.unwrap(), Detected::Silent);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GE")
+            .await
+            .unwrap();
+        assert_eq!(detect(&server, wait).await.unwrap(), Detected::Opaque);
     }
 }

@@ -102,14 +102,16 @@ impl Proxy {
             let http = protocol == Protocol::Http
                 || super::detect::detect(&client, wait)
                     .await
-                    .is_ok_and(|d| d != Detected::Opaque);
+                    .is_ok_and(|d| matches!(d, Detected::Http1 | Detected::Http2));
             if http {
                 return super::http::serve(Arc::clone(&self), client, peer, app).await;
             }
         }
         let app = SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port());
         match upstream::connect(app, self.mark, LOCAL_CONNECT_TIMEOUT).await {
-            Ok(upstream) => splice::forward(client, upstream, &self.metrics).await,
+            // No idle timeout of its own: the caller's proxy applies the
+            // service's, and closing here would only race it.
+            Ok(upstream) => splice::forward(client, upstream, &self.metrics, Duration::ZERO).await,
             Err(err) => {
                 debug!(%peer, %app, %err, "application not reachable");
                 self.refuse(client, RefuseReason::UpstreamUnavailable);

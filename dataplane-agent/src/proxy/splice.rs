@@ -1,4 +1,8 @@
-//! Moving bytes between the client and the endpoint.
+//! Moving bytes between the client and the endpoint, and closing the pair
+//! when neither side has sent anything for the idle timeout.
+
+use std::os::fd::{AsRawFd as _, RawFd};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -9,8 +13,29 @@ use crate::metrics::{Direction, DirectionLabels, ProxyMetrics};
 /// both directions are done. When one side finishes sending, its write
 /// half-close is passed on (shutdown(SHUT_WR)) and the other direction keeps
 /// going, so request/response protocols that half-close work.
-pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, metrics: &ProxyMetrics) {
-    match tokio_splice::zero_copy_bidirectional(&mut client, &mut upstream).await {
+///
+/// With a non-zero `idle`, the pair is closed (FIN both ways) once no data
+/// has arrived from either side for that long. The kernel keeps the time
+/// of the last data received on each socket (`TCP_INFO`), so the bytes
+/// still never pass through user space and nothing is counted per read:
+/// a watchdog looks at both sockets a few times per period.
+pub async fn forward(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    metrics: &ProxyMetrics,
+    idle: Duration,
+) {
+    let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
+    let copy = tokio_splice::zero_copy_bidirectional(&mut client, &mut upstream);
+    let result = tokio::select! {
+        result = copy => result,
+        () = idle_expired(fds, idle) => {
+            debug!(idle = ?idle, "opaque connection idle: closing both sides");
+            metrics.idle_timeouts.inc();
+            return;
+        }
+    };
+    match result {
         Ok((up, down)) => {
             count_bytes(metrics, Direction::Upstream, up);
             count_bytes(metrics, Direction::Downstream, down);
@@ -22,6 +47,55 @@ pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, metrics: &P
             reset(upstream);
         }
     }
+}
+
+/// Resolves once neither socket has received data for `idle`; never when
+/// `idle` is zero (disabled).
+async fn idle_expired(fds: [RawFd; 2], idle: Duration) {
+    if idle.is_zero() {
+        return std::future::pending().await;
+    }
+    let idle_ms = u32::try_from(idle.as_millis()).unwrap_or(u32::MAX);
+    // Checked four times per period: the close comes at most a quarter
+    // period late, and a long-lived connection costs one getsockopt pair
+    // per quarter period.
+    let mut wait = idle / 4;
+    loop {
+        tokio::time::sleep(wait).await;
+        // A socket whose TCP_INFO cannot be read (it is closing) counts as
+        // active: the copy ends on its own.
+        let quiet_ms = fds
+            .iter()
+            .map(|&fd| last_data_received_ms(fd).unwrap_or(0))
+            .min()
+            .unwrap_or(0);
+        if quiet_ms >= idle_ms {
+            return;
+        }
+        // Sleep until the quieter side would reach the limit, but look
+        // again at least every quarter period.
+        let left = Duration::from_millis(u64::from(idle_ms - quiet_ms));
+        wait = left.min(idle / 4).max(Duration::from_millis(1));
+    }
+}
+
+/// Milliseconds since `fd` last received data (not bare ACKs or keep-alive
+/// probes), from the kernel's `TCP_INFO`.
+fn last_data_received_ms(fd: RawFd) -> Option<u32> {
+    // SAFETY: tcp_info is plain old data; the kernel writes at most `len`
+    // bytes into it, and `fd` is a socket owned by a live TcpStream.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info.tcpi_last_data_recv)
 }
 
 fn count_bytes(metrics: &ProxyMetrics, direction: Direction, bytes: u64) {

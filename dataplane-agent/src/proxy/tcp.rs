@@ -9,6 +9,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use super::detect::{self, Detected};
 use super::{Proxy, splice};
 use crate::health::{LocalFailure, Outcome};
 use crate::metrics::RefuseReason;
@@ -33,6 +34,134 @@ pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: 
         warn!(%peer, service = %service.id, "no endpoint could be reached");
         return proxy.refuse(client, RefuseReason::UpstreamUnavailable);
     };
+    forward(proxy, client, peer, service, upstream, index).await;
+}
+
+/// What a client that stayed silent through protocol detection became.
+pub enum Silent {
+    /// Served as opaque TCP, or closed.
+    Done,
+    /// It spoke HTTP: serve it with the full HTTP policy.
+    Http(TcpStream),
+}
+
+/// `protocol: auto` and the client has sent nothing within the detection
+/// timeout. It may be waiting for a server-first protocol's greeting
+/// (MySQL, SMTP), or it may be an HTTP client's pooled connection opened
+/// ahead of use. Pinning it as opaque would take retries, per-request
+/// balancing and status-based ejection from that HTTP client for the
+/// connection's whole life, so neither is assumed: an endpoint is
+/// connected at once (so a greeting can reach the client) while the
+/// client is still watched, and whichever side speaks first decides.
+/// The server first: opaque, through that connection. The client first:
+/// its bytes are detected as usual; HTTP gets the HTTP path and the unused
+/// endpoint connection is closed, anything else is forwarded through it.
+///
+/// The price: a silent HTTP connection costs an endpoint connection that
+/// carries nothing and is closed once the client speaks.
+pub async fn serve_silent(
+    proxy: &Proxy,
+    client: TcpStream,
+    peer: SocketAddr,
+    service: &Service,
+) -> Silent {
+    let timeouts = &service.policy().timeouts;
+    // Counted against maxConnections only while it may become opaque; a
+    // full pool just means no early connection (an HTTP client loses
+    // nothing, an opaque one is refused below as usual).
+    let slot = service.breaker.try_acquire(Limit::Connections).ok();
+    let mut upstream = match slot {
+        Some(_) if !service.endpoints.is_empty() => connect_any(proxy, service).await,
+        _ => None,
+    };
+    let idle = (!timeouts.idle.is_zero()).then(|| tokio::time::Instant::now() + timeouts.idle);
+    let server_first = loop {
+        let mut byte = [0u8; 1];
+        let mut upstream_byte = [0u8; 1];
+        tokio::select! {
+            read = client.peek(&mut byte) => match read {
+                Ok(n) if n > 0 => break false,
+                // Closed or failed without a byte: nothing to serve.
+                _ => return Silent::Done,
+            },
+            read = peek_upstream(upstream.as_ref(), &mut upstream_byte) => match read {
+                Ok(n) if n > 0 => break true,
+                _ => {
+                    // The endpoint closed a connection nobody used (a
+                    // server's own idle limit): not a greeting, so keep
+                    // waiting for the client, without an endpoint.
+                    debug!(%peer, service = %service.id, "endpoint closed the early connection");
+                    upstream = None;
+                }
+            },
+            () = sleep_until(idle) => {
+                debug!(%peer, service = %service.id, "silent connection idle: closing");
+                return Silent::Done;
+            }
+        }
+    };
+    if !server_first {
+        let detected = detect::detect(&client, timeouts.protocol_detection)
+            .await
+            .unwrap_or(Detected::Opaque);
+        if matches!(detected, Detected::Http1 | Detected::Http2) {
+            return Silent::Http(client);
+        }
+    }
+    if !admit_rate(proxy, service, peer).await {
+        proxy.refuse(client, RefuseReason::RateLimited);
+        return Silent::Done;
+    }
+    let Some(_connection_slot) = slot else {
+        debug!(%peer, service = %service.id, "maxConnections reached");
+        proxy.refuse(client, RefuseReason::Overflow);
+        return Silent::Done;
+    };
+    let connected = match upstream {
+        Some(connected) => Some(connected),
+        None if service.endpoints.is_empty() => {
+            proxy.refuse(client, RefuseReason::NoEndpoints);
+            return Silent::Done;
+        }
+        None => connect_any(proxy, service).await,
+    };
+    match connected {
+        Some((upstream, index)) => forward(proxy, client, peer, service, upstream, index).await,
+        None => {
+            warn!(%peer, service = %service.id, "no endpoint could be reached");
+            proxy.refuse(client, RefuseReason::UpstreamUnavailable);
+        }
+    }
+    Silent::Done
+}
+
+async fn peek_upstream(
+    upstream: Option<&(TcpStream, usize)>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    match upstream {
+        Some((stream, _)) => stream.peek(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Splices `client` and the connection to `endpoints[index]` until both
+/// are done or idle.
+async fn forward(
+    proxy: &Proxy,
+    client: TcpStream,
+    peer: SocketAddr,
+    service: &Service,
+    upstream: TcpStream,
+    index: usize,
+) {
     let endpoint = &service.endpoints[index];
     proxy
         .metrics
@@ -44,7 +173,8 @@ pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: 
     debug!(%peer, service = %service.id, endpoint = %endpoint.addr, "forwarding");
     // Active connections are the load that least-request balancing sees.
     service.balancer.on_start(index);
-    splice::forward(client, upstream, &proxy.metrics).await;
+    let idle = service.policy().timeouts.idle;
+    splice::forward(client, upstream, &proxy.metrics, idle).await;
     service.balancer.on_end(index, None, Instant::now());
 }
 

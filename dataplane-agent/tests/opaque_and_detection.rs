@@ -1,0 +1,261 @@
+//! `protocol: auto` detection that never pins a connection, and the idle
+//! timeout of opaque TCP, through the real proxy on loopback sockets.
+//!
+//! A client that is silent through detection is either waiting for a
+//! server-first protocol's greeting or is an HTTP client's connection
+//! opened ahead of use; both must work, and the HTTP one must keep its
+//! per-request policy (balancing, retries) for the connection's life.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use support::{Backend, Mode, TestProxy, bounded};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A raw TCP server: `on_accept` runs for each connection in its task.
+async fn raw_server<F, Fut>(on_accept: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(on_accept(stream));
+        }
+    });
+    (addr, accepted)
+}
+
+/// Copies what it reads back until the client closes.
+async fn echo(mut stream: TcpStream) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn service(kind: &str, endpoints: &[String], timeouts: &str) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: svc\n    vip: 198.19.0.20:80\n    protocol: {kind}\n    endpoints:\n"
+    );
+    for e in endpoints {
+        yaml.push_str(&format!("      - address: {e}\n"));
+    }
+    yaml.push_str(&format!("    trafficPolicy:\n      timeouts: {timeouts}\n"));
+    yaml
+}
+
+/// Sends `n` GETs one after the other on one HTTP/1.1 connection opened
+/// `silent_for` before the first; returns (status, x-backend) of each.
+async fn requests_on_one_silent_connection(
+    proxy: SocketAddr,
+    silent_for: Duration,
+    n: usize,
+) -> Vec<(u16, String)> {
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    tokio::time::sleep(silent_for).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let req = Request::get("/")
+            .header("host", "svc")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let resp = sender
+            .send_request(req)
+            .await
+            .expect("the connection stays usable");
+        let backend = resp
+            .headers()
+            .get("x-backend")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await.unwrap();
+        seen.push((status, backend));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_silent_http_connection_keeps_per_request_balancing_and_retries() {
+    bounded(async {
+        let a = Backend::start("a", Mode::Ok).await;
+        let b = Backend::start("b", Mode::Ok).await;
+        let bad = Backend::start("bad", Mode::Status(503)).await;
+        let endpoints = [&bad, &a, &b].map(|x| x.addr.to_string());
+        let yaml = service("auto", &endpoints, "{protocolDetection: 50ms}");
+        let yaml = yaml.replace(
+            "    trafficPolicy:\n",
+            "    trafficPolicy:\n      retries: {retriableStatusCodes: [503]}\n",
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        // Silent for four detection periods, as a pooled client's spare
+        // connection is.
+        let seen =
+            requests_on_one_silent_connection(proxy.addr, Duration::from_millis(200), 6).await;
+        assert!(
+            seen.iter().all(|(s, _)| *s == 200),
+            "every request succeeds (503s retried): {seen:?}"
+        );
+        let backends: std::collections::BTreeSet<&str> =
+            seen.iter().map(|(_, b)| b.as_str()).collect();
+        assert_eq!(
+            backends,
+            ["a", "b"].into(),
+            "requests of one connection are balanced per request: {seen:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_server_first_protocol_gets_its_greeting_through() {
+    bounded(async {
+        let (greeter, _) = raw_server(|mut s: TcpStream| async move {
+            if s.write_all(b"220 ready\r\n").await.is_ok() {
+                echo(s).await;
+            }
+        })
+        .await;
+        let yaml = service("auto", &[greeter.to_string()], "{protocolDetection: 50ms}");
+        let proxy = TestProxy::start(&yaml).await;
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let mut greeting = [0u8; 11];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut greeting))
+            .await
+            .expect("the greeting arrives without the client speaking")
+            .unwrap();
+        assert_eq!(&greeting, b"220 ready\r\n");
+        client.write_all(b"HELO x\r\n").await.unwrap();
+        let mut reply = [0u8; 8];
+        client.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"HELO x\r\n", "then bytes flow both ways");
+        assert_eq!(
+            proxy.metric("dataplane_proxy_forwarded_connections", &[]),
+            1.0
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_endpoint_closing_the_unused_early_connection_is_not_a_greeting() {
+    bounded(async {
+        // Closes every connection at once without a byte, as a server
+        // enforcing its own wait-for-request limit does.
+        let (closer, closed) = raw_server(|s: TcpStream| async move { drop(s) }).await;
+        let ok = Backend::start("ok", Mode::Ok).await;
+        let yaml = service(
+            "auto",
+            &[closer.to_string(), ok.addr.to_string()],
+            "{protocolDetection: 50ms}",
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        let seen =
+            requests_on_one_silent_connection(proxy.addr, Duration::from_millis(300), 2).await;
+        assert!(
+            closed.load(Ordering::SeqCst) >= 1,
+            "the early connection went to the closer"
+        );
+        assert!(
+            seen.iter().all(|(s, b)| *s == 200 && b == "ok"),
+            "the client's HTTP is still served: {seen:?}"
+        );
+    })
+    .await;
+}
+
+/// Reads until EOF or `within`; Some(bytes read) if the proxy closed.
+async fn closed_within(client: &mut TcpStream, within: Duration) -> Option<usize> {
+    let mut total = 0;
+    let mut buf = [0u8; 64];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(total),
+            Ok(Ok(n)) => total += n,
+        }
+    }
+}
+
+#[tokio::test]
+async fn opaque_tcp_is_closed_after_the_idle_timeout_and_idle_zero_disables_it() {
+    bounded(async {
+        let (server, _) = raw_server(echo).await;
+        for (idle, expect_closed) in [("300ms", true), ("0s", false)] {
+            let yaml = service("tcp", &[server.to_string()], &format!("{{idle: {idle}}}"));
+            let proxy = TestProxy::start(&yaml).await;
+            let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+            client.write_all(b"ping").await.unwrap();
+            let mut pong = [0u8; 4];
+            client.read_exact(&mut pong).await.unwrap();
+            let closed = closed_within(&mut client, Duration::from_millis(1500)).await;
+            assert_eq!(closed.is_some(), expect_closed, "idle: {idle}");
+            let counted = proxy.metric("dataplane_proxy_idle_timeouts", &[]);
+            assert_eq!(
+                counted,
+                if expect_closed { 1.0 } else { 0.0 },
+                "idle: {idle}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_way_traffic_keeps_an_opaque_connection_alive() {
+    bounded(async {
+        // Streams a byte every 50 ms for 1.2 s to a client that never
+        // sends anything after its first bytes.
+        let (streamer, _) = raw_server(|mut s: TcpStream| async move {
+            let mut first = [0u8; 4];
+            if s.read_exact(&mut first).await.is_err() {
+                return;
+            }
+            for _ in 0..24 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if s.write_all(b".").await.is_err() {
+                    return;
+                }
+            }
+            // Then quiet, but open.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let yaml = service("tcp", &[streamer.to_string()], "{idle: 300ms}");
+        let proxy = TestProxy::start(&yaml).await;
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        client.write_all(b"go!!").await.unwrap();
+        // The stream lasts 1.2 s, four idle periods; then the server goes
+        // quiet and the idle timeout closes the pair.
+        let received = closed_within(&mut client, Duration::from_secs(5)).await;
+        assert_eq!(
+            received,
+            Some(24),
+            "every byte arrived before the idle close"
+        );
+        assert_eq!(proxy.metric("dataplane_proxy_idle_timeouts", &[]), 1.0);
+    })
+    .await;
+}
