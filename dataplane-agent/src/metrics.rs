@@ -98,7 +98,8 @@ pub struct ProxyMetrics {
     pub connect_errors: Family<EndpointLabels, Counter>,
     pub active: Gauge,
     pub bytes: Family<DirectionLabels, Counter>,
-    /// Opaque TCP connections closed because neither side sent data.
+    /// Opaque TCP connections and HTTP response streams ended because
+    /// nothing was sent for the idle timeout.
     pub idle_timeouts: Counter,
     pub reloads: Family<ReloadLabels, Counter>,
     pub http_responses: Family<ResponseLabels, Counter>,
@@ -196,7 +197,7 @@ impl ProxyMetrics {
         r.register("bytes", "Bytes forwarded, by direction", self.bytes.clone());
         r.register(
             "idle_timeouts",
-            "Opaque TCP connections closed after the idle timeout without data",
+            "Opaque TCP connections and HTTP response streams ended after the idle timeout without data",
             self.idle_timeouts.clone(),
         );
         let h = registry.sub_registry_with_prefix("dataplane_http");

@@ -349,3 +349,68 @@ async fn posts_are_not_retried_after_the_endpoint_may_have_acted() {
     })
     .await
 }
+
+/// A backend that answers every connection's first request with chunked
+/// headers and `chunks` one-byte chunks `gap` apart, then stays silent
+/// without ending the body.
+async fn trickling_backend(chunks: usize, gap: Duration) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..chunks {
+                    tokio::time::sleep(gap).await;
+                    if stream.write_all(b"1\r\nx\r\n").await.is_err() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_response_that_stalls_midway_ends_after_idle_but_a_slow_stream_does_not() {
+    bounded(async {
+        // Ten chunks 100 ms apart (a second in all), then silence: the
+        // 300 ms idle limit must not cut the steady part, only the stall.
+        let backend = trickling_backend(10, Duration::from_millis(100)).await;
+        let yaml = format!(
+            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    upstreamProtocol: http1\n    endpoints:\n      - address: {backend}\n    trafficPolicy:\n      timeouts: {{idle: 300ms}}\n"
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        for http2 in [false, true] {
+            let req = Request::get(format!("http://{}/", proxy.addr))
+                .body(Full::default())
+                .unwrap();
+            let resp = client(http2).request(req).await.expect("headers arrive");
+            assert_eq!(resp.status(), StatusCode::OK);
+            let mut body = resp.into_body();
+            let mut received = 0;
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(frame) => received += frame.data_ref().map_or(0, |d| d.len()),
+                        Err(_) => return true,
+                    }
+                }
+                false
+            })
+            .await
+            .expect("the stalled response is ended, not left hanging");
+            assert!(ended, "the body ends with an error (h2: {http2})");
+            assert_eq!(received, 10, "the steady part got through (h2: {http2})");
+        }
+        assert_eq!(proxy.metric("dataplane_proxy_idle_timeouts", &[]), 2.0);
+    })
+    .await;
+}

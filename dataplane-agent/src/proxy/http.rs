@@ -49,6 +49,7 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
     drop(service);
     let activity = Activity::new();
     let requests = Arc::clone(&activity);
+    let stall_limit = timeouts.idle;
     let handler = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let current = proxy.services.load().get(&vip).cloned();
@@ -65,7 +66,10 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
             // One wrapper holds both until the body is done: the request's
             // maxRequests slot and the connection's in-flight mark.
             let held = (in_flight, slot);
-            Ok::<_, Infallible>(response.map(|body| GuardedBody::wrap(body, held)))
+            let stalls = &proxy.metrics.idle_timeouts;
+            Ok::<_, Infallible>(
+                response.map(|body| GuardedBody::wrap(body, held, stall_limit, stalls)),
+            )
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -1,27 +1,66 @@
-//! A response body that holds something until the response has been
-//! streamed to the end or dropped: the request's `maxRequests` slot (as
-//! Envoy counts active streams, so long gRPC streams and downloads stay
-//! counted), or the connection's in-flight mark for its idle timers.
+//! The response body as the client receives it: it holds something until
+//! the response has been streamed to the end or dropped (the request's
+//! `maxRequests` slot, as Envoy counts active streams, so long gRPC
+//! streams and downloads stay counted; the connection's in-flight mark for
+//! its idle timers), and it ends a response whose endpoint stopped sending
+//! in the middle.
+//!
+//! The stall limit is the service's `idle` timeout (Envoy's stream idle
+//! timeout): the connection's own idle timer never runs while a request is
+//! in flight, so without this a backend that sends headers and then hangs
+//! would hold the caller forever.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt as _;
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::{Instant, Sleep};
 
 use crate::upstream::{Body, BoxError};
 
 pub struct GuardedBody<G> {
     inner: Body,
     _guard: G,
+    stall: Option<Stall>,
 }
 
+/// How long the body may go without a frame, and the timer checking it.
+/// The timer is only re-armed when it fires, so a streaming body costs a
+/// clock read per frame, not a timer update.
+struct Stall {
+    limit: Duration,
+    last_frame: Instant,
+    timer: Pin<Box<Sleep>>,
+    counter: Counter,
+}
+
+/// The error a stalled body ends with: hyper resets the HTTP/2 stream or
+/// closes the HTTP/1 connection, so the client sees a truncated response
+/// instead of waiting forever.
+#[derive(Debug, thiserror::Error)]
+#[error("the endpoint sent nothing for {0:?} in the middle of the response")]
+pub struct StalledBody(Duration);
+
 impl<G: Send + Sync + Unpin + 'static> GuardedBody<G> {
-    pub fn wrap(inner: Body, guard: G) -> Body {
+    /// `stall_limit` of zero: no limit.
+    pub fn wrap(inner: Body, guard: G, stall_limit: Duration, counter: &Counter) -> Body {
+        let stall = (!stall_limit.is_zero() && !inner.is_end_stream()).then(|| {
+            let now = Instant::now();
+            Stall {
+                limit: stall_limit,
+                last_frame: now,
+                timer: Box::pin(tokio::time::sleep_until(now + stall_limit)),
+                counter: counter.clone(),
+            }
+        });
         Self {
             inner,
             _guard: guard,
+            stall,
         }
         .boxed()
     }
@@ -35,7 +74,29 @@ impl<G: Unpin> HttpBody for GuardedBody<G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(stall) = &mut this.stall else {
+            return polled;
+        };
+        if polled.is_ready() {
+            stall.last_frame = Instant::now();
+            return polled;
+        }
+        loop {
+            if stall.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = stall.last_frame + stall.limit;
+            if Instant::now() >= due {
+                stall.counter.inc();
+                let limit = stall.limit;
+                this.stall = None;
+                return Poll::Ready(Some(Err(Box::new(StalledBody(limit)))));
+            }
+            // Frames came since the timer was armed: wait for the rest.
+            stall.timer.as_mut().reset(due);
+        }
     }
 
     fn is_end_stream(&self) -> bool {
