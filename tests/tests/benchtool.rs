@@ -53,6 +53,7 @@ fn ensure_count(report: &BenchReport, expected: u64) -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn tcp_request_response_and_bulk_between_pods() -> anyhow::Result<()> {
     if !require_privileges("tcp_request_response_and_bulk_between_pods") {
         return Ok(());
@@ -109,6 +110,7 @@ fn tcp_request_response_and_bulk_between_pods() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn nothing_listening_is_a_setup_failure() -> anyhow::Result<()> {
     if !require_privileges("nothing_listening_is_a_setup_failure") {
         return Ok(());
@@ -128,6 +130,7 @@ fn nothing_listening_is_a_setup_failure() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn http_request_response_between_pods() -> anyhow::Result<()> {
     if !require_privileges("http_request_response_between_pods") {
         return Ok(());

@@ -252,6 +252,7 @@ impl DualStackNode {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn python_dual_stack_client_goes_through_the_node_proxy_and_leaves_no_entry() {
     if !require_privileges(
         "python_dual_stack_client_goes_through_the_node_proxy_and_leaves_no_entry",
@@ -321,6 +322,7 @@ fn python_dual_stack_client_goes_through_the_node_proxy_and_leaves_no_entry() {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn curl_to_a_mapped_vip_is_served_by_the_http_proxy() {
     if !require_privileges("curl_to_a_mapped_vip_is_served_by_the_http_proxy") {
         return;
@@ -368,6 +370,7 @@ fn curl_to_a_mapped_vip_is_served_by_the_http_proxy() {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn dual_stack_connects_of_other_pods_and_to_other_addresses_are_left_alone() {
     if !require_privileges(
         "dual_stack_connects_of_other_pods_and_to_other_addresses_are_left_alone",
@@ -442,6 +445,7 @@ fn dual_stack_connects_of_other_pods_and_to_other_addresses_are_left_alone() {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn dual_stack_capture_fails_closed_without_agent_and_frees_refused_connects() {
     if !require_privileges(
         "dual_stack_capture_fails_closed_without_agent_and_frees_refused_connects",

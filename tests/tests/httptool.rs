@@ -76,6 +76,7 @@ impl Setup {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn httptool_modes_over_http1_and_http2() -> anyhow::Result<()> {
     if !require_privileges("httptool_modes_over_http1_and_http2") {
         return Ok(());
@@ -129,6 +130,7 @@ fn httptool_modes_over_http1_and_http2() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn httptool_grpc_trailers_overrides_and_open_loop() -> anyhow::Result<()> {
     if !require_privileges("httptool_grpc_trailers_overrides_and_open_loop") {
         return Ok(());

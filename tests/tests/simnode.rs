@@ -82,6 +82,7 @@ fn leftover_netns(id: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn two_pods_talk_and_teardown_is_complete() -> anyhow::Result<()> {
     if !simnode::require_privileges("two_pods_talk_and_teardown_is_complete") {
         return Ok(());
@@ -130,6 +131,7 @@ fn two_pods_talk_and_teardown_is_complete() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn uncaptured_service_vip_fails_fast() -> anyhow::Result<()> {
     if !simnode::require_privileges("uncaptured_service_vip_fails_fast") {
         return Ok(());
@@ -176,6 +178,7 @@ fn ipv4_addrs(out: Output) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn processes_start_in_their_netns_and_cgroup() -> anyhow::Result<()> {
     if !simnode::require_privileges("processes_start_in_their_netns_and_cgroup") {
         return Ok(());
@@ -211,6 +214,7 @@ fn processes_start_in_their_netns_and_cgroup() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn node_is_torn_down_on_panic() {
     if !simnode::require_privileges("node_is_torn_down_on_panic") {
         return;
@@ -231,6 +235,7 @@ fn node_is_torn_down_on_panic() {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn run_in_pod_is_bounded_in_time() -> anyhow::Result<()> {
     if !simnode::require_privileges("run_in_pod_is_bounded_in_time") {
         return Ok(());
@@ -255,6 +260,7 @@ fn run_in_pod_is_bounded_in_time() -> anyhow::Result<()> {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn linked_nodes_route_between_their_pods() {
     if !simnode::require_privileges("linked_nodes_route_between_their_pods") {
         return;

@@ -8,6 +8,7 @@ use dataplane_tests::scenario::{ECHO_VIP, MeshNode, ServiceSpec, backend_addr, m
 use dataplane_tests::{SimNode, require_privileges};
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn max_connections_refuses_connections_beyond_the_limit() {
     if !require_privileges("max_connections_refuses_connections_beyond_the_limit") {
         return;
@@ -32,6 +33,7 @@ fn max_connections_refuses_connections_beyond_the_limit() {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn new_connection_rate_is_limited() {
     if !require_privileges("new_connection_rate_is_limited") {
         return;
@@ -49,6 +51,7 @@ fn new_connection_rate_is_limited() {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn refusing_endpoint_is_ejected_for_tcp_services() {
     if !require_privileges("refusing_endpoint_is_ejected_for_tcp_services") {
         return;
@@ -74,6 +77,7 @@ fn refusing_endpoint_is_ejected_for_tcp_services() {
 }
 
 #[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn auto_detection_serves_http_and_opaque_tcp() {
     if !require_privileges("auto_detection_serves_http_and_opaque_tcp") {
         return;

@@ -25,10 +25,11 @@ enum Task {
     /// Build the agent (with its eBPF programs) and the test tools.
     Build,
     /// Run every test: unit tests and the end-to-end tests on simulated
-    /// nodes (needs root; under CI=true they refuse to skip).
+    /// nodes. These are `#[ignore]`d (needs root) and included when run as
+    /// root or with CI=true, where they fail rather than skip.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Formatting and clippy (host crates and the eBPF crate), warnings denied.
@@ -159,11 +160,51 @@ fn build() -> anyhow::Result<()> {
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
+    let privileged = is_root() || std::env::var("CI").is_ok_and(|v| v == "true");
+    if !privileged {
+        eprintln!(
+            "xtask: not root and CI is not true: the end-to-end tests (simulated nodes) \
+             will show as ignored"
+        );
+    }
     run(cargo()
         .current_dir(workspace_root())
         .env("DATAPLANE_AGENT_BIN", agent_bin()?)
         .args(["test", "--workspace", "--exclude", "dataplane-ebpf"])
-        .args(extra))
+        .args(test_args(extra, privileged)))
+}
+
+/// The arguments after `cargo test --workspace ...`: the user's, plus
+/// `--include-ignored` for the test harness when the privileged tests can
+/// (or, under CI, must) run. They are `#[ignore]`d so that a run without
+/// root reports them as ignored rather than as passed; the user's own
+/// arguments may already hold a `--` with harness arguments of their own.
+fn test_args(extra: &[String], privileged: bool) -> Vec<String> {
+    let mut args = extra.to_vec();
+    if !privileged
+        || args
+            .iter()
+            .any(|a| a == "--include-ignored" || a == "--ignored")
+    {
+        return args;
+    }
+    match args.iter().position(|a| a == "--") {
+        Some(dashes) => args.insert(dashes + 1, "--include-ignored".into()),
+        None => args.extend(["--".into(), "--include-ignored".into()]),
+    }
+    args
+}
+
+/// Whether this process runs with effective uid 0, read from
+/// `/proc/self/status` (`Uid: real effective saved fs`).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+            uids.split_whitespace().nth(1).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
 }
 
 fn lint() -> anyhow::Result<()> {
@@ -209,4 +250,50 @@ fn lint() -> anyhow::Result<()> {
             "-D",
             "warnings",
         ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_args;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn privileged_runs_include_the_ignored_tests() {
+        assert_eq!(test_args(&[], true), args(&["--", "--include-ignored"]));
+        assert_eq!(
+            test_args(&args(&["-p", "dataplane-tests"]), true),
+            args(&["-p", "dataplane-tests", "--", "--include-ignored"])
+        );
+    }
+
+    #[test]
+    fn harness_arguments_of_the_user_are_kept_after_one_dash_dash() {
+        assert_eq!(
+            test_args(
+                &args(&["--test", "capture", "--", "--nocapture", "restart"]),
+                true
+            ),
+            args(&[
+                "--test",
+                "capture",
+                "--",
+                "--include-ignored",
+                "--nocapture",
+                "restart"
+            ])
+        );
+        // An explicit choice of the user stands.
+        assert_eq!(
+            test_args(&args(&["--", "--ignored"]), true),
+            args(&["--", "--ignored"])
+        );
+    }
+
+    #[test]
+    fn unprivileged_runs_are_left_alone() {
+        assert_eq!(test_args(&args(&["x"]), false), args(&["x"]));
+    }
 }

@@ -1,8 +1,12 @@
 //! Deciding whether privileged tests can run here.
 //!
-//! Namespaces, cgroups and BPF need root. A developer without root should
-//! see a skip with a reason; CI must never skip silently, because a test
-//! that skips in CI tests nothing.
+//! Namespaces, cgroups and BPF need root. The privileged tests carry
+//! `#[ignore = "needs root..."]`, so a plain `cargo test` without root
+//! reports them as ignored (never as passed); `cargo xtask test` includes
+//! them when it runs as root or with `CI=true`. Run anyway without the
+//! means (e.g. `--include-ignored` as a user), a test prints why it skips;
+//! CI must never skip silently, because a test that skips in CI tests
+//! nothing.
 
 use std::fs;
 use std::process::Command;
@@ -19,7 +23,8 @@ static NEXT_PROBE: AtomicU64 = AtomicU64::new(0);
 /// Returns true when privileged tests can run (root, a writable cgroup2
 /// hierarchy, a working `ip`). Otherwise: under `CI=true` it panics with
 /// the reason; elsewhere it prints `skipping <test>: <reason>` to stderr
-/// and returns false, and the caller returns early.
+/// and returns false, and the caller returns early. Only reached when an
+/// ignored privileged test was asked for explicitly.
 pub fn require_privileges(test: &str) -> bool {
     let Err(reason) = check() else {
         return true;
