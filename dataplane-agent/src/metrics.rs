@@ -278,10 +278,12 @@ impl ProxyMetrics {
         self.outlier_events.get_or_create(&labels).inc();
     }
 
+    /// Codes outside gRPC's 0..=16 count as UNKNOWN (2), as gRPC clients
+    /// treat them, so a misbehaving server cannot grow the label set.
     pub fn grpc_status(&self, service: &str, code: u32) {
         let labels = GrpcLabels {
             service: service.to_string(),
-            grpc_status: code,
+            grpc_status: if code <= 16 { code } else { 2 },
         };
         self.grpc_responses.get_or_create(&labels).inc();
     }
@@ -501,5 +503,30 @@ mod tests {
         assert!(!text.contains("10.0.0.1:80"), "{text}");
         assert!(!text.contains("pod-1"), "{text}");
         assert!(text.contains("default/kept"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod grpc_labels {
+    use super::*;
+
+    #[test]
+    fn out_of_range_grpc_codes_count_as_unknown() {
+        let m = ProxyMetrics::default();
+        for code in [14, 99, u32::MAX] {
+            m.grpc_status("default/svc", code);
+        }
+        let codes: Vec<u32> = [2, 14, 99]
+            .into_iter()
+            .filter(|&grpc_status| {
+                m.grpc_responses
+                    .get(&GrpcLabels {
+                        service: "default/svc".into(),
+                        grpc_status,
+                    })
+                    .is_some()
+            })
+            .collect();
+        assert_eq!(codes, [2, 14], "99 and 2^32-1 became UNKNOWN");
     }
 }

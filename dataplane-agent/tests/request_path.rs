@@ -414,3 +414,46 @@ async fn a_response_that_stalls_midway_ends_after_idle_but_a_slow_stream_does_no
     })
     .await;
 }
+
+/// Answers every request 503 after `delay` (keep-alive).
+async fn slow_503_backend(delay: Duration) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                    tokio::time::sleep(delay).await;
+                    let reply = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_retry_cut_short_by_the_request_deadline_does_not_blame_its_endpoint() {
+    bounded(async {
+        // Both endpoints answer 503 after 300 ms; the request timeout is
+        // 450 ms, so every retry is cut after ~150 ms. That is the
+        // deadline's doing, not the endpoint's: with a local-origin
+        // threshold of 1 it would otherwise eject both.
+        let a = slow_503_backend(Duration::from_millis(300)).await;
+        let b = slow_503_backend(Duration::from_millis(300)).await;
+        let yaml = format!(
+            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    endpoints:\n      - address: {a}\n      - address: {b}\n    trafficPolicy:\n      timeouts: {{request: 450ms}}\n      retries: {{backoff: {{baseInterval: 1ms, maxInterval: 1ms}}}}\n      outlierDetection: {{consecutive5xxErrors: 100, consecutiveLocalOriginFailures: 1}}\n"
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        for _ in 0..4 {
+            let resp = get(&proxy, false).await;
+            assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        }
+        assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+    })
+    .await;
+}

@@ -44,8 +44,16 @@ impl AttemptError {
         }
     }
 
-    pub fn timeout() -> Self {
-        Self::local(Failure::Timeout, LocalFailure::Timeout)
+    /// The attempt ran out of time. `blame` says whether that says
+    /// something about the endpoint: it does when the attempt had its
+    /// per-try timeout or the whole request timeout, not when it was a
+    /// retry cut short by what earlier attempts left of the deadline.
+    pub fn timeout(blame: bool) -> Self {
+        Self {
+            failure: Failure::Timeout,
+            local: blame.then_some(LocalFailure::Timeout),
+            overflow: None,
+        }
     }
 
     /// Classifies a failed send.

@@ -189,7 +189,8 @@ async fn attempt_all(
         };
         tried.push(chosen.index);
         let guard = AttemptGuard::start(proxy, service, chosen);
-        let attempt = send_once(service, chosen.index, &parts, &mut body, deadline).await;
+        let first = tried.len() == 1;
+        let attempt = send_once(service, chosen.index, &parts, &mut body, deadline, first).await;
         let (failure, response) = match attempt {
             Ok(response) => {
                 let response = guard.judge(is_grpc, response);
@@ -222,11 +223,11 @@ async fn attempt_all(
         );
         match decision {
             RetryDecision::Retry { after } => {
-                debug!(service = %service.id, ?failure, ?after, "retrying");
-                proxy.metrics.retries.get_or_create(&service.labels).inc();
                 if deadline.is_some_and(|d| Deadline::now() + after >= d) {
                     return request_timeout(proxy, service);
                 }
+                debug!(service = %service.id, ?failure, ?after, "retrying");
+                proxy.metrics.retries.get_or_create(&service.labels).inc();
                 tokio::time::sleep(after).await;
             }
             RetryDecision::GiveUp(reason) => {
@@ -263,13 +264,14 @@ fn attempt_failed(
 }
 
 /// One try against `endpoints[index]`, within the per-try timeout and the
-/// request deadline.
+/// request deadline (`first`: no earlier attempt used part of it).
 async fn send_once(
     service: &Service,
     index: usize,
     parts: &http::request::Parts,
     body: &mut RequestBody,
     deadline: Option<Deadline>,
+    first: bool,
 ) -> Result<Response<Body>, AttemptError> {
     let endpoint = &service.endpoints[index];
     let Some(attempt_body) = body.take() else {
@@ -284,15 +286,18 @@ async fn send_once(
         .retries
         .per_try_timeout
         .map(|t| Deadline::now() + t);
+    // Which limit applies, and whether running into it blames the endpoint.
     let limit = match (per_try, deadline) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+        (Some(try_limit), Some(deadline)) if deadline < try_limit => Some((deadline, first)),
+        (Some(try_limit), _) => Some((try_limit, true)),
+        (None, Some(deadline)) => Some((deadline, first)),
+        (None, None) => None,
     };
     let send = endpoint.pool.send(request, protocol);
     let result = match limit {
-        Some(limit) => tokio::time::timeout_at(limit, send)
+        Some((limit, blame)) => tokio::time::timeout_at(limit, send)
             .await
-            .map_err(|_| AttemptError::timeout())?,
+            .map_err(|_| AttemptError::timeout(blame))?,
         None => send.await,
     };
     result.map_err(|err| {
