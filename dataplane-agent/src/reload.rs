@@ -1,16 +1,76 @@
 //! Hot reload of the mesh config file: a valid change applies to new
-//! connections and requests; an invalid one is rejected with the parser's
-//! error (field and line) and the last good config stays in force.
+//! connections and requests; anything else is rejected with the reason
+//! (for a parse error: the file, the field and the line) and the last good
+//! config stays in force.
+//!
+//! Writers should replace the file atomically (write a temporary file in
+//! the same directory, then rename it over the config), as Kubernetes does
+//! for a mounted ConfigMap. A writer that rewrites the file in place can be
+//! caught halfway, and a cut-off YAML file is often still valid YAML (a
+//! list cut after its third item is a shorter list), so one read cannot
+//! tell "partial" from "new". The watcher therefore only takes a text that
+//! two reads a moment apart agree on, and refuses an empty file.
 
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::config::{ConfigError, MeshConfig};
 
+/// How long apart the reads of a changed file are: a writer that is still
+/// writing almost always changes the file within this time.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Reads of one poll before the change is given up as still in progress
+/// (at most `(MAX_READS - 1) * SETTLE` of waiting, on a blocking thread).
+const MAX_READS: usize = 5;
+
+/// Why a changed config file was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    /// Unreadable, or not a valid config (the message names field and line).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Truncating is the first step of an in-place rewrite; an empty config
+    /// would also drop every service at once.
+    #[error(
+        "config {path} is empty (a writer truncating it to rewrite in place?); \
+         an empty mesh must be written as `services: []`"
+    )]
+    Empty { path: PathBuf },
+    /// Reads a moment apart kept differing: a writer is at work.
+    #[error(
+        "config {path} kept changing over {reads} reads {settle:?} apart (being written in \
+         place?); not applied, retried at the next resync. Write it elsewhere and rename it \
+         into place"
+    )]
+    StillChanging {
+        path: PathBuf,
+        reads: usize,
+        settle: Duration,
+    },
+}
+
+impl Rejected {
+    /// Whether the same file content may pass at the next poll without
+    /// anybody touching it (so it must not be remembered as seen).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::StillChanging { .. })
+    }
+}
+
+/// How the watcher reads the file; replaced in tests to act out a writer
+/// caught halfway.
+type ReadFn = Box<dyn FnMut(&Path) -> io::Result<String> + Send>;
+
 /// Watches one file by content (robust to coarse or unchanged mtimes, and
-/// to editors that replace the file).
+/// to editors that replace the file). Polls block (they read and may sleep
+/// [`SETTLE`]): call them from a blocking thread.
 pub struct ConfigWatcher {
     path: PathBuf,
     last_text: String,
+    settle: Duration,
+    read: ReadFn,
 }
 
 /// What a poll found.
@@ -18,7 +78,7 @@ pub struct ConfigWatcher {
 pub enum Change {
     Unchanged,
     Valid(Box<MeshConfig>),
-    Invalid(ConfigError),
+    Invalid(Rejected),
 }
 
 impl ConfigWatcher {
@@ -27,63 +87,91 @@ impl ConfigWatcher {
         Self {
             path,
             last_text: current_text,
+            settle: SETTLE,
+            read: Box::new(|path| std::fs::read_to_string(path)),
         }
     }
 
+    /// Reads the file with `read` instead of `std::fs::read_to_string`,
+    /// waiting `settle` between reads.
+    pub fn with_reader(
+        mut self,
+        settle: Duration,
+        read: impl FnMut(&Path) -> io::Result<String> + Send + 'static,
+    ) -> Self {
+        self.settle = settle;
+        self.read = Box::new(read);
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn poll(&mut self) -> Change {
-        let text = match std::fs::read_to_string(&self.path) {
+        let text = match (self.read)(&self.path) {
             Ok(text) => text,
-            Err(source) => {
-                // Report a missing file once, not at every poll.
-                if self.last_text.is_empty() {
-                    return Change::Unchanged;
-                }
-                self.last_text.clear();
-                return Change::Invalid(ConfigError::Read {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
+            Err(source) => return self.unreadable(source),
         };
         if text == self.last_text {
             return Change::Unchanged;
         }
-        let parsed = MeshConfig::parse(&text, &self.path);
+        let text = match self.settled(text) {
+            Ok(text) => text,
+            Err(rejected) => return Change::Invalid(rejected),
+        };
+        let parsed = if text.trim().is_empty() {
+            Err(Rejected::Empty {
+                path: self.path.clone(),
+            })
+        } else {
+            MeshConfig::parse(&text, &self.path).map_err(Rejected::from)
+        };
         // Remember even a bad text, so that it is reported once.
         self.last_text = text;
         match parsed {
             Ok(cfg) => Change::Valid(Box::new(cfg)),
-            Err(err) => Change::Invalid(err),
+            Err(rejected) => Change::Invalid(rejected),
         }
+    }
+
+    /// Reads again until two reads `settle` apart agree, starting from
+    /// `first`. Not remembered when they never do: the next poll retries.
+    fn settled(&mut self, first: String) -> Result<String, Rejected> {
+        let mut previous = first;
+        for _ in 1..MAX_READS {
+            std::thread::sleep(self.settle);
+            let text = (self.read)(&self.path).map_err(|source| ConfigError::Read {
+                path: self.path.clone(),
+                source,
+            })?;
+            if text == previous {
+                return Ok(text);
+            }
+            previous = text;
+        }
+        Err(Rejected::StillChanging {
+            path: self.path.clone(),
+            reads: MAX_READS,
+            settle: self.settle,
+        })
+    }
+
+    fn unreadable(&mut self, source: io::Error) -> Change {
+        // Report a missing file once, not at every poll.
+        if self.last_text.is_empty() {
+            return Change::Unchanged;
+        }
+        self.last_text.clear();
+        Change::Invalid(
+            ConfigError::Read {
+                path: self.path.clone(),
+                source,
+            }
+            .into(),
+        )
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reports_each_change_once_and_rejects_bad_text() {
-        let dir = std::env::temp_dir().join(format!("dp-reload-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("mesh.yaml");
-        let good = "services: []\n";
-        std::fs::write(&path, good).expect("write");
-        let mut watcher = ConfigWatcher::new(path.clone(), good.to_string());
-        assert!(matches!(watcher.poll(), Change::Unchanged));
-
-        std::fs::write(&path, "services: 3\n").expect("write");
-        match watcher.poll() {
-            Change::Invalid(err) => assert!(err.to_string().contains("line 1"), "{err}"),
-            other => panic!("expected invalid, got {other:?}"),
-        }
-        assert!(matches!(watcher.poll(), Change::Unchanged), "reported once");
-
-        std::fs::write(&path, "pods: [{uid: a}]\n").expect("write");
-        match watcher.poll() {
-            Change::Valid(cfg) => assert_eq!(cfg.pods.len(), 1),
-            other => panic!("expected valid, got {other:?}"),
-        }
-        std::fs::remove_dir_all(&dir).expect("cleanup");
-    }
-}
+mod tests;

@@ -4,8 +4,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,13 +18,14 @@ use crate::admin::Admin;
 use crate::config::MeshConfig;
 use crate::metrics::ProxyMetrics;
 use crate::proxy::Proxy;
-use crate::reload::{Change, ConfigWatcher};
+use crate::reload::{Change, ConfigWatcher, Rejected};
 use crate::state::{NodeContext, ServiceTable};
 
 /// The running proxy with its config, admin endpoint and watcher.
 pub struct Runtime {
     pub config: MeshConfig,
-    watcher: ConfigWatcher,
+    /// Shared with the blocking thread that reads the file.
+    watcher: Arc<Mutex<ConfigWatcher>>,
     pub proxy: Arc<Proxy>,
     pub admin: Arc<Admin>,
     node: NodeContext,
@@ -74,7 +75,7 @@ impl Runtime {
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
         Self {
             config,
-            watcher,
+            watcher: Arc::new(Mutex::new(watcher)),
             proxy,
             admin,
             node,
@@ -87,7 +88,8 @@ impl Runtime {
 
     /// Until SIGTERM or Ctrl-C: every `resync`, re-reads the config file,
     /// then calls `on_tick` with the config in force and whether it just
-    /// changed.
+    /// changed. `on_tick` may block (cgroup walks, eBPF map updates,
+    /// nftables): it runs where blocking stalls no other task.
     pub async fn run_until_shutdown(
         &mut self,
         resync: Duration,
@@ -99,8 +101,9 @@ impl Runtime {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    let reloaded = self.reload();
-                    on_tick(&self.config, reloaded);
+                    let reloaded = self.reload().await;
+                    let config = &self.config;
+                    off_worker(|| on_tick(config, reloaded));
                 }
                 _ = &mut shutdown => break,
             }
@@ -109,12 +112,27 @@ impl Runtime {
 
     /// Applies a changed config file, or reports why it was rejected (the
     /// last good config stays in force). True when a new config applied.
-    pub fn reload(&mut self) -> bool {
-        match self.watcher.poll() {
+    /// The file is read on a blocking thread: a settling read sleeps.
+    pub async fn reload(&mut self) -> bool {
+        let watcher = Arc::clone(&self.watcher);
+        let polled = tokio::task::spawn_blocking(move || {
+            watcher
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .poll()
+        })
+        .await;
+        let change = match polled {
+            Ok(change) => change,
+            Err(err) => {
+                warn!(%err, "reading the config file failed; keeping the last good config");
+                return false;
+            }
+        };
+        match change {
             Change::Unchanged => false,
             Change::Invalid(err) => {
-                warn!(error = %err, "config change rejected; keeping the last good config");
-                self.proxy.metrics.reload(false);
+                self.reject(&err);
                 false
             }
             Change::Valid(config) => {
@@ -133,6 +151,31 @@ impl Runtime {
                 true
             }
         }
+    }
+
+    /// Logs why a change was not applied. A file still being written is
+    /// retried at the next poll and not counted as a failed reload.
+    fn reject(&self, err: &Rejected) {
+        warn!(error = %err, "config change not applied; keeping the last good config");
+        if !err.is_transient() {
+            self.proxy.metrics.reload(false);
+        }
+    }
+}
+
+/// Runs blocking work called from async code without stalling the async
+/// worker thread it was called on: on the multi-threaded runtime, tokio
+/// hands that worker's other tasks to another thread for the duration
+/// (`block_in_place`); elsewhere (a current-thread runtime in tests) it
+/// simply runs. `spawn_blocking` is used where the work can be moved to a
+/// thread; this is for work that borrows its caller's state.
+pub fn off_worker<R>(work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
     }
 }
 
@@ -221,3 +264,6 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

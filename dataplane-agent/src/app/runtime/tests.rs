@@ -1,0 +1,101 @@
+//! The running config only ever changes to a complete file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+const ONE_SERVICE: &str = "\
+services:
+  - name: echo
+    vip: 198.19.0.10:80
+    endpoints:
+      - address: 127.0.0.1:9
+";
+
+const TWO_SERVICES: &str = "\
+services:
+  - name: echo
+    vip: 198.19.0.10:80
+    endpoints:
+      - address: 127.0.0.1:9
+  - name: web
+    vip: 198.19.0.11:80
+    endpoints:
+      - address: 127.0.0.1:10
+      - address: 127.0.0.1:11
+pods:
+  - uid: client-uid
+";
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn runtime_on(path: &Path, text: &str) -> Runtime {
+    std::fs::write(path, text).expect("write config");
+    let loaded = load_config(path).expect("valid start config");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("admin port");
+    Runtime::start(loaded, NodeContext::default(), admin, |_| {})
+}
+
+fn service_names(rt: &Runtime) -> Vec<String> {
+    rt.config.services.iter().map(|s| s.name.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_file_never_replaces_the_running_config() {
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-runtime-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let path = dir.0.join("mesh.yaml");
+    let mut rt = runtime_on(&path, ONE_SERVICE).await;
+    let running = rt.config.clone();
+
+    // Cut mid-way through the second service: invalid YAML for a config.
+    let cut = TWO_SERVICES.find("127.0.0.1:10").expect("endpoint") + 4;
+    std::fs::write(&path, &TWO_SERVICES[..cut]).expect("partial write");
+    assert!(!rt.reload().await, "a truncated file is not applied");
+    assert_eq!(rt.config, running);
+    assert_eq!(**rt.admin.config.load(), running, "/config_dump unchanged");
+
+    // A valid prefix (the second service without its endpoints yet, no
+    // pods) while the writer is still at work: every read sees more.
+    let prefix_end = TWO_SERVICES
+        .find("    endpoints:\n      - address: 127.0.0.1:10")
+        .expect("prefix");
+    let written = Arc::new(Mutex::new(TWO_SERVICES[..prefix_end].to_string()));
+    let writer = Arc::clone(&written);
+    let slow_writer = move |_: &Path| {
+        let mut text = writer.lock().expect("lock");
+        let seen = text.clone();
+        let rest = &TWO_SERVICES[seen.len()..];
+        // One more line per read, as a slow in-place writer would add.
+        let next = rest.find('\n').map_or(rest.len(), |i| i + 1);
+        text.push_str(&rest[..next]);
+        Ok(seen)
+    };
+    *rt.watcher.lock().expect("lock") = ConfigWatcher::new(path.clone(), ONE_SERVICE.into())
+        .with_reader(Duration::from_millis(1), slow_writer);
+    assert!(
+        !rt.reload().await,
+        "a file still being written is not applied"
+    );
+    assert_eq!(rt.config, running);
+
+    assert_eq!(
+        written.lock().expect("lock").len(),
+        TWO_SERVICES.len(),
+        "the writer finished meanwhile"
+    );
+
+    // The writer is done: the next reload applies the whole file.
+    assert!(rt.reload().await, "the complete file applies");
+    assert_eq!(service_names(&rt), ["echo", "web"]);
+    assert_eq!(rt.config.services[1].endpoints.len(), 2);
+    assert_eq!(rt.config.pods.len(), 1);
+    assert_eq!(**rt.admin.config.load(), rt.config);
+}
