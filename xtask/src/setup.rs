@@ -40,6 +40,18 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "python3",
         "the dualstack test's AF_INET6 client, opened as Java and gRPC do",
     ),
+    (
+        "python3-grpcio",
+        "real gRPC servers and client through the proxy (real_clients test)",
+    ),
+    (
+        "python3-websockets",
+        "a real WebSocket client and server through the proxy (real_clients test)",
+    ),
+    (
+        "nghttp2-client",
+        "`h2load`: a real HTTP/2 client load through the proxy (real_clients test)",
+    ),
 ];
 
 pub fn ensure_all() -> anyhow::Result<()> {
