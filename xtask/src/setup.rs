@@ -34,7 +34,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "curl",
-        "a real dual-stack HTTP client dialling `[::ffff:<VIP>]`",
+        "a real HTTP client: dialling `[::ffff:<VIP>]` (dualstack), h1 and h2c (real_clients)",
     ),
     (
         "python3",
