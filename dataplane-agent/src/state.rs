@@ -8,6 +8,7 @@
 //! is; a changed one carries over what should survive a reload (endpoint
 //! health, breaker occupancy, retry budget).
 
+mod picker;
 mod service;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use crate::balance::Locality;
 use crate::config::MeshConfig;
 
+pub use picker::Picker;
 pub use service::{Chosen, Endpoint, Service};
 
 /// All services, keyed by the VIP:port clients connect to, and the

@@ -15,7 +15,7 @@ use crate::health::{LocalFailure, Outcome};
 use crate::metrics::RefuseReason;
 use crate::ratelimit::{Decision, Request};
 use crate::resilience::Limit;
-use crate::state::Service;
+use crate::state::{Picker, Service};
 use crate::upstream;
 
 pub async fn serve(proxy: &Proxy, client: TcpStream, peer: SocketAddr, service: &Service) {
@@ -211,16 +211,9 @@ async fn admit_rate(proxy: &Proxy, service: &Service, peer: SocketAddr) -> bool 
 /// per endpoint.
 async fn connect_any(proxy: &Proxy, service: &Service) -> Option<(TcpStream, usize)> {
     let timeout = service.policy().timeouts.connect;
-    let mut tried = Vec::new();
-    let mut available = Vec::new();
-    let mut rng = fastrand::Rng::new();
-    while tried.len() < service.endpoints.len() {
-        let index = service.pick(&tried, None, &mut available, &mut rng)?.index;
-        if tried.contains(&index) {
-            // Only already-tried endpoints are left.
-            return None;
-        }
-        tried.push(index);
+    let mut picker = Picker::new(service, None);
+    while let Some(chosen) = picker.next(false) {
+        let index = chosen.index;
         let endpoint = &service.endpoints[index];
         let result = upstream::connect(endpoint.addr, proxy.mark, timeout).await;
         let outcome = match &result {

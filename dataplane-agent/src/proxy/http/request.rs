@@ -29,7 +29,7 @@ use crate::metrics::ProxyMetrics;
 use crate::proxy::Proxy;
 use crate::ratelimit::{Decision, HeaderLookup, Request as RateRequest, retry_after_header};
 use crate::resilience::{Failure, GiveUpReason, Limit, Permit, RetryDecision, RetryState};
-use crate::state::Service;
+use crate::state::{Picker, Service};
 use crate::upstream::Body;
 
 pub async fn handle(
@@ -179,17 +179,14 @@ async fn attempt_all(
     let is_grpc = grpc::is_grpc(&parts.headers);
     let hash = request_hash(service, &parts, peer);
     let mut retry = RetryState::for_request(policy, idempotent(&parts));
-    let mut tried = Vec::with_capacity(2);
-    let mut available = Vec::new();
-    let mut rng = fastrand::Rng::new();
+    let mut picker = Picker::new(service, hash);
     service.budget.deposit(Instant::now());
     loop {
-        let Some(chosen) = service.pick(&tried, hash, &mut available, &mut rng) else {
+        let Some(chosen) = picker.next(true) else {
             return no_endpoint(proxy, service, "no_healthy_upstream");
         };
-        tried.push(chosen.index);
         let guard = AttemptGuard::start(proxy, service, chosen);
-        let first = tried.len() == 1;
+        let first = picker.tries() == 1;
         let attempt = send_once(service, chosen.index, &parts, &mut body, deadline, first).await;
         let (failure, response) = match attempt {
             Ok(response) => {
@@ -218,7 +215,7 @@ async fn attempt_all(
             body.replayable(),
             &service.budget,
             Some(&service.breaker),
-            &mut rng,
+            picker.rng(),
             Instant::now(),
         );
         match decision {
