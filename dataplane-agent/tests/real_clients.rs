@@ -526,7 +526,6 @@ async fn websocket_upgrades_echo_both_ways_and_close_through_the_proxy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a WebSocket upgrade is sent to one endpoint only; one refusing connections fails the client's handshake with 503 instead of trying another"]
 async fn websocket_upgrades_succeed_while_one_endpoint_refuses_connections() {
     bounded(async {
         let (mut dead, a, b) = tokio::join!(
@@ -542,6 +541,10 @@ async fn websocket_upgrades_succeed_while_one_endpoint_refuses_connections() {
             failed.is_empty(),
             "{} of 6 upgrades failed with the first endpoint refusing: {failed:?}",
             failed.len()
+        );
+        assert!(
+            proxy.metric("dataplane_proxy_upstream_connect_errors", &[]) >= 1.0,
+            "the refused connects are counted"
         );
     })
     .await

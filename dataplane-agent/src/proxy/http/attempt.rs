@@ -124,6 +124,23 @@ impl AttemptGuard {
         self.service.balancer.on_end(self.chosen.index, rtt, now);
     }
 
+    /// The attempt produced no response: counted (a connect error) and
+    /// told to outlier detection when the endpoint is to blame.
+    pub fn failed(mut self, err: &AttemptError) {
+        self.end(false);
+        if err.failure == Failure::ConnectFailure && err.overflow.is_none() {
+            let endpoint = &self.service.endpoints[self.chosen.index];
+            self.proxy
+                .metrics
+                .connect_errors
+                .get_or_create(&endpoint.labels)
+                .inc();
+        }
+        if let Some(local) = err.local {
+            self.verdict(Outcome::LocalFailure(local));
+        }
+    }
+
     /// Tells outlier detection how the endpoint did.
     pub fn verdict(&mut self, outcome: Outcome) {
         if self.verdict_given {

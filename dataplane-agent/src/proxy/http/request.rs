@@ -243,19 +243,16 @@ async fn attempt_all(
 
 /// The verdict on a failed attempt, and whether the request ends here.
 fn attempt_failed(
-    mut guard: AttemptGuard,
+    guard: AttemptGuard,
     err: &AttemptError,
     body: &RequestBody,
     deadline: Option<Deadline>,
 ) -> Option<Final> {
-    guard.end(false);
     if body.client_failed() {
         // Dropping the guard gives no verdict: the endpoint did nothing wrong.
         return Some(Final::ClientBody);
     }
-    if let Some(local) = err.local {
-        guard.verdict(crate::health::Outcome::LocalFailure(local));
-    }
+    guard.failed(err);
     let expired = deadline.is_some_and(|d| Deadline::now() >= d);
     (err.failure == Failure::Timeout && expired).then_some(Final::TimedOut)
 }

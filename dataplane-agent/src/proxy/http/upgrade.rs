@@ -3,8 +3,10 @@
 //! upgrades (WebSocket) are passed through: the request goes to one
 //! endpoint on a connection of its own, and if the endpoint switches
 //! protocols the two upgraded connections are joined byte for byte.
-//! An upgrade is never retried: once switched, the bytes belong to the
-//! application protocol.
+//! Until the request reaches an endpoint (a refused or timed-out connect)
+//! it is tried on the next one, as any request; once sent it is never
+//! retried, and once switched the bytes belong to the application
+//! protocol.
 
 use std::sync::Arc;
 
@@ -16,11 +18,12 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::attempt::{AttemptError, AttemptGuard};
-use super::request::{local, no_endpoint};
+use super::request::{local, no_endpoint, overflow};
 use super::{reply, translate};
 use crate::health::Outcome;
 use crate::proxy::Proxy;
-use crate::state::Service;
+use crate::resilience::Failure;
+use crate::state::{Picker, Service};
 use crate::upstream::{Body, UpstreamProtocol};
 
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
@@ -62,41 +65,56 @@ pub async fn proxy(
     service: &Arc<Service>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let mut available = Vec::new();
-    let mut rng = fastrand::Rng::new();
-    let Some(chosen) = service.pick(&[], None, &mut available, &mut rng) else {
-        return no_endpoint(proxy, service, "no_healthy_upstream");
-    };
-    let mut guard = AttemptGuard::start(proxy, service, chosen);
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let endpoint = &service.endpoints[chosen.index];
-    // Upgrade and Connection are hop-by-hop, but here they are the request.
-    let mut upstream = match translate::upstream_request(
-        &parts,
-        endpoint.addr,
-        UpstreamProtocol::Http1,
-        reply::full(""),
-    ) {
-        Ok(upstream) => upstream,
-        Err(_) => return local(proxy, service, StatusCode::BAD_REQUEST, "bad_upgrade"),
-    };
-    upstream
-        .headers_mut()
-        .insert(CONNECTION, http::HeaderValue::from_static("upgrade"));
-    let mut response = match endpoint.pool.send_upgrade(upstream).await {
-        Ok(response) => response,
-        Err(err) => {
-            guard.end(false);
-            if let Some(local) = AttemptError::from_send(&err).local {
-                guard.verdict(Outcome::LocalFailure(local));
-            }
-            debug!(service = %service.id, %err, "upgrade failed");
+    let tries = 1 + service.policy().retries.attempts as usize;
+    let mut picker = Picker::new(service, None);
+    let mut response = loop {
+        if picker.tries() >= tries {
             return no_endpoint(proxy, service, "upstream_connect_failure");
         }
+        let Some(chosen) = picker.next(false) else {
+            let reason = match picker.tries() {
+                0 => "no_healthy_upstream",
+                _ => "upstream_connect_failure",
+            };
+            return no_endpoint(proxy, service, reason);
+        };
+        let mut guard = AttemptGuard::start(proxy, service, chosen);
+        let endpoint = &service.endpoints[chosen.index];
+        // Upgrade and Connection are hop-by-hop, but here they are the request.
+        let mut upstream = match translate::upstream_request(
+            &parts,
+            endpoint.addr,
+            UpstreamProtocol::Http1,
+            reply::full(""),
+        ) {
+            Ok(upstream) => upstream,
+            Err(_) => return local(proxy, service, StatusCode::BAD_REQUEST, "bad_upgrade"),
+        };
+        upstream
+            .headers_mut()
+            .insert(CONNECTION, http::HeaderValue::from_static("upgrade"));
+        match endpoint.pool.send_upgrade(upstream).await {
+            Ok(response) => {
+                guard.end(true);
+                guard.verdict(Outcome::Status(response.status().as_u16()));
+                break response;
+            }
+            Err(err) => {
+                let attempt = AttemptError::from_send(&err);
+                guard.failed(&attempt);
+                debug!(service = %service.id, endpoint = %endpoint.addr, %err, "upgrade failed");
+                if let Some(limit) = attempt.overflow {
+                    return overflow(proxy, service, limit);
+                }
+                if attempt.failure != Failure::ConnectFailure {
+                    // Sent: the endpoint may have acted on it.
+                    return no_endpoint(proxy, service, "upstream_reset");
+                }
+            }
+        }
     };
-    guard.end(true);
-    guard.verdict(Outcome::Status(response.status().as_u16()));
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
