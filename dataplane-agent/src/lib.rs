@@ -7,6 +7,11 @@
 //! (retries, budgets, circuit breakers) and [`ratelimit`], the mesh state
 //! ([`config`], [`state`], [`reload`]), and [`admin`]/[`metrics`].
 
+// Outside input must never panic the agent: product code handles errors
+// instead of unwrapping them (tests may unwrap; see clippy.toml).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![deny(clippy::dbg_macro, clippy::todo, clippy::unimplemented)]
+
 pub mod admin;
 pub mod app;
 pub mod balance;

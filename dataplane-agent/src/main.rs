@@ -5,6 +5,11 @@
 //! comparison); `cleanup` uninstalls the capture; `check-config` validates
 //! a mesh config file.
 
+// Outside input must never panic the agent: product code handles errors
+// instead of unwrapping them (tests may unwrap; see clippy.toml).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![deny(clippy::dbg_macro, clippy::todo, clippy::unimplemented)]
+
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -9,6 +9,11 @@
 //! IPv4 addresses are stored exactly as the kernel hands them over
 //! (`user_ip4`, `src_ip4`...: network order in a `u32`, so user space uses
 //! `u32::from_ne_bytes(addr.octets())`); ports are stored in host order.
+
+// Outside input must never panic the agent: product code handles errors
+// instead of unwrapping them (tests may unwrap; see clippy.toml).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![deny(clippy::dbg_macro, clippy::todo, clippy::unimplemented)]
 #![no_std]
 
 use core::mem::size_of;

@@ -2,6 +2,10 @@
 //! data plane. Every command that needs tools installs them first (`setup`
 //! is idempotent), so a fresh machine needs nothing done by hand.
 
+// A failed step must end with a message saying what to fix, not a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![deny(clippy::dbg_macro, clippy::todo, clippy::unimplemented)]
+
 mod setup;
 
 use std::path::PathBuf;
