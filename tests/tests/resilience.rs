@@ -432,3 +432,68 @@ fn retried_requests_resend_their_body() {
     }
     assert!(metric(&mesh, "dataplane_http_retries_total", &[]) >= 20.0);
 }
+
+/// The README's promise, tried as a new user would: the documented
+/// defaults plus `outlierDetection: {}` (and the `perTryTimeout` the
+/// README tells users to set), three real backends, 8 closed-loop
+/// callers, and one backend failing in each way in turn, through the real
+/// agent with eBPF capture. The agent is restarted between rounds so that
+/// each starts with no health history (a restart is also something users
+/// do).
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn the_readme_defaults_fail_no_request_when_one_backend_of_three_fails() {
+    if !require_privileges("the_readme_defaults_fail_no_request_when_one_backend_of_three_fails") {
+        return;
+    }
+    let policy = "{outlierDetection: {}, retries: {perTryTimeout: 500ms}}";
+    let mut mesh =
+        HttpMesh::start("defaults", &backends(&["b1", "b2", "b3"]), policy, &[]).expect("mesh");
+    let load = |mesh: &HttpMesh, requests: u64| {
+        let requests = requests.to_string();
+        let args = [
+            "--requests",
+            &requests,
+            "--concurrency",
+            "8",
+            "--timeout-ms",
+            "10000",
+        ];
+        mesh.load(&args).expect("load")
+    };
+    for (round, mode) in ["status:503", "reset", "close", "delay:20000ms"]
+        .iter()
+        .enumerate()
+    {
+        let bad = mesh.backends[round % 3].0.clone();
+        set_mode(&mesh.node, &bad, mode).expect("failure mode");
+        let report = load(&mesh, 800);
+        eprintln!("{mode}: {report:?}");
+        assert_eq!(
+            report.ok, 800,
+            "{mode}: no request fails with the defaults: {report:?}"
+        );
+        set_mode(&mesh.node, &bad, "ok").expect("heal");
+        mesh.agent.kill().expect("stop agent");
+        let node = &mesh.node;
+        mesh.agent.spawn(node).expect("restart agent");
+    }
+    // Killed mid-load: the process dies with requests in flight.
+    let victim = mesh.backends[0].1.pid();
+    let report = std::thread::scope(|scope| {
+        let running = scope.spawn(|| load(&mesh, 4000));
+        std::thread::sleep(Duration::from_millis(300));
+        let killed = std::process::Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "killed the backend");
+        running.join().expect("load thread")
+    });
+    eprintln!("killed: {report:?}");
+    assert!(
+        report.elapsed_ms > 500,
+        "the kill came mid-load: {report:?}"
+    );
+    assert_eq!(report.ok, 4000, "killed mid-load: {report:?}");
+}
