@@ -12,8 +12,9 @@
 //!   body echoed, or `<name>\n` when it was empty; `application/grpc`
 //!   requests get `grpc-status: 0` trailers.
 //! - `load --url <http://...> --requests <n> [--concurrency <c>] [--rate
-//!   <per s>] [--http2] [--header "k: v"]... [--method M] [--body-bytes n]
-//!   [--timeout-ms ms] [--max-duration 30s]`: prints one JSON summary line
+//!   <per s>] [--http2] [--no-resend] [--header "k: v"]... [--method M]
+//!   [--body-bytes n] [--timeout-ms ms] [--max-duration 30s]`: prints one
+//!   JSON summary line
 //!   (statuses, error classes, backends by `x-backend`, the proxy's
 //!   `x-dataplane-overflow`/`x-dataplane-fallback`/`Retry-After`,
 //!   latency). Closed loop with `--concurrency` workers, or open loop with
@@ -56,7 +57,7 @@ use opts::{Failure, Opts};
 const USAGE: &str = "usage:
   httptool serve --listen <ip:port> --name <name>
   httptool load --url <http://host[:port]/path> --requests <n> [--concurrency <c>]
-                [--rate <req/s>] [--http2] [--header \"k: v\"]... [--method <m>]
+                [--rate <req/s>] [--http2] [--no-resend] [--header \"k: v\"]... [--method <m>]
                 [--body-bytes <n>] [--timeout-ms <ms>] [--max-duration <n>s|<n>ms]
   httptool grpc --url <http://host[:port]/pkg.Svc/Method> [--header \"k: v\"]... [--timeout-ms <ms>]
   httptool raw --to <ip:port> [--request <text, \\r\\n escaped>] [--pad-header-bytes <n>] [--timeout-ms <ms>]";
@@ -66,7 +67,8 @@ fn main() -> ExitCode {
     let Some((command, rest)) = args.split_first() else {
         return usage("missing subcommand");
     };
-    let result = Opts::parse(rest, &["http2"], &["header"]).and_then(|opts| run(command, &opts));
+    let result = Opts::parse(rest, &["http2", "no-resend"], &["header"])
+        .and_then(|opts| run(command, &opts));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => usage(&msg),

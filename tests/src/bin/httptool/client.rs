@@ -18,18 +18,20 @@ use crate::opts::{Failure, Opts};
 pub type Client = legacy::Client<HttpConnector, Full<Bytes>>;
 
 /// Builds the client: keep-alive, and with `http2` HTTP/2 prior
-/// knowledge over one multiplexed connection. The only retries are of
-/// requests that provably never left the client (handed to a pooled
-/// connection that closed first, e.g. after GOAWAY), as every real client
-/// does; anything the peer may have seen is reported, never retried, since
-/// the proxy's own retries are what is under test.
-pub fn client(http2: bool, max_idle: usize, connect_timeout: Duration) -> Client {
+/// knowledge over one multiplexed connection. With `resend`, the only
+/// retries are of requests that provably never left the client (handed to
+/// a pooled connection that closed first, e.g. after GOAWAY), as every
+/// real client does; without it even those are reported (`--no-resend`:
+/// proves the proxy closed no connection under a request). Anything the
+/// peer may have seen is never retried, since the proxy's own retries are
+/// what is under test.
+pub fn client(http2: bool, resend: bool, max_idle: usize, connect_timeout: Duration) -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     legacy::Client::builder(TokioExecutor::new())
         .http2_only(http2)
-        .retry_canceled_requests(true)
+        .retry_canceled_requests(resend)
         .pool_max_idle_per_host(max_idle)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())

@@ -33,7 +33,7 @@ pub async fn run(opts: &Opts) -> Result<(), Failure> {
     let template = Template::from_opts(opts, Method::POST, frame(MESSAGE))?
         .with_header("content-type", "application/grpc")
         .with_header("te", "trailers");
-    let client = client::client(true, 1, timeout.max(DEFAULT_TIMEOUT));
+    let client = client::client(true, true, 1, timeout.max(DEFAULT_TIMEOUT));
     let line = match client::exchange(&client, &template, timeout).await {
         Ok(exchanged) => {
             let headers = &exchanged.head.headers;

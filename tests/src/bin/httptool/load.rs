@@ -83,6 +83,7 @@ fn setup(opts: &Opts, start: Instant) -> Result<(Arc<Run>, Pace), Failure> {
         "concurrency",
         "rate",
         "http2",
+        "no-resend",
         "header",
         "method",
         "body-bytes",
@@ -109,7 +110,12 @@ fn setup(opts: &Opts, start: Instant) -> Result<(Arc<Run>, Pace), Failure> {
         None => (Pace::Closed(concurrency), concurrency),
     };
     let run = Run {
-        client: client::client(opts.flag("http2"), max_idle, timeout),
+        client: client::client(
+            opts.flag("http2"),
+            !opts.flag("no-resend"),
+            max_idle,
+            timeout,
+        ),
         template,
         timeout,
         requests,
