@@ -13,6 +13,7 @@ pub mod enroll;
 mod links;
 pub mod reconcile;
 pub mod tables;
+mod watch;
 
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};

@@ -41,7 +41,7 @@ impl Agent {
         std::fs::create_dir_all(&work_dir)?;
         let config = work_dir.join("mesh.yaml");
         std::fs::write(&config, config_yaml)?;
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/dataplane-{}", node.id()));
+        let pin_dir = Self::pin_dir_of(node);
         let proxy = SocketAddrV4::new(node.node_ip(), PROXY_PORT);
         let mut args = vec![
             "run".to_string(),
@@ -52,6 +52,13 @@ impl Agent {
             format!("--pin-dir={}", pin_dir.display()),
             "--resync=200ms".to_string(),
         ];
+        // An extra `--flag=value` replaces the default of that flag (the
+        // agent refuses a flag given twice).
+        for arg in extra {
+            if let Some((flag, _)) = arg.split_once('=') {
+                args.retain(|a| !a.starts_with(&format!("{flag}=")));
+            }
+        }
         args.extend(extra.iter().map(|a| a.to_string()));
         let mut agent = Agent {
             proc: None,
@@ -91,6 +98,12 @@ impl Agent {
             Ok(())
         });
         result.with_context(|| format!("agent log:\n{}", self.log()))
+    }
+
+    /// The bpffs directory the agent for `node` pins its objects in (so a
+    /// test can put something there before the agent starts).
+    pub fn pin_dir_of(node: &SimNode) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/dataplane-{}", node.id()))
     }
 
     /// The agent's process id, while it runs.

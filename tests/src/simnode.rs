@@ -38,6 +38,11 @@ pub use self::privileges::require_privileges;
 pub use crate::proc::Proc;
 pub use crate::wait::eventually;
 
+/// A fresh, unique pod UID (UUID-shaped), for [`SimNode::add_pod_as`].
+pub fn new_pod_uid() -> String {
+    names::pod_uid()
+}
+
 use crate::proc::{REAP_TIMEOUT, kill_and_reap, lock};
 
 /// The node's address on its bridge; pods use it as their gateway.
@@ -228,28 +233,48 @@ impl SimNode {
     /// Adds a pod: netns `dp<id>-<name>`, a veth to br0, address
     /// 198.18.0.(10 + index), and cgroups `pod<uid>/app`.
     pub fn add_pod(&mut self, name: &str) -> anyhow::Result<Pod> {
+        self.add_pod_as(name, &new_pod_uid(), None)
+    }
+
+    /// Like [`SimNode::add_pod`], with a UID chosen beforehand (so that a
+    /// config can enroll the pod before it exists; see [`new_pod_uid`]) and,
+    /// with `qos`, placed below that QoS-class cgroup as kubelet's cgroupfs
+    /// driver places burstable and best-effort pods:
+    /// `kubepods/<qos>/pod<uid>/app` (the class directory is created when
+    /// missing).
+    pub fn add_pod_as(&mut self, name: &str, uid: &str, qos: Option<&str>) -> anyhow::Result<Pod> {
         names::check_pod_name(name)?;
         ensure!(
-            self.pods.iter().all(|p| p.name != name),
-            "pod {name:?} already exists on node {}",
+            self.pods.iter().all(|p| p.name != name && p.uid != uid),
+            "pod {name:?} or uid {uid} already exists on node {}",
             self.id
         );
+        let parent = match qos {
+            Some(class) => {
+                names::check_pod_name(class)?;
+                self.pods_cgroup().join(class)
+            }
+            None => self.pods_cgroup(),
+        };
         let index = self.pods.len();
         ensure!(
             index < MAX_PODS,
             "node {} is full ({MAX_PODS} pods)",
             self.id
         );
-        let uid = names::pod_uid();
         let pod = Pod {
             name: name.to_owned(),
             ip: Ipv4Addr::new(198, 18, self.subnet, 10 + index as u8),
             netns: format!("dp{}-{name}", self.id),
-            cgroup: self.pods_cgroup().join(format!("pod{uid}")),
-            uid,
+            cgroup: parent.join(format!("pod{uid}")),
+            uid: uid.to_owned(),
         };
         self.add_netns(&pod.netns)
             .and_then(|()| self.wire_pod(&pod, index))
+            .and_then(|()| match parent.exists() {
+                true => Ok(()),
+                false => cgroup::create(&parent),
+            })
             .and_then(|()| cgroup::create(&pod.cgroup))
             .and_then(|()| cgroup::create(&pod.container_cgroup()))
             .with_context(|| format!("adding pod {name} to node {}", self.id))?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use dataplane_tests::agent::{Agent, attached_programs};
 use dataplane_tests::peers::{self, Hello};
 use dataplane_tests::scenario::{ECHO_VIP, MeshNode, ServiceSpec, backend_addr, mesh_config};
+use dataplane_tests::simnode::new_pod_uid;
 use dataplane_tests::{SimNode, require_privileges};
 
 /// Answers per backend; panics with the failures if any attempt failed.
@@ -229,4 +230,43 @@ fn service_without_endpoints_is_refused_at_once() {
     );
     drop(agent);
     drop(node);
+}
+
+/// Pods that start after the agent, with the periodic walk a minute away:
+/// each pod's cgroup is enrolled as it appears (the agent watches the
+/// cgroup tree), so its very first connect to the VIP goes through the
+/// proxy. The second pod sits in a QoS-class cgroup (`burstable/`) that did
+/// not exist when the agent started: new levels are watched as they appear.
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn pods_started_after_the_agent_are_captured_from_their_first_connect() {
+    if !require_privileges("pods_started_after_the_agent_are_captured_from_their_first_connect") {
+        return;
+    }
+    let mut node = SimNode::new("late").expect("node");
+    let backend = node.add_pod("backend-1").expect("pod");
+    let _server = peers::serve(&node, &backend, "backend-1").expect("backend");
+    let late = [
+        ("late", new_pod_uid(), None),
+        ("late-burstable", new_pod_uid(), Some("burstable")),
+    ];
+    let echo = ServiceSpec::tcp("echo", ECHO_VIP, vec![backend_addr(&backend)]);
+    let mut config = mesh_config(&[echo], &[]);
+    for (name, uid, _) in &late {
+        config.push_str(&format!("  - uid: {uid}\n    name: {name}\n"));
+    }
+    let agent = Agent::start_with(&node, &config, &["--resync=60s"]).expect("agent");
+
+    let node_ip = node.node_ip().to_string();
+    for (name, uid, qos) in &late {
+        let pod = node.add_pod_as(name, uid, *qos).expect("pod");
+        let first = peers::hello(&node, &pod, ECHO_VIP, 1).expect("hello");
+        assert!(
+            first[0].ok && first[0].peer_ip() == Some(node_ip.as_str()),
+            "the first connect of {name} went through the node proxy: {first:#?}\nagent log:\n{}",
+            agent.log()
+        );
+    }
+    let metrics = agent.metrics().expect("metrics");
+    assert_eq!(metrics.captured(), 2, "each first connect was redirected");
 }

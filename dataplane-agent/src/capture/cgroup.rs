@@ -12,6 +12,15 @@ use super::CaptureError;
 /// cgroupfs driver uses `kubepods/<qos>/pod<uid>`, systemd one level more.
 const MAX_POD_DEPTH: usize = 3;
 
+/// Whether a directory `depth` levels below the pods' cgroup (which is at
+/// depth 0) that is not itself a pod may hold pod directories, i.e. must
+/// be looked into. Pod directories are never looked into: their container
+/// cgroups are covered by the pod's enrollment (the programs check every
+/// ancestor of the caller's cgroup).
+pub fn may_hold_pods(depth: usize) -> bool {
+    depth < MAX_POD_DEPTH
+}
+
 /// The cgroup v2 mount point, read from /proc/mounts: `/sys/fs/cgroup` on
 /// unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn cgroup2_mount() -> Result<PathBuf, CaptureError> {
@@ -104,7 +113,7 @@ pub fn find_pods(pods_root: &Path) -> HashMap<String, PathBuf> {
                 Some(uid) => {
                     found.insert(uid, entry.path());
                 }
-                None if depth + 1 < MAX_POD_DEPTH => pending.push((entry.path(), depth + 1)),
+                None if may_hold_pods(depth + 1) => pending.push((entry.path(), depth + 1)),
                 None => {}
             }
         }

@@ -16,30 +16,41 @@ pub struct Enrollment {
     pub absent: BTreeSet<String>,
 }
 
-/// Resolves enrolled pods to cgroup ids by walking `pods_root`. A pod whose
-/// cgroup holds the proxy itself is never enrolled: capturing the proxy's
-/// own connections would loop them back into it.
+/// Why a pod directory that was found is not enrolled.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotEnrolled {
+    /// Its cgroup holds the proxy: capturing the proxy's own connections
+    /// would loop them back into it.
+    ProxyPod,
+    /// It went away between finding it and reading its id.
+    Gone,
+}
+
+/// The cgroup id to enroll for the pod directory `dir`: the one rule for
+/// both the periodic walk and a directory that just appeared.
+pub fn cgroup_to_enroll(uid: &str, dir: &Path, proxy_cgroup: &Path) -> Result<u64, NotEnrolled> {
+    if proxy_cgroup.starts_with(dir) {
+        tracing::warn!(%uid, cgroup = %dir.display(), "not enrolling the proxy's own pod");
+        return Err(NotEnrolled::ProxyPod);
+    }
+    cgroup::cgroup_id(dir).map_err(|_| NotEnrolled::Gone)
+}
+
+/// Resolves enrolled pods to cgroup ids by walking `pods_root`.
 pub fn resolve(pods: &[Pod], pods_root: &Path, proxy_cgroup: &Path) -> Enrollment {
     let found = cgroup::find_pods(pods_root);
     let mut enrollment = Enrollment::default();
     for pod in pods {
-        let dir = match found.get(&pod.uid) {
-            Some(dir) if !proxy_cgroup.starts_with(dir) => dir,
-            Some(dir) => {
-                tracing::warn!(uid = %pod.uid, cgroup = %dir.display(), "not enrolling the proxy's own pod");
-                continue;
-            }
-            None => {
-                enrollment.absent.insert(pod.uid.clone());
-                continue;
-            }
+        let Some(dir) = found.get(&pod.uid) else {
+            enrollment.absent.insert(pod.uid.clone());
+            continue;
         };
-        match cgroup::cgroup_id(dir) {
+        match cgroup_to_enroll(&pod.uid, dir, proxy_cgroup) {
             Ok(id) => {
                 enrollment.cgroups.insert(id, EnrolledPod::default());
             }
-            // The pod went away between the walk and now.
-            Err(_) => {
+            Err(NotEnrolled::ProxyPod) => {}
+            Err(NotEnrolled::Gone) => {
                 enrollment.absent.insert(pod.uid.clone());
             }
         }

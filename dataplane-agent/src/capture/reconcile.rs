@@ -1,35 +1,82 @@
 //! Keeps the kernel tables equal to the mesh state, and reports what
 //! cannot be applied (maps full, enrolled pods missing) once per change
 //! rather than on every pass.
+//!
+//! Two writers share the tables: the periodic pass (a full walk of the
+//! pods' cgroups and a diff of each table) and the cgroup watcher, which
+//! enrolls a pod the moment its cgroup appears. A pass holds the lock from
+//! its walk to the end of its sync, so a pod enrolled by the watcher is
+//! either seen by the walk or written after the sync: never removed again
+//! by a pass that walked before it existed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use dataplane_common::{ServiceKey, ServiceValue};
+use dataplane_common::{EnrolledPod, ServiceKey, ServiceValue};
 use tracing::{info, warn};
 
 use super::enroll::{self, Enrollment};
-use super::tables::{CaptureStats, SyncReport, Tables};
+use super::tables::{CaptureStats, StatsReader, SyncReport, Tables};
+use super::watch::{OnPod, PodCgroupWatcher};
 use crate::config::MeshConfig;
 
 pub struct Reconciler {
-    tables: Tables,
+    shared: Arc<Mutex<Shared>>,
+    stats: Arc<StatsReader>,
     pods_root: PathBuf,
     proxy_cgroup: PathBuf,
     last_absent: BTreeSet<String>,
     last_enrolled: usize,
     last_stats: CaptureStats,
+    /// None when inotify is unavailable: then only the periodic pass
+    /// enrolls new pods.
+    _watcher: Option<PodCgroupWatcher>,
+}
+
+/// What the periodic pass and the cgroup watcher share.
+struct Shared {
+    tables: Tables,
+    /// UIDs of the pods the config enrolls.
+    wanted: HashSet<String>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // The tables stay usable after a panic elsewhere: every pass rewrites
+    // them from scratch.
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Reconciler {
+    /// Takes over the tables and starts watching `pods_root` for new pods.
     pub fn new(tables: Tables, pods_root: PathBuf, proxy_cgroup: PathBuf) -> Self {
-        Self {
+        let stats = tables.stats();
+        let shared = Arc::new(Mutex::new(Shared {
             tables,
+            wanted: HashSet::new(),
+        }));
+        let on_pod = enroll_on_sight(Arc::clone(&shared), proxy_cgroup.clone());
+        let watcher = match PodCgroupWatcher::start(pods_root.clone(), on_pod) {
+            Ok(watcher) => Some(watcher),
+            Err(err) => {
+                warn!(
+                    pods_cgroup = %pods_root.display(),
+                    %err,
+                    "cannot watch the pods' cgroups (inotify limits?): new pods are enrolled \
+                     at the next --resync only"
+                );
+                None
+            }
+        };
+        Self {
+            shared,
+            stats,
             pods_root,
             proxy_cgroup,
             last_absent: BTreeSet::new(),
             last_enrolled: usize::MAX,
             last_stats: CaptureStats::default(),
+            _watcher: watcher,
         }
     }
 
@@ -47,16 +94,20 @@ impl Reconciler {
                 (key, ServiceValue::default())
             })
             .collect();
-        let report = self.tables.sync_services(&desired);
+        let report = lock(&self.shared).tables.sync_services(&desired);
         log_report("services", &report);
     }
 
-    /// Enrolls the pods of `cfg` that have a cgroup on this node now; pods
-    /// that appear later are picked up by the next pass.
+    /// Enrolls the pods of `cfg` that have a cgroup on this node now, and
+    /// tells the watcher which pods to enroll when their cgroup appears.
     pub fn enrollment(&mut self, cfg: &MeshConfig) {
-        let Enrollment { cgroups, absent } =
-            enroll::resolve(&cfg.pods, &self.pods_root, &self.proxy_cgroup);
-        let report = self.tables.sync_enrolled(&cgroups);
+        let (Enrollment { cgroups, absent }, report) = {
+            let mut shared = lock(&self.shared);
+            shared.wanted = cfg.pods.iter().map(|pod| pod.uid.clone()).collect();
+            let enrollment = enroll::resolve(&cfg.pods, &self.pods_root, &self.proxy_cgroup);
+            let report = shared.tables.sync_enrolled(&enrollment.cgroups);
+            (enrollment, report)
+        };
         log_report("enrollment", &report);
         if absent != self.last_absent && !absent.is_empty() {
             warn!(pods = ?absent, "enrolled pods have no cgroup on this node (yet)");
@@ -70,7 +121,7 @@ impl Reconciler {
 
     /// Warns when the programs report full maps since the last check.
     pub fn check_kernel_counters(&mut self) {
-        let stats = self.tables.stats().read();
+        let stats = self.stats.read();
         if stats.orig_dst_full > self.last_stats.orig_dst_full {
             warn!(
                 refused = stats.orig_dst_full - self.last_stats.orig_dst_full,
@@ -85,6 +136,24 @@ impl Reconciler {
         }
         self.last_stats = stats;
     }
+}
+
+/// The watcher's action for a pod directory: enroll it now if the config
+/// wants it (the same rule as the periodic pass).
+fn enroll_on_sight(shared: Arc<Mutex<Shared>>, proxy_cgroup: PathBuf) -> OnPod {
+    Box::new(move |uid, dir| {
+        let mut shared = lock(&shared);
+        if !shared.wanted.contains(uid) {
+            return;
+        }
+        let Ok(id) = enroll::cgroup_to_enroll(uid, dir, &proxy_cgroup) else {
+            return;
+        };
+        match shared.tables.enroll(id, EnrolledPod::default()) {
+            Ok(()) => info!(%uid, cgroup = %dir.display(), "enrolled a new pod cgroup"),
+            Err(failure) => warn!(table = "enrollment", %failure, "kernel table update failed"),
+        }
+    })
 }
 
 fn log_report(table: &str, report: &SyncReport) {
