@@ -36,7 +36,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Formatting and clippy (host crates and the eBPF crate), warnings denied.
+    /// Formatting, clippy (host crates and the eBPF crate; warnings
+    /// denied) and cargo-deny (licenses, bans, sources). Needs no root.
     Lint,
     /// Build a simulated node with a client pod and three backend pods, and
     /// show the client calling a service VIP through the node proxy.
@@ -64,7 +65,8 @@ fn main() -> anyhow::Result<()> {
             test(&args)
         }
         Task::Lint => {
-            setup::ensure_all()?;
+            setup::ensure_build_tools()?;
+            setup::ensure_cargo_deny()?;
             lint()
         }
         Task::Bench { quick } => {
@@ -213,6 +215,11 @@ fn is_root() -> bool {
 
 fn lint() -> anyhow::Result<()> {
     let root = workspace_root();
+    // Licenses, banned crates and sources (deny.toml); advisories need a
+    // network fetch of the advisory database, so they are not part of it.
+    run(cargo()
+        .current_dir(&root)
+        .args(["deny", "check", "licenses", "bans", "sources"]))?;
     run(cargo()
         .current_dir(&root)
         .args(["fmt", "--all", "--", "--check"]))?;

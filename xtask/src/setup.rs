@@ -55,9 +55,43 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 ];
 
 pub fn ensure_all() -> anyhow::Result<()> {
-    ensure_toolchains()?;
-    ensure_bpf_linker()?;
+    ensure_build_tools()?;
     ensure_apt_packages()
+}
+
+/// What building and linting need: toolchains and bpf-linker, installed
+/// per user (rustup, cargo install), so `cargo xtask lint` needs no root.
+pub fn ensure_build_tools() -> anyhow::Result<()> {
+    ensure_toolchains()?;
+    ensure_bpf_linker()
+}
+
+/// cargo-deny, which `cargo xtask lint` runs with `deny.toml`. Pinned, so
+/// a new release cannot change what CI accepts.
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
+
+pub fn ensure_cargo_deny() -> anyhow::Result<()> {
+    let ok = || {
+        output(Command::new("cargo").args(["deny", "--version"]))
+            .is_ok_and(|v| v.contains(CARGO_DENY_VERSION))
+    };
+    if ok() {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (a few minutes, once)");
+    run(Command::new("cargo").env_remove("RUSTC").args([
+        "install",
+        "cargo-deny",
+        "--locked",
+        "--force",
+        "--no-default-features",
+        "--version",
+        CARGO_DENY_VERSION,
+    ]))?;
+    if !ok() {
+        bail!("cargo-deny was installed but does not run; is CARGO_HOME/bin on PATH?");
+    }
+    Ok(())
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
