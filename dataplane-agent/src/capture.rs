@@ -10,6 +10,7 @@
 mod bpffs;
 pub mod cgroup;
 pub mod enroll;
+mod layout;
 mod links;
 pub mod reconcile;
 pub mod tables;
@@ -27,7 +28,8 @@ pub use tables::Tables;
 /// Pinned maps live in a directory named after their layout version: a
 /// release that changes a map's key, value or size bumps it, so that the new
 /// programs never reuse maps of another layout (the old ones go with
-/// `cleanup`).
+/// `cleanup`). A map of another layout found here all the same is replaced
+/// (see [`layout`]).
 const MAPS_DIR: &str = "maps-v1";
 
 /// The eBPF object built by build.rs.
@@ -59,6 +61,10 @@ pub enum CaptureError {
     Pin { path: PathBuf, message: String },
     #[error("eBPF map {name}: {message}")]
     Map { name: &'static str, message: String },
+    #[error("pinned map {path}: {message}")]
+    PinnedMap { path: PathBuf, message: String },
+    #[error("the embedded eBPF object cannot be parsed (a broken build?): {0}")]
+    Object(String),
 }
 
 /// Where and how to capture.
@@ -91,6 +97,7 @@ impl Capture {
         let maps_dir = cfg.pin_dir.join(MAPS_DIR);
         bpffs::ensure_dir(&maps_dir)?;
         bpffs::ensure_dir(&cfg.pin_dir.join("links"))?;
+        layout::replace_misfits(EBPF_OBJECT, &maps_dir)?;
 
         let proxy_ip4 = u32::from_ne_bytes(cfg.proxy_addr.ip().octets());
         let proxy_port = cfg.proxy_addr.port();

@@ -65,3 +65,68 @@ pub fn entry_count(path: &Path) -> anyhow::Result<usize> {
 pub fn agent_map_entries(pin_dir: &Path, name: &str) -> anyhow::Result<usize> {
     entry_count(&pinned_map(pin_dir, name)?)
 }
+
+/// The shape of a pinned map, as `bpftool map show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapShape {
+    pub id: u64,
+    /// bpftool's name of the type, e.g. `hash`, `lru_hash`.
+    pub kind: String,
+    pub key_size: u64,
+    pub value_size: u64,
+    pub max_entries: u64,
+}
+
+/// `bpftool map show pinned <path>`.
+pub fn map_shape(path: &Path) -> anyhow::Result<MapShape> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["-j", "map", "show", "pinned"]).arg(path);
+    let out = run_with_timeout(cmd, BPFTOOL_TIMEOUT).context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map show {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bpftool printed no JSON for {}", path.display()))?;
+    let number = |field: &str| {
+        map[field]
+            .as_u64()
+            .with_context(|| format!("no {field} in {map}"))
+    };
+    Ok(MapShape {
+        id: number("id")?,
+        kind: map["type"].as_str().unwrap_or_default().to_string(),
+        key_size: number("bytes_key")?,
+        value_size: number("bytes_value")?,
+        max_entries: number("max_entries")?,
+    })
+}
+
+/// Creates a map with `bpftool map create` and pins it at `path` (which
+/// must be on bpffs), e.g. to stand for a map another release left there.
+pub fn create_pinned_map(
+    path: &Path,
+    name: &str,
+    kind: &str,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> anyhow::Result<()> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", "create"]).arg(path);
+    let sizes = [key_size, value_size, max_entries].map(|n| n.to_string());
+    cmd.args(["type", kind, "key", &sizes[0], "value", &sizes[1]])
+        .args(["entries", &sizes[2], "name", name]);
+    let out = run_with_timeout(cmd, BPFTOOL_TIMEOUT).context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map create {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -3,13 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use dataplane_tests::agent::{Agent, attached_programs};
 use dataplane_tests::peers::{self, Hello};
 use dataplane_tests::scenario::{ECHO_VIP, MeshNode, ServiceSpec, backend_addr, mesh_config};
 use dataplane_tests::simnode::new_pod_uid;
-use dataplane_tests::{SimNode, require_privileges};
+use dataplane_tests::{SimNode, binaries, bpfmaps, require_privileges};
 
 /// Answers per backend; panics with the failures if any attempt failed.
 fn answers_by_backend(hellos: &[Hello]) -> BTreeMap<String, usize> {
@@ -269,4 +271,80 @@ fn pods_started_after_the_agent_are_captured_from_their_first_connect() {
     }
     let metrics = agent.metrics().expect("metrics");
     assert_eq!(metrics.captured(), 2, "each first connect was redirected");
+}
+
+/// Removes an agent's pin directory (with `dataplane-agent cleanup`) when
+/// a test put something there before any agent ran.
+struct PinDirGuard(PathBuf);
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        let Ok(agent) = binaries::agent() else { return };
+        let _ = Command::new(agent)
+            .arg("cleanup")
+            .arg(format!("--pin-dir={}", self.0.display()))
+            .output();
+    }
+}
+
+/// A pinned map of another layout, as a release that changed a map without
+/// bumping the maps directory would leave: the agent replaces it, saying
+/// which map and both layouts, and captures as usual. Restarted, it keeps
+/// the map (no false alarm when the layouts match).
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn a_pinned_map_of_another_layout_is_replaced_with_a_warning() {
+    if !require_privileges("a_pinned_map_of_another_layout_is_replaced_with_a_warning") {
+        return;
+    }
+    let mut node = SimNode::new("layout").expect("node");
+    let client = node.add_pod("client").expect("pod");
+    let backend = node.add_pod("backend-1").expect("pod");
+    let _server = peers::serve(&node, &backend, "backend-1").expect("backend");
+    let pin_dir = Agent::pin_dir_of(&node);
+    let _guard = PinDirGuard(pin_dir.clone());
+    let maps_dir = pin_dir.join("maps-v1");
+    std::fs::create_dir_all(&maps_dir).expect("pin dir on bpffs");
+    let stale = maps_dir.join("DP_ENROLLED");
+    bpfmaps::create_pinned_map(&stale, "DP_ENROLLED", "hash", 4, 4, 16).expect("stale map");
+
+    let echo = ServiceSpec::tcp("echo", ECHO_VIP, vec![backend_addr(&backend)]);
+    let mut agent = Agent::start(&node, &mesh_config(&[echo], &[&client])).expect("agent");
+    let log = agent.log();
+    let warning = log
+        .lines()
+        .find(|line| line.contains("layout differs"))
+        .unwrap_or_else(|| panic!("no warning about the stale map in:\n{log}"));
+    for want in [
+        "DP_ENROLLED",
+        "Hash (key 4 B, value 4 B, 16 entries",
+        "Hash (key 8 B, value 4 B, 4096 entries",
+    ] {
+        assert!(warning.contains(want), "{want:?} missing from: {warning}");
+    }
+    let replaced = bpfmaps::map_shape(&stale).expect("map");
+    assert_eq!(
+        (
+            replaced.kind.as_str(),
+            replaced.key_size,
+            replaced.value_size
+        ),
+        ("hash", 8, 4),
+        "the programs' layout is pinned now"
+    );
+    let hello = peers::hello(&node, &client, ECHO_VIP, 1).expect("hello");
+    let node_ip = node.node_ip().to_string();
+    assert!(
+        hello[0].ok && hello[0].peer_ip() == Some(node_ip.as_str()),
+        "captured through the replaced map: {hello:#?}"
+    );
+
+    agent.kill().expect("stop");
+    agent.spawn(&node).expect("restart");
+    assert_eq!(
+        bpfmaps::map_shape(&stale).expect("map").id,
+        replaced.id,
+        "a map of the right layout is kept across restarts"
+    );
+    assert_eq!(agent.log().matches("layout differs").count(), 1);
 }
