@@ -99,3 +99,53 @@ async fn a_half_written_file_never_replaces_the_running_config() {
     assert_eq!(rt.config.pods.len(), 1);
     assert_eq!(**rt.admin.config.load(), rt.config);
 }
+
+/// The reload's file reads (which may sleep while a writer settles) and the
+/// per-tick work (cgroup walks, map syncs) block; on the agent's runtime
+/// they must not hold up the tasks sharing their worker thread. Here one
+/// worker runs both a ticking task and the blocking work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn blocking_reload_and_tick_work_leave_the_async_worker_free() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-runtime-off-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let path = dir.0.join("mesh.yaml");
+    let mut rt = runtime_on(&path, ONE_SERVICE).await;
+    let stall = Duration::from_millis(300);
+    *rt.watcher.lock().expect("lock") = ConfigWatcher::new(path.clone(), ONE_SERVICE.into())
+        .with_reader(Duration::from_millis(1), move |_| {
+            std::thread::sleep(stall);
+            Ok(ONE_SERVICE.to_string())
+        });
+
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&ticks);
+    let ticker = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let blocking = tokio::spawn(async move {
+        let before = ticks.load(Ordering::Relaxed);
+        rt.reload().await;
+        let during_reload = ticks.load(Ordering::Relaxed) - before;
+        let before = ticks.load(Ordering::Relaxed);
+        off_worker(|| std::thread::sleep(stall));
+        let during_tick = ticks.load(Ordering::Relaxed) - before;
+        (during_reload, during_tick)
+    });
+    let (during_reload, during_tick) = blocking.await.expect("task");
+    ticker.abort();
+    // About 30 ticks fit in each stall; 5 leaves room for a busy machine,
+    // while a blocked worker would allow none.
+    assert!(
+        during_reload >= 5,
+        "ticks during the reload: {during_reload}"
+    );
+    assert!(
+        during_tick >= 5,
+        "ticks during the tick work: {during_tick}"
+    );
+}
