@@ -244,12 +244,14 @@ async fn a_full_delay_queue_is_an_overflow() {
     .await
 }
 
+type Headers = &'static [(&'static str, &'static str)];
+
 /// Gold (a class by `gold_match`, 50 % of 20/s) sends 15 requests over
 /// about 0.9 s from `gold_source` while three bronze callers flood;
 /// (gold admitted, bronze admitted, bronze rejected).
 async fn gold_during_a_flood(
     classes: &str,
-    gold_headers: &'static [(&'static str, &'static str)],
+    gold_headers: Headers,
     gold_source: Ipv4Addr,
 ) -> (usize, usize, usize) {
     let spec = format!("requestsPerSecond: 20, burst: 20{classes}");
@@ -305,7 +307,7 @@ async fn a_priority_class_keeps_its_share_while_others_flood() {
         let localhost = Ipv4Addr::new(127, 0, 0, 1);
         let by_header = ", priorityClasses: [{name: gold, matchHeader: {name: x-priority, value: gold}, share: 50}]";
         let by_pod = ", priorityClasses: [{name: gold, matchPods: [pod-gold], share: 50}]";
-        let cases: [(&str, &'static [(&'static str, &'static str)], Ipv4Addr); 2] = [
+        let cases: [(&str, Headers, Ipv4Addr); 2] = [
             (by_header, &[("x-priority", "gold")], localhost),
             (by_pod, &[], Ipv4Addr::new(127, 0, 0, 7)),
         ];
