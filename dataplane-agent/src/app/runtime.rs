@@ -156,7 +156,7 @@ impl Runtime {
     /// Logs why a change was not applied. A file still being written is
     /// retried at the next poll and not counted as a failed reload.
     fn reject(&self, err: &Rejected) {
-        warn!(error = %err, "config change not applied; keeping the last good config");
+        warn!(error = %err, "config change rejected; keeping the last good config");
         if !err.is_transient() {
             self.proxy.metrics.reload(false);
         }
