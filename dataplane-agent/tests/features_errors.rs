@@ -322,3 +322,55 @@ async fn a_fallback_replaces_the_bare_503() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_overflows_http_requests_and_refuses_tcp_connections() {
+    bounded(async {
+        let slow = Backend::start("slow", Mode::Delay(Duration::from_millis(300))).await;
+        let extra = policy(&["connectionPool: {maxConnections: 1}"]);
+        let proxy = TestProxy::start(&config(&[&slow], &extra)).await;
+        let client = client(false);
+        // The first request holds the only upstream connection.
+        let first = get_with(&client, &proxy, &[]);
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            get_with(&client, &proxy, &[]).await
+        };
+        let (first, r) = tokio::join!(first, second);
+        assert_eq!(first.status, StatusCode::OK);
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.error(), Some("overflow"));
+        assert_eq!(r.header("x-dataplane-overflow"), Some("max_connections"));
+        assert_eq!(slow.hits(), 1);
+        // Opaque TCP: the connection beyond the limit is refused at once.
+        let ok = Backend::start("ok", Mode::Ok).await;
+        let yaml = support::config_with("tcp", &[support::endpoint(&ok, "")], &extra);
+        let proxy = TestProxy::start(&yaml).await;
+        let mut held = TcpStream::connect(proxy.addr).await.unwrap();
+        held.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        held.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        // Reset at once: on loopback even the connect may report it.
+        let refused = async {
+            let mut s = TcpStream::connect(proxy.addr).await?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+            let mut buf = [0u8; 64];
+            s.read(&mut buf).await
+        };
+        let read = tokio::time::timeout(Duration::from_secs(3), refused).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "the second connection was served: {read:?}"
+        );
+        let label = "reason=\"overflow\"";
+        assert_eq!(
+            proxy.metric("dataplane_proxy_refused_connections_total", &[label]),
+            1.0
+        );
+        drop(held);
+    })
+    .await
+}
