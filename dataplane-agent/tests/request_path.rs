@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -454,6 +456,64 @@ async fn a_retry_cut_short_by_the_request_deadline_does_not_blame_its_endpoint()
             assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
         }
         assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+    })
+    .await;
+}
+
+/// An HTTP/2 server that says GOAWAY (NO_ERROR, nothing processed) on
+/// every connection as soon as the handshake is done, as a server does
+/// when it starts shutting down: the requests already sent were not
+/// processed.
+async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // A second descriptor keeps the socket open after h2 is
+                // done, so that closing with the client's request unread
+                // cannot turn into a reset that races the GOAWAY.
+                use std::os::fd::AsFd as _;
+                let Ok(keep) = stream.as_fd().try_clone_to_owned() else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                while let Some(Ok(_)) = conn.accept().await {}
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                drop(keep);
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn a_request_left_unprocessed_by_a_goaway_is_retried_elsewhere_even_a_post() {
+    bounded(async {
+        let (leaving, connections) = going_away_h2_backend().await;
+        let ok = Backend::start("ok", Mode::Echo).await;
+        let yaml = format!(
+            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    upstreamProtocol: http2\n    endpoints:\n      - address: {leaving}\n      - address: {}\n    trafficPolicy:\n      outlierDetection: {{consecutiveLocalOriginFailures: 1, consecutive5xxErrors: 1}}\n",
+            ok.addr
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        for i in 0..6 {
+            let req = Request::post(format!("http://{}/", proxy.addr))
+                .body(Full::new(Bytes::from(format!("order {i}"))))
+                .unwrap();
+            let resp = client(false).request(req).await.expect("response");
+            assert_eq!(resp.status(), StatusCode::OK, "POST {i}: {:?}", resp.headers());
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, format!("order {i}").as_bytes());
+        }
+        assert!(connections.load(Ordering::SeqCst) >= 1, "the leaving server was tried");
+        assert_eq!(ejections(&proxy), 0.0, "a graceful shutdown is not a failure");
     })
     .await;
 }

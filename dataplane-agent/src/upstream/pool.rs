@@ -75,8 +75,13 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// Whether the request surely did not reach the application (connect
-    /// failed, or HTTP/2 `REFUSED_STREAM`).
+    /// Whether the endpoint surely did not process the request: HTTP/2
+    /// `REFUSED_STREAM`, or a stream the endpoint's own GOAWAY left
+    /// unprocessed (h2 fails with the GOAWAY only the streams above its
+    /// last processed id, and the ones opened after it; streams cut later
+    /// by the connection closing fail with an I/O error instead). A
+    /// server shutting down gracefully is not failing: such a request is
+    /// retried elsewhere, even a POST, and not held against the endpoint.
     pub fn refused_stream(&self) -> bool {
         let Self::Request(_, err) = self else {
             return false;
@@ -84,7 +89,8 @@ impl SendError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(err) = source {
             if let Some(h2) = err.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.is_remote());
             }
             source = err.source();
         }
