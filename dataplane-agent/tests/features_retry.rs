@@ -348,7 +348,6 @@ async fn max_retries_overflows_concurrent_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a maxRetries overflow carries no x-dataplane-overflow and is not counted in circuit_breaker_overflows, although the README says circuit-breaker overflows carry it"]
 async fn a_retry_overflow_names_its_limit_like_other_circuit_breakers() {
     bounded(async {
         let (proxy, replies) = concurrent_retries().await;

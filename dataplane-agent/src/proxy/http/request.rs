@@ -342,7 +342,13 @@ fn give_up(
     let hidden_retry = reason
         .error_header()
         .filter(|_| service.policy().retries.attempts > 0);
-    match response {
+    // `maxRetries` is a circuit breaker: its overflow is counted and named
+    // like the others', on whatever response the caller gets.
+    let overflowed = (reason == GiveUpReason::BreakerOpen).then_some(Limit::Retries);
+    if let Some(limit) = overflowed {
+        ProxyMetrics::reason(&proxy.metrics.overflows, &service.id, limit.as_str());
+    }
+    let mut response = match response {
         Some(response) => downstream_response(response, hidden_retry),
         None => {
             let mut response = failure_reply(proxy, service, failure);
@@ -357,7 +363,14 @@ fn give_up(
             }
             response
         }
+    };
+    if let Some(limit) = overflowed {
+        response.headers_mut().insert(
+            reply::OVERFLOW_HEADER,
+            HeaderValue::from_static(limit.as_str()),
+        );
     }
+    response
 }
 
 /// The proxy's answer when the last attempt got no response.
