@@ -380,6 +380,50 @@ impl ProxyMetrics {
     }
 }
 
+/// The counters one service's requests touch every time, resolved once
+/// per config version (each version of a service holds its own) instead
+/// of per request: no label string is built and no family is hashed on
+/// the request path. Responses by code are looked up in a short list
+/// (a service sees a handful of codes).
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    responses: std::sync::RwLock<Vec<(u16, Counter)>>,
+    retries: std::sync::OnceLock<Counter>,
+}
+
+impl ServiceCounters {
+    /// Counts a response with status `code` to a client of `service`.
+    pub fn response(&self, metrics: &ProxyMetrics, service: &str, code: u16) {
+        let read = |list: &Vec<(u16, Counter)>| {
+            list.iter()
+                .find(|(c, _)| *c == code)
+                .map(|(_, counter)| counter.clone())
+        };
+        let known = self.responses.read().map_or(None, |list| read(&list));
+        let counter = known.unwrap_or_else(|| {
+            let labels = ResponseLabels {
+                service: service.to_string(),
+                code,
+            };
+            let counter = metrics.http_responses.get_or_create(&labels).clone();
+            if let Ok(mut list) = self.responses.write()
+                && read(&list).is_none()
+            {
+                list.push((code, counter.clone()));
+            }
+            counter
+        });
+        counter.inc();
+    }
+
+    /// Counts a retry sent for `service`.
+    pub fn retry(&self, metrics: &ProxyMetrics, labels: &ServiceLabels) {
+        self.retries
+            .get_or_init(|| metrics.retries.get_or_create(labels).clone())
+            .inc();
+    }
+}
+
 /// Every `reason` label value the per-service reason families use: local
 /// replies, retry give-ups and circuit-breaker limits.
 const KNOWN_REASONS: &[&str] = &[
@@ -528,5 +572,34 @@ mod grpc_labels {
             })
             .collect();
         assert_eq!(codes, [2, 14], "99 and 2^32-1 became UNKNOWN");
+    }
+}
+
+#[cfg(test)]
+mod service_counters {
+    use super::*;
+
+    #[test]
+    fn resolved_counters_are_the_family_series() {
+        let m = ProxyMetrics::default();
+        let counters = ServiceCounters::default();
+        let labels = ServiceLabels {
+            service: "default/s".into(),
+        };
+        for code in [200, 200, 503, 200] {
+            counters.response(&m, "default/s", code);
+        }
+        counters.retry(&m, &labels);
+        counters.retry(&m, &labels);
+        let series = |code| {
+            m.http_responses
+                .get(&ResponseLabels {
+                    service: "default/s".into(),
+                    code,
+                })
+                .map(|c| c.get())
+        };
+        assert_eq!((series(200), series(503)), (Some(3), Some(1)));
+        assert_eq!(m.retries.get(&labels).map(|c| c.get()), Some(2));
     }
 }

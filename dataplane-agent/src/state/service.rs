@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::balance::{Balancer, EndpointSpec, Locality, Pick};
 use crate::config;
 use crate::health::{Admission, Event, Outcome, OutlierDetector};
-use crate::metrics::{EndpointLabels, ServiceLabels};
+use crate::metrics::{EndpointLabels, ServiceCounters, ServiceLabels};
 use crate::ratelimit::RateLimiter;
 use crate::resilience::{CircuitBreaker, RetryBudget};
 use crate::upstream::{EndpointPool, PoolSettings};
@@ -30,6 +30,8 @@ pub struct Service {
     /// `namespace/name`, for logs and metrics.
     pub id: String,
     pub labels: ServiceLabels,
+    /// Counters resolved on first use by this version of the service.
+    pub counters: ServiceCounters,
     /// The config this runtime state was built from.
     pub config: config::Service,
     pub endpoints: Vec<Endpoint>,
@@ -91,6 +93,7 @@ impl Service {
                 service: id.clone(),
             },
             id,
+            counters: ServiceCounters::default(),
             config: cfg.clone(),
             endpoints,
             outlier,

@@ -42,11 +42,8 @@ pub async fn handle(
         Ok((response, slot)) => (response, Some(slot)),
         Err(response) => (response, None),
     };
-    let labels = crate::metrics::ResponseLabels {
-        service: service.id.clone(),
-        code: response.status().as_u16(),
-    };
-    proxy.metrics.http_responses.get_or_create(&labels).inc();
+    let code = response.status().as_u16();
+    service.counters.response(&proxy.metrics, &service.id, code);
     (response, slot)
 }
 
@@ -224,7 +221,7 @@ async fn attempt_all(
                     return request_timeout(proxy, service);
                 }
                 debug!(service = %service.id, ?failure, ?after, "retrying");
-                proxy.metrics.retries.get_or_create(&service.labels).inc();
+                service.counters.retry(&proxy.metrics, &service.labels);
                 tokio::time::sleep(after).await;
             }
             RetryDecision::GiveUp(reason) => {
