@@ -330,8 +330,20 @@ impl ProxyMetrics {
     }
 
     /// Drops every series of a service that left the config.
-    pub fn forget_service(&self, service: &str) {
+    /// `pods`: the pods that may have been rate-limited calling it (their
+    /// rate-limit series go too, with the series of callers not known as
+    /// pods).
+    pub fn forget_service<'a>(&self, service: &str, pods: impl Iterator<Item = &'a str>) {
         let id = service.to_string();
+        for pod in pods.chain([""]) {
+            for decision in ["delayed", "rejected"] {
+                self.rate_limited.remove(&RateLimitLabels {
+                    service: id.clone(),
+                    pod: pod.to_string(),
+                    decision,
+                });
+            }
+        }
         self.retries.remove(&ServiceLabels {
             service: id.clone(),
         });
@@ -539,9 +551,11 @@ mod tests {
             times: 1,
         };
         m.outlier_event("default/kept", Some(ep), &event);
-        m.forget_service("default/gone");
+        m.rate_limited("default/gone", None, "rejected");
+        m.forget_service("default/gone", ["pod-1"].into_iter());
         m.forget_endpoint("default/kept", ep);
-        m.forget_pod("pod-1", ["default/kept", "default/gone"].into_iter());
+        // The departed service's rate-limit series went with it.
+        m.forget_pod("pod-1", ["default/kept"].into_iter());
         let text = encoded(&m);
         assert!(!text.contains("default/gone"), "{text}");
         assert!(!text.contains("10.0.0.1:80"), "{text}");

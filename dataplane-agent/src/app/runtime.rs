@@ -182,28 +182,32 @@ pub fn off_worker<R>(work: impl FnOnce() -> R) -> R {
 /// Drops the metric series of services, endpoints and pods that `new`
 /// no longer has, so churn does not grow memory without bound.
 fn forget_departed(metrics: &ProxyMetrics, old: &MeshConfig, new: &MeshConfig) {
+    use std::collections::{HashMap, HashSet};
     let id = |s: &crate::config::Service| format!("{}/{}", s.namespace, s.name);
+    // Linear in the size of both configs: a node config can hold
+    // thousands of services and endpoints.
+    let kept: HashMap<String, HashSet<std::net::SocketAddrV4>> = new
+        .services
+        .iter()
+        .map(|s| (id(s), s.endpoints.iter().map(|e| e.address).collect()))
+        .collect();
+    let old_pods = || old.pods.iter().map(|p| p.uid.as_str());
     for service in &old.services {
         let service_id = id(service);
-        match new.services.iter().find(|s| id(s) == service_id) {
-            None => {
-                metrics.forget_service(&service_id);
-                for ep in &service.endpoints {
-                    metrics.forget_endpoint(&service_id, ep.address);
-                }
-            }
-            Some(kept) => {
-                for ep in &service.endpoints {
-                    if !kept.endpoints.iter().any(|e| e.address == ep.address) {
-                        metrics.forget_endpoint(&service_id, ep.address);
-                    }
-                }
+        let endpoints = kept.get(&service_id);
+        if endpoints.is_none() {
+            metrics.forget_service(&service_id, old_pods());
+        }
+        for ep in &service.endpoints {
+            if !endpoints.is_some_and(|kept| kept.contains(&ep.address)) {
+                metrics.forget_endpoint(&service_id, ep.address);
             }
         }
     }
     let ids: Vec<String> = old.services.iter().map(id).collect();
+    let new_pods: HashSet<&str> = new.pods.iter().map(|p| p.uid.as_str()).collect();
     for pod in &old.pods {
-        if !new.pods.iter().any(|p| p.uid == pod.uid) {
+        if !new_pods.contains(pod.uid.as_str()) {
             metrics.forget_pod(&pod.uid, ids.iter().map(String::as_str));
         }
     }
