@@ -8,37 +8,17 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use support::{Backend, Mode, TestProxy, bounded};
+use support::{Backend, Mode, TestProxy, bounded, raw_server};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A raw TCP server: `on_accept` runs for each connection in its task.
-async fn raw_server<F, Fut>(on_accept: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(on_accept(stream));
-        }
-    });
-    (addr, accepted)
-}
+use tokio::net::TcpStream;
 
 /// Copies what it reads back until the client closes.
 async fn echo(mut stream: TcpStream) {

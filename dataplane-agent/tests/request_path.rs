@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use support::{Backend, Mode, TestProxy, bounded, client, config};
+use support::{Backend, Mode, TestProxy, bounded, client, config, raw_server};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -356,27 +356,22 @@ async fn posts_are_not_retried_after_the_endpoint_may_have_acted() {
 /// headers and `chunks` one-byte chunks `gap` apart, then stays silent
 /// without ending the body.
 async fn trickling_backend(chunks: usize, gap: Duration) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-                if stream.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                for _ in 0..chunks {
-                    tokio::time::sleep(gap).await;
-                    if stream.write_all(b"1\r\nx\r\n").await.is_err() {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            });
+    let (addr, _) = raw_server(move |mut stream: TcpStream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
         }
-    });
+        for _ in 0..chunks {
+            tokio::time::sleep(gap).await;
+            if stream.write_all(b"1\r\nx\r\n").await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
     addr
 }
 
@@ -419,22 +414,17 @@ async fn a_response_that_stalls_midway_ends_after_idle_but_a_slow_stream_does_no
 
 /// Answers every request 503 after `delay` (keep-alive).
 async fn slow_503_backend(delay: Duration) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
-                    tokio::time::sleep(delay).await;
-                    let reply = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
-                    if stream.write_all(reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let (addr, _) = raw_server(move |mut stream: TcpStream| async move {
+        let mut buf = [0u8; 4096];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+            tokio::time::sleep(delay).await;
+            let reply = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+            if stream.write_all(reply).await.is_err() {
+                return;
+            }
         }
-    });
+    })
+    .await;
     addr
 }
 
@@ -465,32 +455,23 @@ async fn a_retry_cut_short_by_the_request_deadline_does_not_blame_its_endpoint()
 /// when it starts shutting down: the requests already sent were not
 /// processed.
 async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&connections);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                // A second descriptor keeps the socket open after h2 is
-                // done, so that closing with the client's request unread
-                // cannot turn into a reset that races the GOAWAY.
-                use std::os::fd::AsFd as _;
-                let Ok(keep) = stream.as_fd().try_clone_to_owned() else {
-                    return;
-                };
-                let Ok(mut conn) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
-                while let Some(Ok(_)) = conn.accept().await {}
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                drop(keep);
-            });
-        }
-    });
-    (addr, connections)
+    raw_server(|stream: TcpStream| async move {
+        // A second descriptor keeps the socket open after h2 is done, so
+        // that closing with the client's request unread cannot turn into
+        // a reset that races the GOAWAY.
+        use std::os::fd::AsFd as _;
+        let Ok(keep) = stream.as_fd().try_clone_to_owned() else {
+            return;
+        };
+        let Ok(mut conn) = h2::server::handshake(stream).await else {
+            return;
+        };
+        conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+        while let Some(Ok(_)) = conn.accept().await {}
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(keep);
+    })
+    .await
 }
 
 #[tokio::test]

@@ -564,3 +564,23 @@ pub async fn bounded<F: std::future::Future>(f: F) -> F::Output {
         .await
         .expect("test took over 90 s")
 }
+
+/// A raw TCP server on loopback: `on_accept` runs for each connection in
+/// its own task. Returns its address and a count of accepted connections.
+pub async fn raw_server<F, Fut>(on_accept: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(on_accept(stream));
+        }
+    });
+    (addr, accepted)
+}
