@@ -89,6 +89,28 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
+/// What the idle timeout ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum IdleKind {
+    /// An opaque TCP connection where neither side sent data.
+    Tcp,
+    /// An HTTP response whose endpoint stopped sending midway.
+    HttpStream,
+    /// An `auto` connection whose client never spoke.
+    Silent,
+}
+
+snake_case_label!(IdleKind {
+    Tcp => "tcp",
+    HttpStream => "http_stream",
+    Silent => "silent",
+});
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdleLabels {
+    pub kind: IdleKind,
+}
+
 /// The proxy's counters; cheap to clone (shared atomics).
 #[derive(Clone, Debug, Default)]
 pub struct ProxyMetrics {
@@ -98,9 +120,9 @@ pub struct ProxyMetrics {
     pub connect_errors: Family<EndpointLabels, Counter>,
     pub active: Gauge,
     pub bytes: Family<DirectionLabels, Counter>,
-    /// Opaque TCP connections and HTTP response streams ended because
-    /// nothing was sent for the idle timeout.
-    pub idle_timeouts: Counter,
+    /// Connections and HTTP response streams ended because nothing was
+    /// sent for the idle timeout, by what they were.
+    pub idle_timeouts: Family<IdleLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub http_responses: Family<ResponseLabels, Counter>,
     pub grpc_responses: Family<GrpcLabels, Counter>,
@@ -197,7 +219,7 @@ impl ProxyMetrics {
         r.register("bytes", "Bytes forwarded, by direction", self.bytes.clone());
         r.register(
             "idle_timeouts",
-            "Opaque TCP connections and HTTP response streams ended after the idle timeout without data",
+            "Opaque TCP connections, silent auto connections and HTTP response streams ended by the idle timeout",
             self.idle_timeouts.clone(),
         );
         let h = registry.sub_registry_with_prefix("dataplane_http");
@@ -295,6 +317,18 @@ impl ProxyMetrics {
             decision,
         };
         self.rate_limited.get_or_create(&labels).inc();
+    }
+
+    /// The counter of idle timeouts of `kind` (a handle, for holders that
+    /// count often).
+    pub fn idle_timeouts(&self, kind: IdleKind) -> Counter {
+        self.idle_timeouts
+            .get_or_create(&IdleLabels { kind })
+            .clone()
+    }
+
+    pub fn idle_timeout(&self, kind: IdleKind) {
+        self.idle_timeouts.get_or_create(&IdleLabels { kind }).inc();
     }
 
     pub fn reload(&self, applied: bool) {

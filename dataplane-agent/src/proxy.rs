@@ -5,6 +5,7 @@ mod detect;
 pub mod http;
 mod inbound;
 mod orig_dst;
+mod silent;
 mod splice;
 mod tcp;
 
@@ -119,8 +120,8 @@ impl Proxy {
         match protocol {
             Detected::Opaque => tcp::serve(&self, client, peer, &service).await,
             Detected::Silent => {
-                if let tcp::Silent::Http(client) =
-                    tcp::serve_silent(&self, client, peer, &service).await
+                if let silent::Silent::Http(client) =
+                    silent::serve(&self, client, peer, &service).await
                 {
                     http::serve(self, client, peer, service).await;
                 }

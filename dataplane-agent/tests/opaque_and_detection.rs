@@ -9,7 +9,8 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -138,29 +139,211 @@ async fn a_server_first_protocol_gets_its_greeting_through() {
     .await;
 }
 
+/// Answers HTTP/1.1 keep-alive requests with 200 and `x-backend: h1`,
+/// except that it closes its `close_first` first connections at once
+/// without a byte, as a server enforcing its own wait-for-request limit.
+async fn http1_backend(close_first: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&seen);
+    raw_server(move |mut s: TcpStream| {
+        let nth = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if nth < close_first {
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                let reply = b"HTTP/1.1 200 OK\r\nx-backend: h1\r\ncontent-length: 0\r\n\r\n";
+                if s.write_all(reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn an_endpoint_closing_the_unused_early_connection_is_not_a_greeting() {
     bounded(async {
-        // Closes every connection at once without a byte, as a server
-        // enforcing its own wait-for-request limit does.
-        let (closer, closed) = raw_server(|s: TcpStream| async move { drop(s) }).await;
-        let ok = Backend::start("ok", Mode::Ok).await;
-        let yaml = service(
-            "auto",
-            &[closer.to_string(), ok.addr.to_string()],
-            "{protocolDetection: 50ms}",
-        );
+        // One endpoint, so the early connection surely goes to it.
+        let (backend, accepted) = http1_backend(1).await;
+        let yaml = service("auto", &[backend.to_string()], "{protocolDetection: 50ms}");
         let proxy = TestProxy::start(&yaml).await;
         let seen =
             requests_on_one_silent_connection(proxy.addr, Duration::from_millis(300), 2).await;
         assert!(
-            closed.load(Ordering::SeqCst) >= 1,
-            "the early connection went to the closer"
-        );
-        assert!(
-            seen.iter().all(|(s, b)| *s == 200 && b == "ok"),
+            seen.iter().all(|(s, b)| *s == 200 && b == "h1"),
             "the client's HTTP is still served: {seen:?}"
         );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the early connection, then the pool's"
+        );
+        assert_eq!(
+            proxy.metric("dataplane_proxy_forwarded_connections", &[]),
+            0.0,
+            "nothing was spliced"
+        );
+    })
+    .await;
+}
+
+/// An HTTP/2-only server (h2's, which sends SETTINGS first, as every
+/// HTTP/2 server does) answering 200 with `x-backend: h2`.
+async fn http2_backend() -> SocketAddr {
+    let (addr, _) = raw_server(|stream: TcpStream| async move {
+        let Ok(mut conn) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((_, mut respond))) = conn.accept().await {
+            let response = http::Response::builder()
+                .header("x-backend", "h2")
+                .body(())
+                .unwrap();
+            let _ = respond.send_response(response, true);
+        }
+    })
+    .await;
+    addr
+}
+
+#[tokio::test]
+async fn an_http2_servers_settings_are_no_greeting() {
+    bounded(async {
+        let backend = http2_backend().await;
+        let yaml = service("auto", &[backend.to_string()], "{protocolDetection: 50ms}").replace(
+            "    endpoints:\n",
+            "    upstreamProtocol: http2\n    endpoints:\n",
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        let seen =
+            requests_on_one_silent_connection(proxy.addr, Duration::from_millis(300), 3).await;
+        assert!(
+            seen.iter().all(|(s, b)| *s == 200 && b == "h2"),
+            "an HTTP/1.1 client reaches the HTTP/2 server through the HTTP path: {seen:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_silent_client_meets_the_connection_policy_before_any_endpoint_does() {
+    bounded(async {
+        // A connection rate limit of one: the second and third silent
+        // clients are refused before an endpoint sees them.
+        let (greeter, accepted) = raw_server(|mut s: TcpStream| async move {
+            if s.write_all(b"220 ready\r\n").await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        })
+        .await;
+        let yaml = service("auto", &[greeter.to_string()], "{protocolDetection: 50ms}").replace(
+            "    trafficPolicy:\n",
+            "    trafficPolicy:\n      rateLimit: {requestsPerSecond: 1, burst: 1}\n",
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(proxy.addr).await.unwrap());
+        }
+        let mut greeted = 0;
+        for client in &mut clients {
+            let mut line = [0u8; 11];
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut line));
+            if matches!(read.await, Ok(Ok(_))) {
+                greeted += 1;
+            }
+        }
+        assert_eq!(greeted, 1, "one client admitted");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the endpoint saw only it"
+        );
+        let refused = proxy.metric("dataplane_proxy_refused_connections", &["rate_limited"]);
+        assert_eq!(refused, 2.0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_silent_client_with_no_reachable_endpoint_is_refused_at_once() {
+    bounded(async {
+        let dead = Backend::start("dead", Mode::Ok).await;
+        dead.kill();
+        let yaml = service(
+            "auto",
+            &[dead.addr.to_string()],
+            "{protocolDetection: 50ms}",
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let closed = closed_within(&mut client, Duration::from_secs(3)).await;
+        assert_eq!(
+            closed,
+            Some(0),
+            "refused, not left waiting for the idle timeout"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_early_connection_counts_neither_for_nor_against_its_endpoint() {
+    bounded(async {
+        // consecutive5xxErrors: 2 and one endpoint answering 503 without
+        // retries: 503, a silent client's early connection, 503 must
+        // eject. Were the early connect a success, it would reset the
+        // count in between.
+        let bad = Backend::start("bad", Mode::Status(503)).await;
+        let yaml = service("auto", &[bad.addr.to_string()], "{protocolDetection: 50ms}").replace(
+            "    trafficPolicy:\n",
+            "    trafficPolicy:\n      retries: {attempts: 0}\n      outlierDetection: {consecutive5xxErrors: 2}\n",
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        let first = requests_on_one_silent_connection(proxy.addr, Duration::ZERO, 1).await;
+        let second =
+            requests_on_one_silent_connection(proxy.addr, Duration::from_millis(200), 1).await;
+        assert_eq!((first[0].0, second[0].0), (503, 503));
+        let ejected = proxy.metric(
+            "dataplane_policy_outlier_events_total",
+            &["event=\"ejected\""],
+        );
+        assert_eq!(ejected, 1.0, "{}", proxy.metrics());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_early_connection_is_given_back_after_the_greeting_window() {
+    bounded(async {
+        // An HTTP client silent for longer than the window: its early
+        // connection (and maxConnections slot) is closed meanwhile.
+        let closed = Arc::new(AtomicUsize::new(0));
+        let seen_close = Arc::clone(&closed);
+        let (quiet, _) = raw_server(move |mut s: TcpStream| {
+            let seen_close = Arc::clone(&seen_close);
+            async move {
+                let mut buf = [0u8; 64];
+                if matches!(s.read(&mut buf).await, Ok(0)) {
+                    seen_close.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .await;
+        let yaml = service("auto", &[quiet.to_string()], "{protocolDetection: 50ms}");
+        let proxy = TestProxy::start(&yaml).await;
+        let _client = TcpStream::connect(proxy.addr).await.unwrap();
+        let given_back = async {
+            while closed.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), given_back)
+            .await
+            .expect("the early connection is closed after the greeting window");
     })
     .await;
 }
@@ -192,12 +375,18 @@ async fn opaque_tcp_is_closed_after_the_idle_timeout_and_idle_zero_disables_it()
             client.read_exact(&mut pong).await.unwrap();
             let closed = closed_within(&mut client, Duration::from_millis(1500)).await;
             assert_eq!(closed.is_some(), expect_closed, "idle: {idle}");
-            let counted = proxy.metric("dataplane_proxy_idle_timeouts", &[]);
+            let counted = proxy.metric("dataplane_proxy_idle_timeouts", &["kind=\"tcp\""]);
             assert_eq!(
                 counted,
                 if expect_closed { 1.0 } else { 0.0 },
                 "idle: {idle}"
             );
+            if expect_closed {
+                for direction in ["upstream", "downstream"] {
+                    let bytes = proxy.metric("dataplane_proxy_bytes", &[direction]);
+                    assert_eq!(bytes, 4.0, "{direction} bytes of an idle-closed connection");
+                }
+            }
         }
     })
     .await;
@@ -235,7 +424,10 @@ async fn one_way_traffic_keeps_an_opaque_connection_alive() {
             Some(24),
             "every byte arrived before the idle close"
         );
-        assert_eq!(proxy.metric("dataplane_proxy_idle_timeouts", &[]), 1.0);
+        assert_eq!(
+            proxy.metric("dataplane_proxy_idle_timeouts", &["kind=\"tcp\""]),
+            1.0
+        );
     })
     .await;
 }

@@ -407,7 +407,10 @@ async fn a_response_that_stalls_midway_ends_after_idle_but_a_slow_stream_does_no
             assert!(ended, "the body ends with an error (h2: {http2})");
             assert_eq!(received, 10, "the steady part got through (h2: {http2})");
         }
-        assert_eq!(proxy.metric("dataplane_proxy_idle_timeouts", &[]), 2.0);
+        assert_eq!(
+            proxy.metric("dataplane_proxy_idle_timeouts", &["kind=\"http_stream\""]),
+            2.0
+        );
     })
     .await;
 }
@@ -431,17 +434,19 @@ async fn slow_503_backend(delay: Duration) -> std::net::SocketAddr {
 #[tokio::test]
 async fn a_retry_cut_short_by_the_request_deadline_does_not_blame_its_endpoint() {
     bounded(async {
-        // Both endpoints answer 503 after 300 ms; the request timeout is
-        // 450 ms, so every retry is cut after ~150 ms. That is the
-        // deadline's doing, not the endpoint's: with a local-origin
-        // threshold of 1 it would otherwise eject both.
-        let a = slow_503_backend(Duration::from_millis(300)).await;
-        let b = slow_503_backend(Duration::from_millis(300)).await;
+        // Both endpoints answer 503 after 600 ms; the request timeout is
+        // 1 s, so every retry gets under half of it and is cut. That is
+        // the deadline's doing, not the endpoint's: with a local-origin
+        // threshold of 1 it would otherwise eject both. (The first attempt
+        // has 400 ms of slack before it would be cut, with all of the
+        // request timeout, and be blamed.)
+        let a = slow_503_backend(Duration::from_millis(600)).await;
+        let b = slow_503_backend(Duration::from_millis(600)).await;
         let yaml = format!(
-            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    endpoints:\n      - address: {a}\n      - address: {b}\n    trafficPolicy:\n      timeouts: {{request: 450ms}}\n      retries: {{backoff: {{baseInterval: 1ms, maxInterval: 1ms}}}}\n      outlierDetection: {{consecutive5xxErrors: 100, consecutiveLocalOriginFailures: 1}}\n"
+            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    endpoints:\n      - address: {a}\n      - address: {b}\n    trafficPolicy:\n      timeouts: {{request: 1s}}\n      retries: {{backoff: {{baseInterval: 1ms, maxInterval: 1ms}}}}\n      outlierDetection: {{consecutive5xxErrors: 100, consecutiveLocalOriginFailures: 1}}\n"
         );
         let proxy = TestProxy::start(&yaml).await;
-        for _ in 0..4 {
+        for _ in 0..3 {
             let resp = get(&proxy, false).await;
             assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
         }
@@ -450,12 +455,37 @@ async fn a_retry_cut_short_by_the_request_deadline_does_not_blame_its_endpoint()
     .await;
 }
 
+/// A retry after a fast failure has nearly the whole request timeout: if
+/// its endpoint hangs through it, that endpoint is to blame.
+#[tokio::test]
+async fn a_retry_given_most_of_the_deadline_is_blamed_when_it_hangs() {
+    bounded(async {
+        let fast = Backend::start("fast", Mode::Status(503)).await;
+        let hung = Backend::start("hung", Mode::Hang).await;
+        let yaml = config(
+            &[&fast, &hung],
+            "    trafficPolicy:\n      timeouts: {request: 400ms}\n      outlierDetection: {consecutive5xxErrors: 100, consecutiveLocalOriginFailures: 1}\n",
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        // Whichever goes first, the hung endpoint has over half the
+        // request timeout when it hangs.
+        let resp = get(&proxy, false).await;
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        let hung_ejected = proxy.metric(
+            "dataplane_policy_outlier_events_total",
+            &["event=\"ejected\"", &hung.addr.to_string()],
+        );
+        assert_eq!(hung_ejected, 1.0, "{}", proxy.metrics());
+    })
+    .await;
+}
+
 /// An HTTP/2 server that says GOAWAY (NO_ERROR, nothing processed) on
 /// every connection as soon as the handshake is done, as a server does
 /// when it starts shutting down: the requests already sent were not
 /// processed.
-async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    raw_server(|stream: TcpStream| async move {
+async fn going_away_h2_backend(reason: h2::Reason) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    raw_server(move |stream: TcpStream| async move {
         // A second descriptor keeps the socket open after h2 is done, so
         // that closing with the client's request unread cannot turn into
         // a reset that races the GOAWAY.
@@ -466,7 +496,7 @@ async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let Ok(mut conn) = h2::server::handshake(stream).await else {
             return;
         };
-        conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+        conn.abrupt_shutdown(reason);
         while let Some(Ok(_)) = conn.accept().await {}
         tokio::time::sleep(Duration::from_secs(1)).await;
         drop(keep);
@@ -477,24 +507,61 @@ async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn a_request_left_unprocessed_by_a_goaway_is_retried_elsewhere_even_a_post() {
     bounded(async {
-        let (leaving, connections) = going_away_h2_backend().await;
-        let ok = Backend::start("ok", Mode::Echo).await;
-        let yaml = format!(
-            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    upstreamProtocol: http2\n    endpoints:\n      - address: {leaving}\n      - address: {}\n    trafficPolicy:\n      outlierDetection: {{consecutiveLocalOriginFailures: 1, consecutive5xxErrors: 1}}\n",
-            ok.addr
-        );
-        let proxy = TestProxy::start(&yaml).await;
-        for i in 0..6 {
-            let req = Request::post(format!("http://{}/", proxy.addr))
-                .body(Full::new(Bytes::from(format!("order {i}"))))
-                .unwrap();
-            let resp = client(false).request(req).await.expect("response");
-            assert_eq!(resp.status(), StatusCode::OK, "POST {i}: {:?}", resp.headers());
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(body, format!("order {i}").as_bytes());
+        // NO_ERROR: a graceful shutdown, not held against the endpoint;
+        // an error code: retried all the same, but the endpoint is failing.
+        for (reason, ejected) in [(h2::Reason::NO_ERROR, 0.0), (h2::Reason::INTERNAL_ERROR, 1.0)] {
+            let (leaving, connections) = going_away_h2_backend(reason).await;
+            let ok = Backend::start("ok", Mode::Echo).await;
+            let yaml = format!(
+                "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    upstreamProtocol: http2\n    endpoints:\n      - address: {leaving}\n      - address: {}\n    trafficPolicy:\n      outlierDetection: {{consecutiveLocalOriginFailures: 1, consecutive5xxErrors: 1}}\n",
+                ok.addr
+            );
+            let proxy = TestProxy::start(&yaml).await;
+            for i in 0..6 {
+                let req = Request::post(format!("http://{}/", proxy.addr))
+                    .body(Full::new(Bytes::from(format!("order {i}"))))
+                    .unwrap();
+                let resp = client(false).request(req).await.expect("response");
+                assert_eq!(resp.status(), StatusCode::OK, "{reason:?} POST {i}: {:?}", resp.headers());
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, format!("order {i}").as_bytes());
+            }
+            assert!(connections.load(Ordering::SeqCst) >= 1, "the leaving server was tried");
+            assert_eq!(ejections(&proxy), ejected, "{reason:?}");
         }
-        assert!(connections.load(Ordering::SeqCst) >= 1, "the leaving server was tried");
-        assert_eq!(ejections(&proxy), 0.0, "a graceful shutdown is not a failure");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upgrade_fails_over_a_refused_connect_only_as_the_retry_policy_allows() {
+    bounded(async {
+        let dead = [
+            Backend::start("dead-1", Mode::Ok).await,
+            Backend::start("dead-2", Mode::Ok).await,
+        ];
+        for backend in &dead {
+            backend.kill();
+        }
+        for (retries, tried) in [("{attempts: 0}", 1.0), ("{attempts: 2}", 2.0)] {
+            let yaml = config(
+                &[&dead[0], &dead[1]],
+                &format!("    trafficPolicy:\n      retries: {retries}\n"),
+            );
+            let proxy = TestProxy::start(&yaml).await;
+            let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+            stream
+                .write_all(b"GET /ws HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+                .await
+                .unwrap();
+            let reply = read_until_closed(&mut stream, Duration::from_secs(5))
+                .await
+                .unwrap_or_default();
+            assert!(reply.starts_with("HTTP/1.1 503"), "{retries}: {reply}");
+            assert!(reply.contains("upstream_connect_failure"), "{retries}: {reply}");
+            let connects = proxy.metric("dataplane_proxy_upstream_connect_errors", &[]);
+            assert_eq!(connects, tried, "{retries}: endpoints tried");
+        }
     })
     .await;
 }

@@ -16,6 +16,7 @@ mod upgrade;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,6 +25,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::Proxy;
+use crate::metrics::IdleKind;
 use crate::state::Service;
 use guard::GuardedBody;
 use timers::{Activity, WatchedIo};
@@ -49,13 +51,19 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
     drop(service);
     let activity = Activity::new();
     let requests = Arc::clone(&activity);
-    let stall_limit = timeouts.idle;
+    let stalls = proxy.metrics.idle_timeouts(IdleKind::HttpStream);
     let handler = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let current = proxy.services.load().get(&vip).cloned();
         let service = current.or_else(|| version.upgrade());
         let in_flight = requests.request_started();
+        let stalls = stalls.clone();
         async move {
+            // The current version's: a reload of `idle` applies to the
+            // next request of an open connection too.
+            let stall_limit = service
+                .as_ref()
+                .map_or(Duration::ZERO, |s| s.policy().timeouts.idle);
             let (response, slot) = match service {
                 Some(service) => request::handle(&proxy, &service, req, peer).await,
                 None => (
@@ -66,9 +74,8 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
             // One wrapper holds both until the body is done: the request's
             // maxRequests slot and the connection's in-flight mark.
             let held = (in_flight, slot);
-            let stalls = &proxy.metrics.idle_timeouts;
             Ok::<_, Infallible>(
-                response.map(|body| GuardedBody::wrap(body, held, stall_limit, stalls)),
+                response.map(|body| GuardedBody::wrap(body, held, stall_limit, &stalls)),
             )
         }
     });

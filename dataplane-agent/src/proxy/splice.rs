@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::metrics::{Direction, DirectionLabels, ProxyMetrics};
+use crate::metrics::{Direction, DirectionLabels, IdleKind, ProxyMetrics};
 
 /// Copies both ways with splice(2) (the bytes never enter user space) until
 /// both directions are done. When one side finishes sending, its write
@@ -31,7 +31,12 @@ pub async fn forward(
         result = copy => result,
         () = idle_expired(fds, idle) => {
             debug!(idle = ?idle, "opaque connection idle: closing both sides");
-            metrics.idle_timeouts.inc();
+            metrics.idle_timeout(IdleKind::Tcp);
+            // The copy's own totals are lost with it; what each socket
+            // received is what went the other way.
+            let [from_client, from_upstream] = fds.map(|fd| tcp_info(fd).map_or(0, |i| i.tcpi_bytes_received));
+            count_bytes(metrics, Direction::Upstream, from_client);
+            count_bytes(metrics, Direction::Downstream, from_upstream);
             return;
         }
     };
@@ -80,8 +85,13 @@ async fn idle_expired(fds: [RawFd; 2], idle: Duration) {
 }
 
 /// Milliseconds since `fd` last received data (not bare ACKs or keep-alive
-/// probes), from the kernel's `TCP_INFO`.
+/// probes).
 fn last_data_received_ms(fd: RawFd) -> Option<u32> {
+    tcp_info(fd).map(|info| info.tcpi_last_data_recv)
+}
+
+/// The kernel's `TCP_INFO` of socket `fd`.
+fn tcp_info(fd: RawFd) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; the kernel writes at most `len`
     // bytes into it, and `fd` is a socket owned by a live TcpStream.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -95,7 +105,7 @@ fn last_data_received_ms(fd: RawFd) -> Option<u32> {
             &mut len,
         )
     };
-    (rc == 0).then_some(info.tcpi_last_data_recv)
+    (rc == 0).then_some(info)
 }
 
 fn count_bytes(metrics: &ProxyMetrics, direction: Direction, bytes: u64) {

@@ -72,6 +72,11 @@ pub enum SendError {
     /// refused by HTTP/2 `REFUSED_STREAM`.
     #[error("request to {0} failed: {1}")]
     Request(SocketAddrV4, #[source] hyper::Error),
+    /// The connection closed before the request was written (after a
+    /// GOAWAY, or a server's own idle close), on a fresh connection too:
+    /// nothing was sent.
+    #[error("connection to {0} closed before the request was sent: {1}")]
+    Unsent(SocketAddrV4, #[source] hyper::Error),
 }
 
 impl SendError {
@@ -83,19 +88,39 @@ impl SendError {
     /// server shutting down gracefully is not failing: such a request is
     /// retried elsewhere, even a POST, and not held against the endpoint.
     pub fn refused_stream(&self) -> bool {
+        match self {
+            Self::Unsent(..) => true,
+            Self::Request(_, err) => h2_error(err).is_some_and(|h2| {
+                h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.is_remote())
+            }),
+            _ => false,
+        }
+    }
+
+    /// A refused request (safe to retry) whose refusal still says the
+    /// endpoint is failing: a GOAWAY carrying an error code
+    /// (`INTERNAL_ERROR`, `ENHANCE_YOUR_CALM`...) rather than `NO_ERROR`.
+    pub fn endpoint_failing(&self) -> bool {
         let Self::Request(_, err) = self else {
             return false;
         };
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-        while let Some(err) = source {
-            if let Some(h2) = err.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (h2.is_go_away() && h2.is_remote());
-            }
-            source = err.source();
-        }
-        false
+        h2_error(err).is_some_and(|h2| {
+            h2.is_go_away() && h2.is_remote() && h2.reason() != Some(h2::Reason::NO_ERROR)
+        })
     }
+}
+
+/// The HTTP/2 error behind a hyper error, if any.
+fn h2_error(err: &hyper::Error) -> Option<&h2::Error> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed.
@@ -260,24 +285,37 @@ impl EndpointPool {
         Ok((sender, conn))
     }
 
-    async fn send_http2(&self, req: Request<Body>) -> Result<Response<Body>, SendError> {
+    async fn send_http2(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
         let endpoint = self.settings.endpoint;
-        let mut sender = self.http2_sender().await?;
-        if sender.ready().await.is_err() {
-            // The shared connection closed since (GOAWAY, idle close): one
-            // new connection, then give up.
+        // The shared connection may have closed since it was last used
+        // (GOAWAY, idle close), even between `ready` and the write: a
+        // request it gives back unsent goes on one new connection, then
+        // fails as unsent (safe to retry elsewhere).
+        let mut fresh = false;
+        let (response, active) = loop {
+            let mut sender = self.http2_sender().await?;
+            let closed = match sender.ready().await {
+                Ok(()) => {
+                    let active = ActiveGuard::new(&self.http2_active);
+                    match sender.try_send_request(req).await {
+                        Ok(response) => break (response, active),
+                        Err(mut err) => match err.take_message() {
+                            Some(unsent) => {
+                                req = unsent;
+                                err.into_error()
+                            }
+                            None => return Err(SendError::Request(endpoint, err.into_error())),
+                        },
+                    }
+                }
+                Err(err) => err,
+            };
             self.forget_http2().await;
-            sender = self.http2_sender().await?;
-            sender
-                .ready()
-                .await
-                .map_err(|e| SendError::Request(endpoint, e))?;
-        }
-        let active = ActiveGuard::new(&self.http2_active);
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|e| SendError::Request(endpoint, e))?;
+            if fresh {
+                return Err(SendError::Unsent(endpoint, closed));
+            }
+            fresh = true;
+        };
         self.http2_last_used
             .store(self.millis_since_created(), Ordering::Relaxed);
         Ok(response.map(|body| {

@@ -76,13 +76,16 @@ impl AttemptError {
                 Self::local(Failure::ConnectFailure, LocalFailure::ConnectRefused)
             }
             // The server did not process the stream: safe to retry, and
-            // not the endpoint's fault (it is shedding load or going away).
+            // not the endpoint's fault (it is shedding load or going away)
+            // unless its GOAWAY carried an error code.
             err if err.refused_stream() => Self {
                 failure: Failure::RefusedStream,
-                local: None,
+                local: err.endpoint_failing().then_some(LocalFailure::Reset),
                 overflow: None,
             },
-            SendError::Request(..) => Self::local(Failure::Reset, LocalFailure::Reset),
+            SendError::Request(..) | SendError::Unsent(..) => {
+                Self::local(Failure::Reset, LocalFailure::Reset)
+            }
         }
     }
 }

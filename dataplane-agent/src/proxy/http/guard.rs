@@ -28,13 +28,15 @@ pub struct GuardedBody<G> {
     stall: Option<Stall>,
 }
 
-/// How long the body may go without a frame, and the timer checking it.
-/// The timer is only re-armed when it fires, so a streaming body costs a
-/// clock read per frame, not a timer update.
+/// How long the proxy may wait on the endpoint for the next frame, and
+/// the timer checking it. The wait starts when the body is polled and the
+/// endpoint has nothing: a client too slow to take the frames (hyper does
+/// not poll then) is not the endpoint stalling. The timer is created on
+/// the first wait and re-armed only when it fires.
 struct Stall {
     limit: Duration,
-    last_frame: Instant,
-    timer: Pin<Box<Sleep>>,
+    waiting_since: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
     counter: Counter,
 }
 
@@ -48,14 +50,11 @@ pub struct StalledBody(Duration);
 impl<G: Send + Sync + Unpin + 'static> GuardedBody<G> {
     /// `stall_limit` of zero: no limit.
     pub fn wrap(inner: Body, guard: G, stall_limit: Duration, counter: &Counter) -> Body {
-        let stall = (!stall_limit.is_zero() && !inner.is_end_stream()).then(|| {
-            let now = Instant::now();
-            Stall {
-                limit: stall_limit,
-                last_frame: now,
-                timer: Box::pin(tokio::time::sleep_until(now + stall_limit)),
-                counter: counter.clone(),
-            }
+        let stall = (!stall_limit.is_zero() && !inner.is_end_stream()).then(|| Stall {
+            limit: stall_limit,
+            waiting_since: None,
+            timer: None,
+            counter: counter.clone(),
         });
         Self {
             inner,
@@ -80,23 +79,23 @@ impl<G: Unpin> HttpBody for GuardedBody<G> {
             return polled;
         };
         if polled.is_ready() {
-            stall.last_frame = Instant::now();
+            stall.waiting_since = None;
             return polled;
         }
-        loop {
-            if stall.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            let due = stall.last_frame + stall.limit;
-            if Instant::now() >= due {
-                stall.counter.inc();
-                let limit = stall.limit;
-                this.stall = None;
-                return Poll::Ready(Some(Err(Box::new(StalledBody(limit)))));
-            }
-            // Frames came since the timer was armed: wait for the rest.
-            stall.timer.as_mut().reset(due);
+        let due = *stall.waiting_since.get_or_insert_with(Instant::now) + stall.limit;
+        let timer = stall
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
         }
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        stall.counter.inc();
+        let limit = stall.limit;
+        this.stall = None;
+        Poll::Ready(Some(Err(Box::new(StalledBody(limit)))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -183,8 +183,7 @@ async fn attempt_all(
             return no_endpoint(proxy, service, "no_healthy_upstream");
         };
         let guard = AttemptGuard::start(proxy, service, chosen);
-        let first = picker.tries() == 1;
-        let attempt = send_once(service, chosen.index, &parts, &mut body, deadline, first).await;
+        let attempt = send_once(service, chosen.index, &parts, &mut body, deadline).await;
         let (failure, response) = match attempt {
             Ok(response) => {
                 let response = guard.judge(is_grpc, response);
@@ -255,14 +254,13 @@ fn attempt_failed(
 }
 
 /// One try against `endpoints[index]`, within the per-try timeout and the
-/// request deadline (`first`: no earlier attempt used part of it).
+/// request deadline.
 async fn send_once(
     service: &Service,
     index: usize,
     parts: &http::request::Parts,
     body: &mut RequestBody,
     deadline: Option<Deadline>,
-    first: bool,
 ) -> Result<Response<Body>, AttemptError> {
     let endpoint = &service.endpoints[index];
     let Some(attempt_body) = body.take() else {
@@ -277,11 +275,19 @@ async fn send_once(
         .retries
         .per_try_timeout
         .map(|t| Deadline::now() + t);
-    // Which limit applies, and whether running into it blames the endpoint.
+    // Which limit applies, and whether running into it blames the
+    // endpoint: its per-try timeout always does; the request deadline only
+    // if the attempt was given at least half the request timeout (not a
+    // retry left with what a slow earlier attempt did not use).
+    let now = Deadline::now();
+    let half_request = service.policy().timeouts.request / 2;
+    let fair = |deadline: Deadline| deadline.saturating_duration_since(now) >= half_request;
     let limit = match (per_try, deadline) {
-        (Some(try_limit), Some(deadline)) if deadline < try_limit => Some((deadline, first)),
+        (Some(try_limit), Some(deadline)) if deadline < try_limit => {
+            Some((deadline, fair(deadline)))
+        }
         (Some(try_limit), _) => Some((try_limit, true)),
-        (None, Some(deadline)) => Some((deadline, first)),
+        (None, Some(deadline)) => Some((deadline, fair(deadline))),
         (None, None) => None,
     };
     let send = endpoint.pool.send(request, protocol);
@@ -328,7 +334,7 @@ fn request_hash(service: &Service, parts: &http::request::Parts, peer: SocketAdd
 /// The caller gets the last failure (the endpoint's `response`, or the
 /// proxy's reply for `failure`), and learns from `x-dataplane-error` when
 /// a retry that would have been made was refused.
-fn give_up(
+pub fn give_up(
     proxy: &Proxy,
     service: &Service,
     response: Option<Response<Body>>,

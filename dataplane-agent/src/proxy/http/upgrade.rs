@@ -9,6 +9,7 @@
 //! protocol.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Version};
@@ -18,11 +19,11 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::attempt::{AttemptError, AttemptGuard};
-use super::request::{local, no_endpoint, overflow};
+use super::request::{give_up, local, no_endpoint, overflow};
 use super::{reply, translate};
 use crate::health::Outcome;
 use crate::proxy::Proxy;
-use crate::resilience::Failure;
+use crate::resilience::{Failure, RetryDecision, RetryState};
 use crate::state::{Picker, Service};
 use crate::upstream::{Body, UpstreamProtocol};
 
@@ -67,12 +68,13 @@ pub async fn proxy(
 ) -> Response<Body> {
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let tries = 1 + service.policy().retries.attempts as usize;
+    // The handshake is a GET: a connect failure is retried under the
+    // service's retry policy (retryOn, attempts, budget, maxRetries,
+    // backoff), like any request.
+    let mut retry = RetryState::for_request(&service.policy().retries, true);
+    service.budget.deposit(Instant::now());
     let mut picker = Picker::new(service, None);
     let mut response = loop {
-        if picker.tries() >= tries {
-            return no_endpoint(proxy, service, "upstream_connect_failure");
-        }
         let Some(chosen) = picker.next(false) else {
             let reason = match picker.tries() {
                 0 => "no_healthy_upstream",
@@ -111,6 +113,20 @@ pub async fn proxy(
                 if attempt.failure != Failure::ConnectFailure {
                     // Sent: the endpoint may have acted on it.
                     return no_endpoint(proxy, service, "upstream_reset");
+                }
+                let decision = retry.next(
+                    &attempt.failure,
+                    true,
+                    &service.budget,
+                    Some(&service.breaker),
+                    picker.rng(),
+                    Instant::now(),
+                );
+                match decision {
+                    RetryDecision::Retry { after } => tokio::time::sleep(after).await,
+                    RetryDecision::GiveUp(reason) => {
+                        return give_up(proxy, service, None, &attempt.failure, reason);
+                    }
                 }
             }
         }
