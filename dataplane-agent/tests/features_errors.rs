@@ -130,7 +130,7 @@ async fn provoke(reason: &str) -> (TestProxy, u16, Option<String>, Vec<(String, 
             let client = client(false);
             let first = get_with(&client, &proxy, &[]);
             let second = async {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                b.arrived(1).await;
                 get_with(&client, &proxy, &[]).await
             };
             let (first, r) = tokio::join!(first, second);
@@ -305,7 +305,7 @@ async fn a_fallback_replaces_the_bare_503() {
         let client = client(false);
         let first = get_with(&client, &proxy, &[]);
         let second = async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            slow.arrived(1).await;
             get_with(&client, &proxy, &[]).await
         };
         let (_, r) = tokio::join!(first, second);
@@ -333,7 +333,7 @@ async fn max_connections_overflows_http_requests_and_refuses_tcp_connections() {
         // The first request holds the only upstream connection.
         let first = get_with(&client, &proxy, &[]);
         let second = async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            slow.arrived(1).await;
             get_with(&client, &proxy, &[]).await
         };
         let (first, r) = tokio::join!(first, second);

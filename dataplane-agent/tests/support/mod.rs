@@ -143,6 +143,18 @@ impl Backend {
         self.arrivals.lock().unwrap().clone()
     }
 
+    /// Waits (up to 10 s) until `n` requests have arrived: what a test
+    /// needs before the next step depends on a request being in flight.
+    pub async fn arrived(&self, n: usize) {
+        for _ in 0..1000 {
+            if self.arrivals.lock().unwrap().len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{}: {n} requests did not arrive within 10 s", self.name);
+    }
+
     /// The most requests this backend was answering at once, since the
     /// start or the last reset.
     pub fn max_in_flight(&self) -> usize {
