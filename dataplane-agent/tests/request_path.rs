@@ -565,3 +565,35 @@ async fn an_upgrade_fails_over_a_refused_connect_only_as_the_retry_policy_allows
     })
     .await;
 }
+
+#[tokio::test]
+async fn requests_queued_behind_one_failed_http2_connect_count_it_once() {
+    bounded(async {
+        // Eight requests wait for the one HTTP/2 connect to a blackhole;
+        // it times out once. Counting it eight times would eject the
+        // endpoint (threshold 2) after a single failure.
+        let hole = support::Blackhole::start().await;
+        let yaml = format!(
+            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    upstreamProtocol: http2\n    endpoints:\n      - address: {}\n    trafficPolicy:\n      retries: {{attempts: 0}}\n      timeouts: {{connect: 300ms}}\n      outlierDetection: {{consecutiveLocalOriginFailures: 2}}\n",
+            hole.addr
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        let client = client(false);
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let req = Request::get(format!("http://{}/", proxy.addr))
+                    .body(Full::default())
+                    .unwrap();
+                tokio::spawn(client.request(req))
+            })
+            .collect();
+        for call in calls {
+            let resp = call.await.unwrap().expect("response");
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let connects = proxy.metric("dataplane_proxy_upstream_connect_errors", &[]);
+        assert!(connects <= 2.0, "one failed connect (or two), counted once each: {connects}");
+        assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+    })
+    .await;
+}

@@ -109,9 +109,13 @@ impl Proxy {
         }
         let app = SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port());
         match upstream::connect(app, self.mark, LOCAL_CONNECT_TIMEOUT).await {
-            // No idle timeout of its own: the caller's proxy applies the
-            // service's, and closing here would only race it.
-            Ok(upstream) => splice::forward(client, upstream, &self.metrics, Duration::ZERO).await,
+            // The default idle timeout: a caller's own proxy applies its
+            // service's (the same by default), and a caller from outside
+            // the mesh must not hold the connection forever either.
+            Ok(upstream) => {
+                let idle = crate::config::TrafficPolicy::default().timeouts.idle;
+                splice::forward(client, upstream, &self.metrics, idle).await
+            }
             Err(err) => {
                 debug!(%peer, %app, %err, "application not reachable");
                 self.refuse(client, RefuseReason::UpstreamUnavailable);

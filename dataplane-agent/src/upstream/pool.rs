@@ -64,6 +64,9 @@ pub enum SendError {
         endpoint: SocketAddrV4,
         timed_out: bool,
         message: String,
+        /// Another request's connect failed, and this one, queued behind
+        /// it, shares the failure: the endpoint failed once, not twice.
+        shared: bool,
     },
     /// The connection was made but the HTTP handshake failed.
     #[error("HTTP handshake with {0} failed: {1}")]
@@ -344,6 +347,7 @@ impl EndpointPool {
                 endpoint: self.settings.endpoint,
                 timed_out: failure.timed_out,
                 message: failure.message.clone(),
+                shared: true,
             });
         }
         let result = self.handshake_http2().await;
@@ -404,6 +408,7 @@ impl EndpointPool {
                 endpoint: s.endpoint,
                 timed_out: err.kind() == std::io::ErrorKind::TimedOut,
                 message: err.to_string(),
+                shared: false,
             })?;
         Ok(Conn {
             io: TokioIo::new(stream),

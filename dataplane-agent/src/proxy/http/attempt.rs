@@ -64,6 +64,13 @@ impl AttemptError {
                 local: None,
                 overflow: Some(*limit),
             },
+            // Queued behind another request's failed connect: retried
+            // like it, but the endpoint failed once, and that one counts.
+            SendError::Connect { shared: true, .. } => Self {
+                failure: Failure::ConnectFailure,
+                local: None,
+                overflow: None,
+            },
             SendError::Connect { timed_out, .. } => Self::local(
                 Failure::ConnectFailure,
                 if *timed_out {
@@ -131,7 +138,10 @@ impl AttemptGuard {
     /// told to outlier detection when the endpoint is to blame.
     pub fn failed(mut self, err: &AttemptError) {
         self.end(false);
-        if err.failure == Failure::ConnectFailure && err.overflow.is_none() {
+        if matches!(
+            err.local,
+            Some(LocalFailure::ConnectRefused | LocalFailure::ConnectTimeout)
+        ) {
             let endpoint = &self.service.endpoints[self.chosen.index];
             self.proxy
                 .metrics

@@ -206,6 +206,10 @@ async fn attempt_all(
                 }
             }
         };
+        if deadline.is_some_and(|d| Deadline::now() >= d) {
+            // No time left for a retry: do not spend budget or a permit.
+            return request_timeout(proxy, service);
+        }
         let decision = retry.next(
             &failure,
             body.replayable(),
