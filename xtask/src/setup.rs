@@ -72,8 +72,9 @@ pub const CARGO_DENY_VERSION: &str = "0.20.2";
 
 pub fn ensure_cargo_deny() -> anyhow::Result<()> {
     let ok = || {
+        // "cargo-deny 0.20.2": the exact version, not a prefix of it.
         output(Command::new("cargo").args(["deny", "--version"]))
-            .is_ok_and(|v| v.contains(CARGO_DENY_VERSION))
+            .is_ok_and(|v| v.split_whitespace().nth(1) == Some(CARGO_DENY_VERSION))
     };
     if ok() {
         return Ok(());
