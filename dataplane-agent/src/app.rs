@@ -1,6 +1,8 @@
 //! Wiring of the running agent. Node mode ([`run`]), in start-up order:
-//! config, listeners, capture, metrics, admin, proxy, then the reconcile
-//! loop. Sidecar mode is in [`sidecar`]; what both share in [`runtime`].
+//! config, listeners, capture programs loaded, their tables filled from
+//! the config (the reconciler), programs attached, metrics, admin, proxy,
+//! then the reconcile loop. Sidecar mode is in [`sidecar`]; what both
+//! share in [`runtime`].
 
 pub mod runtime;
 pub mod sidecar;
@@ -50,19 +52,30 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "the proxy's cgroup does not hold this process (private cgroup namespace?); \
          pass --proxy-cgroup",
     )?;
-    let mut capture = Capture::install(&CaptureConfig {
+    let capture_cfg = CaptureConfig {
         pin_dir: settings.pin_dir.clone(),
         pods_cgroup: pods_cgroup.clone(),
         proxy_cgroup: proxy_cgroup.clone(),
         proxy_addr: settings.proxy_addr,
         proxy_mark: settings.mark,
-    })
-    .context("installing the capture programs")?;
-    if let Some(logger) = capture.take_logger() {
+    };
+    let Capture {
+        tables,
+        mut programs,
+    } = Capture::load(&capture_cfg).context("loading the capture programs")?;
+    let stats = tables.stats();
+    // Tables first, links second: the programs capture from the instant
+    // they are attached, even when their tables are new, empty maps (a new
+    // maps directory, or a pinned map of another layout replaced); until
+    // then a previous agent's programs keep capturing with their own.
+    let mut reconciler = Reconciler::start(tables, pods_cgroup, proxy_cgroup, &config);
+    programs
+        .attach()
+        .context("attaching the capture programs")?;
+    if let Some(logger) = programs.take_logger() {
         tokio::spawn(pump_ebpf_logs(logger));
     }
 
-    let stats = capture.tables.stats();
     let mut rt = Runtime::start(
         (config, watcher),
         settings.node.clone(),
@@ -72,10 +85,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
     );
     tokio::spawn(Arc::clone(&rt.proxy).serve(listener));
-
-    let mut reconciler = Reconciler::new(capture.tables, pods_cgroup, proxy_cgroup);
-    reconciler.services(&rt.config);
-    reconciler.enrollment(&rt.config);
     rt.set_ready();
     info!(proxy = %settings.proxy_addr, admin = %settings.admin_addr, "agent ready");
 
@@ -88,6 +97,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     })
     .await;
     info!("stopping; pods stay captured (run `dataplane-agent cleanup` to uninstall)");
+    // The getsockopt attachment (not pinned) lived as long as the programs.
+    drop(programs);
     Ok(())
 }
 

@@ -3,9 +3,15 @@
 //! enrolled pods and mesh services equal to the mesh state.
 //!
 //! Attachments are bpf links pinned in bpffs, so they outlive the agent:
-//! a crashed or upgrading agent never leaves pods uncaptured. A new agent
-//! attaches its programs first and only then removes the old links, so
-//! there is no instant with no program attached, and never two afterwards.
+//! a crashed or upgrading agent never leaves pods uncaptured. Start-up is
+//! in two steps, so that there is no instant without capture:
+//! [`Capture::load`] loads the programs (the kernel verifies them) and
+//! hands over their tables, which the caller fills from the config; only
+//! then does [`Programs::attach`] attach the programs, and remove the old
+//! links once the new ones are in place. The new programs capture from the
+//! instant they are attached, also when their tables are new maps (another
+//! maps directory, or a pinned map of another layout replaced), and there
+//! is never more than one program per hook afterwards.
 
 mod bpffs;
 pub mod cgroup;
@@ -82,18 +88,28 @@ pub struct CaptureConfig {
     pub proxy_mark: u32,
 }
 
-/// The installed capture: the programs are attached and pinned; this
-/// handle owns the maps the agent updates.
+/// The capture programs, loaded but not attached yet, and the tables they
+/// read. Fill the tables (see [`reconcile::Reconciler::start`]) before
+/// attaching the programs: until then a previous agent's programs, if any,
+/// keep capturing with their own tables.
 pub struct Capture {
     pub tables: Tables,
-    /// Kept so aya-log can read the programs' log ring buffer.
+    pub programs: Programs,
+}
+
+/// The loaded programs; [`Programs::attach`] puts them to work.
+pub struct Programs {
+    /// Also kept so aya-log can read the programs' log ring buffer, and so
+    /// that the unpinned getsockopt attachment lives as long as this.
     ebpf: Ebpf,
+    cfg: CaptureConfig,
 }
 
 impl Capture {
-    /// Loads, attaches and pins the programs, replacing any attachment a
-    /// previous agent left behind.
-    pub fn install(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+    /// Loads the programs (the kernel verifies them) and opens their
+    /// tables, reusing the maps pinned in [`MAPS_DIR`] under the pin
+    /// directory and replacing those of another layout. Attaches nothing.
+    pub fn load(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
         let maps_dir = cfg.pin_dir.join(MAPS_DIR);
         bpffs::ensure_dir(&maps_dir)?;
         bpffs::ensure_dir(&cfg.pin_dir.join("links"))?;
@@ -107,9 +123,24 @@ impl Capture {
             .override_global(globals::PROXY_PORT, &proxy_port, true)
             .override_global(globals::PROXY_MARK, &cfg.proxy_mark, true)
             .load(EBPF_OBJECT)?;
-        links::attach_all(&mut ebpf, cfg)?;
+        links::load_all(&mut ebpf)?;
         let tables = Tables::take_from(&mut ebpf)?;
-        Ok(Self { tables, ebpf })
+        Ok(Self {
+            tables,
+            programs: Programs {
+                ebpf,
+                cfg: cfg.clone(),
+            },
+        })
+    }
+}
+
+impl Programs {
+    /// Attaches and pins the programs, replacing the links a previous
+    /// agent left behind (see [`links::attach_all`]). Call it once the
+    /// tables are filled: the programs capture from this instant.
+    pub fn attach(&mut self) -> Result<(), CaptureError> {
+        links::attach_all(&mut self.ebpf, &self.cfg)
     }
 
     /// Starts forwarding the programs' aya-log records to `log`/`tracing`.

@@ -2,16 +2,19 @@
 //! on a simulated node with real processes, sockets and eBPF programs.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddrV4;
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
 
 use dataplane_tests::agent::{Agent, attached_programs};
 use dataplane_tests::peers::{self, Hello};
 use dataplane_tests::scenario::{ECHO_VIP, MeshNode, ServiceSpec, backend_addr, mesh_config};
 use dataplane_tests::simnode::new_pod_uid;
-use dataplane_tests::{SimNode, binaries, bpfmaps, require_privileges};
+use dataplane_tests::{Pod, Proc, SimNode, bpfmaps, require_privileges};
 
 /// Answers per backend; panics with the failures if any attempt failed.
 fn answers_by_backend(hellos: &[Hello]) -> BTreeMap<String, usize> {
@@ -273,24 +276,19 @@ fn pods_started_after_the_agent_are_captured_from_their_first_connect() {
     assert_eq!(metrics.captured(), 2, "each first connect was redirected");
 }
 
-/// Removes an agent's pin directory (with `dataplane-agent cleanup`) when
-/// a test put something there before any agent ran.
-struct PinDirGuard(PathBuf);
-
-impl Drop for PinDirGuard {
-    fn drop(&mut self) {
-        let Ok(agent) = binaries::agent() else { return };
-        let _ = Command::new(agent)
-            .arg("cleanup")
-            .arg(format!("--pin-dir={}", self.0.display()))
-            .output();
-    }
-}
-
-/// A pinned map of another layout, as a release that changed a map without
-/// bumping the maps directory would leave: the agent replaces it, saying
-/// which map and both layouts, and captures as usual. Restarted, it keeps
-/// the map (no false alarm when the layouts match).
+/// An upgrade that changed a map's layout without bumping the maps
+/// directory: the previous agent's programs are still attached (pinned
+/// links) with the map they were loaded with, and a map of another layout
+/// is pinned under the name the new programs want. The new agent replaces
+/// that map, with a warning naming both layouts, and there is no instant
+/// without capture: a client that connects to the VIP over and over, a
+/// fraction of a millisecond apart, through the whole start sees its
+/// connects refused (captured by the previous programs, no proxy yet), then
+/// reach the new proxy, and never once uncaptured (the VIP is routed
+/// nowhere: an uncaptured connect fails as unreachable). The new tables are
+/// filled before the new programs replace the old ones, so the very first
+/// connect they see is captured. Restarted, the agent keeps the map (no
+/// false alarm when the layouts match).
 #[test]
 #[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn a_pinned_map_of_another_layout_is_replaced_with_a_warning() {
@@ -301,15 +299,52 @@ fn a_pinned_map_of_another_layout_is_replaced_with_a_warning() {
     let client = node.add_pod("client").expect("pod");
     let backend = node.add_pod("backend-1").expect("pod");
     let _server = peers::serve(&node, &backend, "backend-1").expect("backend");
-    let pin_dir = Agent::pin_dir_of(&node);
-    let _guard = PinDirGuard(pin_dir.clone());
-    let maps_dir = pin_dir.join("maps-v1");
-    std::fs::create_dir_all(&maps_dir).expect("pin dir on bpffs");
-    let stale = maps_dir.join("DP_ENROLLED");
-    bpfmaps::create_pinned_map(&stale, "DP_ENROLLED", "hash", 4, 4, 16).expect("stale map");
-
     let echo = ServiceSpec::tcp("echo", ECHO_VIP, vec![backend_addr(&backend)]);
     let mut agent = Agent::start(&node, &mesh_config(&[echo], &[&client])).expect("agent");
+    let node_ip = node.node_ip().to_string();
+    let hello = peers::hello(&node, &client, ECHO_VIP, 1).expect("hello");
+    assert!(hello[0].ok, "captured before the upgrade: {hello:#?}");
+
+    // The previous agent is gone; its programs stay attached and keep the
+    // DP_ENROLLED they were loaded with (the client enrolled) after it is
+    // unpinned, and a map of another layout takes its name.
+    agent.kill().expect("stop the previous agent");
+    let stale = bpfmaps::pinned_map(agent.pin_dir(), "DP_ENROLLED").expect("pinned map");
+    std::fs::remove_file(&stale).expect("unpin DP_ENROLLED");
+    bpfmaps::create_pinned_map(&stale, "DP_ENROLLED", "hash", 4, 4, 16).expect("stale map");
+
+    let mut prober = Prober::start(&node, &client, ECHO_VIP).expect("prober");
+    prober
+        .wait_for("a connect captured by the previous programs", |kind| {
+            kind == "refused"
+        })
+        .expect("the previous programs capture while no agent runs");
+    agent.spawn(&node).expect("the upgraded agent");
+    // What was read so far was tried while the agent started; what comes
+    // next, once it is ready (its programs attached).
+    prober.read_queued();
+    prober
+        .more(PROBES_AFTER)
+        .expect("connects after the upgrade");
+    let outcomes = prober.stop();
+    let escaped = outcomes
+        .iter()
+        .filter(|&kind| kind == "unreachable")
+        .count();
+    assert_eq!(
+        escaped,
+        0,
+        "connects during the upgrade were not captured; outcomes in order: {}\nagent log:\n{}",
+        runs(&outcomes),
+        agent.log()
+    );
+    let last = &outcomes[outcomes.len() - PROBES_AFTER..];
+    assert!(
+        last.iter().any(|kind| kind == "connected"),
+        "the upgraded agent captures: {}",
+        runs(&outcomes)
+    );
+
     let log = agent.log();
     let warning = log
         .lines()
@@ -332,12 +367,6 @@ fn a_pinned_map_of_another_layout_is_replaced_with_a_warning() {
         ("hash", 8, 4),
         "the programs' layout is pinned now"
     );
-    let hello = peers::hello(&node, &client, ECHO_VIP, 1).expect("hello");
-    let node_ip = node.node_ip().to_string();
-    assert!(
-        hello[0].ok && hello[0].peer_ip() == Some(node_ip.as_str()),
-        "captured through the replaced map: {hello:#?}"
-    );
 
     agent.kill().expect("stop");
     agent.spawn(&node).expect("restart");
@@ -347,4 +376,139 @@ fn a_pinned_map_of_another_layout_is_replaced_with_a_warning() {
         "a map of the right layout is kept across restarts"
     );
     assert_eq!(agent.log().matches("layout differs").count(), 1);
+    let hello = peers::hello(&node, &client, ECHO_VIP, 1).expect("hello");
+    assert!(
+        hello[0].ok && hello[0].peer_ip() == Some(node_ip.as_str()),
+        "captured through the replaced map: {hello:#?}"
+    );
+}
+
+/// How long a [`Prober`] waits for an outcome it was asked about.
+const PROBE_WAIT: Duration = Duration::from_secs(20);
+/// Connects tried once the upgraded agent is ready.
+const PROBES_AFTER: usize = 100;
+
+/// The prober's client: connects to `host:port` over and over, a fraction
+/// of a millisecond apart, and prints one word per connect: `connected`
+/// (only a captured connect can reach the proxy: the VIP is routed
+/// nowhere), `refused` (captured, no proxy listening), `unreachable` (not
+/// captured: the node answers that it has no route), `pending` (no answer
+/// within a millisecond: the SYN was dropped because the proxy's accept
+/// queue is full while the agent starts), or `other:<errno>`. Each
+/// connection is closed at once, unused.
+const PY_PROBE: &str = r#"
+import errno, select, socket, sys, time
+addr = (sys.argv[1], int(sys.argv[2]))
+kinds = {0: "connected", errno.ECONNREFUSED: "refused",
+         errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
+while True:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    err = s.connect_ex(addr)
+    if err == errno.EINPROGRESS:
+        _, ready, _ = select.select([], [s], [], 0.001)
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ready else None
+    s.close()
+    if err is None:
+        kind = "pending"
+    else:
+        kind = kinds.get(err, "other:" + errno.errorcode.get(err, str(err)))
+    print(kind, flush=True)
+    time.sleep(0.0002)
+"#;
+
+/// A client connecting from a pod to one address over and over (see
+/// [`PY_PROBE`]), its outcomes read as they come.
+struct Prober {
+    proc: Proc,
+    outcomes: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Prober {
+    fn start(node: &SimNode, pod: &Pod, to: SocketAddrV4) -> anyhow::Result<Prober> {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", PY_PROBE, &to.ip().to_string(), &to.port().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut proc = node.spawn_in_pod(pod, cmd)?;
+        let stdout = proc.take_stdout().context("the prober's stdout")?;
+        let (tx, outcomes) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Prober {
+            proc,
+            outcomes,
+            seen: Vec::new(),
+        })
+    }
+
+    fn next(&mut self, what: &str) -> anyhow::Result<&str> {
+        match self.outcomes.recv_timeout(PROBE_WAIT) {
+            Ok(kind) => {
+                self.seen.push(kind);
+                Ok(self.seen.last().map_or("", String::as_str))
+            }
+            Err(_) => bail!(
+                "no {what} within {PROBE_WAIT:?}; outcomes so far: {}",
+                runs(&self.seen)
+            ),
+        }
+    }
+
+    /// Waits for an outcome that satisfies `pred`.
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + PROBE_WAIT;
+        while !pred(self.next(what)?) {
+            if Instant::now() > deadline {
+                bail!("no {what} within {PROBE_WAIT:?}: {}", runs(&self.seen));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the outcomes read so far without waiting.
+    fn read_queued(&mut self) {
+        self.seen.extend(self.outcomes.try_iter());
+    }
+
+    /// Waits for `count` more outcomes.
+    fn more(&mut self, count: usize) -> anyhow::Result<()> {
+        for _ in 0..count {
+            self.next("further connect")?;
+        }
+        Ok(())
+    }
+
+    /// Stops the client; every outcome, in order.
+    fn stop(mut self) -> Vec<String> {
+        let _ = self.proc.kill();
+        // The reader ends at EOF, once the killed client's output is read.
+        while let Ok(kind) = self.outcomes.recv_timeout(PROBE_WAIT) {
+            self.seen.push(kind);
+        }
+        self.seen
+    }
+}
+
+/// Outcomes in order, repeats folded: `refused x412, connected x97`.
+fn runs(outcomes: &[String]) -> String {
+    let mut runs: Vec<(&str, usize)> = Vec::new();
+    for kind in outcomes {
+        match runs.last_mut() {
+            Some((last, count)) if last == kind => *count += 1,
+            _ => runs.push((kind, 1)),
+        }
+    }
+    let runs: Vec<String> = runs
+        .iter()
+        .map(|(kind, count)| format!("{kind} x{count}"))
+        .collect();
+    runs.join(", ")
 }

@@ -13,13 +13,14 @@
 //! refusing to start would leave the enrolled pods captured by the previous
 //! programs with no proxy behind them (every connection to a service
 //! refused) until someone removed the map by hand. What replacing costs is
-//! what a new maps directory costs: the old map's entries. The enrollment
-//! and service tables are rewritten from the config at once, the counters
-//! restart from zero, and connections being set up at that instant may lose
-//! their original destination and be reset. The previous agent's programs
-//! keep their old map until their links are replaced a moment later; from
-//! then until the first sync of the new tables (milliseconds), connects are
-//! not captured, exactly as after an upgrade to a new maps directory.
+//! what a new maps directory costs: the old map's entries. It does not
+//! cost capture: the agent fills the enrollment and service tables from the
+//! config before it attaches the new programs, and the previous agent's
+//! programs keep their old map until their links are replaced, so every
+//! connect is captured by one or the other (see [`super::Capture`]). The
+//! counters restart from zero, and if a per-connection map is replaced,
+//! connections captured by the previous programs and not yet accepted by
+//! the proxy lose their original destination and are reset.
 //!
 //! Something pinned there that is not a map at all is not removed: that is
 //! an error naming the path.

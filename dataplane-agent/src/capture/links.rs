@@ -1,12 +1,14 @@
-//! Attaching the programs as pinned bpf links, replacing the links a
-//! previous agent left, and removing everything on uninstall.
+//! Loading the programs, attaching them as pinned bpf links, replacing the
+//! links a previous agent left, and removing everything on uninstall.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
+};
 
 use super::{CaptureConfig, CaptureError};
 
@@ -18,14 +20,9 @@ const LINK_CONNECT6: &str = "connect6";
 const LINK_SOCKOPS: &str = "sockops";
 const LINK_SOCK_RELEASE: &str = "sock_release";
 
-/// Loads a program of type `$ty`, attaches it to `$cgroup` and returns the
-/// attachment (owned by the program's `Ebpf` until taken).
-macro_rules! attach {
-    ($ebpf:expr, $ty:ty, $name:literal, $cgroup:expr) => {{
-        let prog_err = |source| CaptureError::Program {
-            name: $name,
-            source,
-        };
+/// The program `$name` of the object, as a `$ty`.
+macro_rules! program {
+    ($ebpf:expr, $ty:ty, $name:literal) => {{
         let prog: &mut $ty = $ebpf
             .program_mut($name)
             .ok_or_else(|| CaptureError::Map {
@@ -33,14 +30,23 @@ macro_rules! attach {
                 message: "program missing from the eBPF object".into(),
             })?
             .try_into()
-            .map_err(prog_err)?;
-        prog.load().map_err(prog_err)?;
+            .map_err(prog_err($name))?;
+        prog
+    }};
+}
+
+/// Attaches the (loaded) program `$name` of type `$ty` to `$cgroup` and
+/// returns it with the attachment's id (the attachment is owned by the
+/// program, so by its `Ebpf`, until taken).
+macro_rules! attach {
+    ($ebpf:expr, $ty:ty, $name:literal, $cgroup:expr) => {{
+        let prog = program!($ebpf, $ty, $name);
         // bpf links on a cgroup always coexist with other links there (the
         // kernel rejects the ALLOW_MULTI flag for them), which is what lets
         // a new agent's link overlap the old one so that capture never stops.
         let id = prog
             .attach($cgroup, CgroupAttachMode::Single)
-            .map_err(prog_err)?;
+            .map_err(prog_err($name))?;
         (prog, id)
     }};
 }
@@ -49,10 +55,7 @@ macro_rules! attach {
 macro_rules! attach_fd_link {
     ($ebpf:expr, $ty:ty, $name:literal, $cgroup:expr) => {{
         let (prog, id) = attach!($ebpf, $ty, $name, $cgroup);
-        let link = prog.take_link(id).map_err(|source| CaptureError::Program {
-            name: $name,
-            source,
-        })?;
+        let link = prog.take_link(id).map_err(prog_err($name))?;
         FdLink::try_from(link).map_err(|err| CaptureError::Pin {
             path: PathBuf::from($name),
             message: err.to_string(),
@@ -60,11 +63,37 @@ macro_rules! attach_fd_link {
     }};
 }
 
-/// Attaches the programs. The pods' side (connect4, connect6, sock_ops,
-/// sock_release) is pinned, replacing a previous agent's links, so pods stay
-/// captured while no agent runs. The proxy's side (getsockopt) is deliberately not pinned:
-/// it only serves the proxy in this process, so it lives and dies with it
-/// (it stays attached while `ebpf` is alive) and can never be left behind.
+fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> CaptureError {
+    move |source| CaptureError::Program { name, source }
+}
+
+/// Loads every program into the kernel (which verifies it) without
+/// attaching anything, so that the caller can fill the tables first.
+pub fn load_all(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    program!(ebpf, CgroupSockopt, "dp_getsockopt")
+        .load()
+        .map_err(prog_err("dp_getsockopt"))?;
+    program!(ebpf, CgroupSock, "dp_sock_release")
+        .load()
+        .map_err(prog_err("dp_sock_release"))?;
+    program!(ebpf, SockOps, "dp_sockops")
+        .load()
+        .map_err(prog_err("dp_sockops"))?;
+    program!(ebpf, CgroupSockAddr, "dp_connect4")
+        .load()
+        .map_err(prog_err("dp_connect4"))?;
+    program!(ebpf, CgroupSockAddr, "dp_connect6")
+        .load()
+        .map_err(prog_err("dp_connect6"))?;
+    Ok(())
+}
+
+/// Attaches the programs loaded by [`load_all`]. The pods' side (connect4,
+/// connect6, sock_ops, sock_release) is pinned, replacing a previous
+/// agent's links, so pods stay captured while no agent runs. The proxy's
+/// side (getsockopt) is deliberately not pinned: it only serves the proxy
+/// in this process, so it lives and dies with it (it stays attached while
+/// `ebpf` is alive) and can never be left behind.
 pub fn attach_all(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<(), CaptureError> {
     let pods = open_cgroup(&cfg.pods_cgroup)?;
     let proxy = open_cgroup(&cfg.proxy_cgroup)?;

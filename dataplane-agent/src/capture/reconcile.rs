@@ -48,8 +48,23 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 impl Reconciler {
-    /// Takes over the tables and starts watching `pods_root` for new pods.
-    pub fn new(tables: Tables, pods_root: PathBuf, proxy_cgroup: PathBuf) -> Self {
+    /// Takes over the tables, starts watching `pods_root` for new pods and
+    /// fills the tables from `cfg` (services, then the enrolled pods found
+    /// now). Once this returns, programs reading the tables capture what
+    /// `cfg` says: attach them only then.
+    pub fn start(
+        tables: Tables,
+        pods_root: PathBuf,
+        proxy_cgroup: PathBuf,
+        cfg: &MeshConfig,
+    ) -> Self {
+        let mut reconciler = Self::new(tables, pods_root, proxy_cgroup);
+        reconciler.services(cfg);
+        reconciler.enrollment(cfg);
+        reconciler
+    }
+
+    fn new(tables: Tables, pods_root: PathBuf, proxy_cgroup: PathBuf) -> Self {
         let stats = tables.stats();
         let shared = Arc::new(Mutex::new(Shared {
             tables,
