@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use dataplane_common::{EnrolledPod, ServiceKey, ServiceValue};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::enroll::{self, Enrollment};
-use super::tables::{CaptureStats, StatsReader, SyncReport, Tables};
+use super::tables::{CaptureStats, Enrolled, StatsReader, SyncReport, Tables};
 use super::watch::{OnPod, PodCgroupWatcher};
 use crate::config::MeshConfig;
 
@@ -154,7 +154,10 @@ impl Reconciler {
 }
 
 /// The watcher's action for a pod directory: enroll it now if the config
-/// wants it (the same rule as the periodic pass).
+/// wants it (the same rule as the periodic pass). The watcher may report a
+/// pod more than once (a directory seen both by its event and by a scan,
+/// every pod again after an event overflow): only a pod that was not
+/// enrolled yet is written and logged.
 fn enroll_on_sight(shared: Arc<Mutex<Shared>>, proxy_cgroup: PathBuf) -> OnPod {
     Box::new(move |uid, dir| {
         let mut shared = lock(&shared);
@@ -165,7 +168,10 @@ fn enroll_on_sight(shared: Arc<Mutex<Shared>>, proxy_cgroup: PathBuf) -> OnPod {
             return;
         };
         match shared.tables.enroll(id, EnrolledPod::default()) {
-            Ok(()) => info!(%uid, cgroup = %dir.display(), "enrolled a new pod cgroup"),
+            Ok(Enrolled::New) => info!(%uid, cgroup = %dir.display(), "enrolled a new pod cgroup"),
+            Ok(Enrolled::Already) => {
+                debug!(%uid, cgroup = %dir.display(), "pod cgroup seen again, already enrolled");
+            }
             Err(failure) => warn!(table = "enrollment", %failure, "kernel table update failed"),
         }
     })

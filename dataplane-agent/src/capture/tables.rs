@@ -35,6 +35,15 @@ pub struct CaptureStats {
     pub orig_dst_unknown: u64,
 }
 
+/// What [`Tables::enroll`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrolled {
+    /// The entry was written.
+    New,
+    /// The same entry was there already: nothing was written.
+    Already,
+}
+
 /// Outcome of one table synchronisation.
 #[derive(Debug, Default)]
 pub struct SyncReport {
@@ -79,9 +88,17 @@ impl Tables {
     }
 
     /// Enrolls one cgroup and leaves every other entry alone: a pod whose
-    /// cgroup just appeared, between two full syncs.
-    pub fn enroll(&mut self, cgroup_id: u64, pod: EnrolledPod) -> Result<(), String> {
-        insert(&mut self.enrolled, &cgroup_id, &pod, maps::ENROLLED)
+    /// cgroup just appeared, between two full syncs. An entry already there
+    /// with this value is left as it is ([`Enrolled::Already`]).
+    pub fn enroll(&mut self, cgroup_id: u64, pod: EnrolledPod) -> Result<Enrolled, String> {
+        if self
+            .enrolled
+            .get(&cgroup_id, 0)
+            .is_ok_and(|current| current == pod)
+        {
+            return Ok(Enrolled::Already);
+        }
+        insert(&mut self.enrolled, &cgroup_id, &pod, maps::ENROLLED).map(|()| Enrolled::New)
     }
 
     /// Makes `DP_SERVICES` hold exactly `desired`.
