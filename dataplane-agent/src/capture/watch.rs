@@ -37,7 +37,9 @@ const EVENT_BUFFER: usize = 16 * 1024;
 
 /// Called with the pod UID and the pod's cgroup directory for every pod
 /// directory seen: when created, when found while scanning a directory
-/// that just got its watch, and in a rescan after an overflow.
+/// that just got its watch, and in a rescan after an overflow. A pod may
+/// be reported more than once (created between its parent's watch and
+/// scan, or again in a rescan): the callback must be idempotent.
 pub type OnPod = Box<dyn FnMut(&str, &Path) + Send>;
 
 /// The watching thread; dropping this stops it.
