@@ -41,6 +41,36 @@ pub fn pinned_map(pin_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 
 /// How many entries the pinned map at `path` holds (`bpftool map dump`).
 pub fn entry_count(path: &Path) -> anyhow::Result<usize> {
+    Ok(dump(path)?.len())
+}
+
+/// The keys of the pinned map at `path`, each read as a native-endian
+/// `u64` (e.g. the cgroup ids in `DP_ENROLLED`).
+pub fn u64_keys(path: &Path) -> anyhow::Result<Vec<u64>> {
+    dump(path)?
+        .iter()
+        .map(|entry| {
+            let bytes = entry["key"]
+                .as_array()
+                .with_context(|| format!("no key bytes in {entry}"))?
+                .iter()
+                .map(|byte| {
+                    let hex = byte.as_str().unwrap_or_default();
+                    u8::from_str_radix(hex.trim_start_matches("0x"), 16)
+                        .with_context(|| format!("bad key byte {byte} in {entry}"))
+                })
+                .collect::<anyhow::Result<Vec<u8>>>()?;
+            let key: [u8; 8] = bytes
+                .try_into()
+                .map_err(|bytes| anyhow::anyhow!("key of {} bytes, not 8", Vec::len(&bytes)))?;
+            Ok(u64::from_ne_bytes(key))
+        })
+        .collect()
+}
+
+/// `bpftool map dump` of the pinned map at `path`: one JSON object per
+/// entry, with the key's and the value's bytes.
+fn dump(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut cmd = Command::new("bpftool");
     cmd.args(["-j", "map", "dump", "pinned"]).arg(path);
     let out = run_with_timeout(cmd, BPFTOOL_TIMEOUT)
@@ -54,11 +84,9 @@ pub fn entry_count(path: &Path) -> anyhow::Result<usize> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
-    let entries: Vec<serde_json::Value> = serde_json::from_str(&text)
-        .with_context(|| format!("bpftool printed no JSON array: {text:?}"))?;
-    Ok(entries.len())
+    serde_json::from_str(&text).with_context(|| format!("bpftool printed no JSON array: {text:?}"))
 }
 
 /// Entries in the agent's map `name` (e.g. `DP_CONNS`).
