@@ -9,7 +9,9 @@
 //! caught halfway, and a cut-off YAML file is often still valid YAML (a
 //! list cut after its third item is a shorter list), so one read cannot
 //! tell "partial" from "new". The watcher therefore only takes a text that
-//! two reads a moment apart agree on, and refuses an empty file.
+//! two reads a moment apart agree on, and refuses an empty file. A text
+//! that settles back to the one in force (the same content rewritten) is
+//! no change.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -68,7 +70,11 @@ type ReadFn = Box<dyn FnMut(&Path) -> io::Result<String> + Send>;
 /// [`SETTLE`]): call them from a blocking thread.
 pub struct ConfigWatcher {
     path: PathBuf,
+    /// The last text reported (applied, or rejected once).
     last_text: String,
+    /// An unreadable file was reported and has not been readable since:
+    /// not reported again at every poll.
+    unreadable_reported: bool,
     settle: Duration,
     read: ReadFn,
 }
@@ -87,6 +93,7 @@ impl ConfigWatcher {
         Self {
             path,
             last_text: current_text,
+            unreadable_reported: false,
             settle: SETTLE,
             read: Box::new(|path| std::fs::read_to_string(path)),
         }
@@ -94,7 +101,8 @@ impl ConfigWatcher {
 
     /// Reads the file with `read` instead of `std::fs::read_to_string`,
     /// waiting `settle` between reads.
-    pub fn with_reader(
+    #[cfg(test)]
+    pub(crate) fn with_reader(
         mut self,
         settle: Duration,
         read: impl FnMut(&Path) -> io::Result<String> + Send + 'static,
@@ -104,15 +112,12 @@ impl ConfigWatcher {
         self
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn poll(&mut self) -> Change {
         let text = match (self.read)(&self.path) {
             Ok(text) => text,
             Err(source) => return self.unreadable(source),
         };
+        self.unreadable_reported = false;
         if text == self.last_text {
             return Change::Unchanged;
         }
@@ -120,6 +125,11 @@ impl ConfigWatcher {
             Ok(text) => text,
             Err(rejected) => return Change::Invalid(rejected),
         };
+        // An in-place rewrite of the same content, caught halfway, settles
+        // back to the text already in force: nothing changed.
+        if text == self.last_text {
+            return Change::Unchanged;
+        }
         let parsed = if text.trim().is_empty() {
             Err(Rejected::Empty {
                 path: self.path.clone(),
@@ -141,9 +151,13 @@ impl ConfigWatcher {
         let mut previous = first;
         for _ in 1..MAX_READS {
             std::thread::sleep(self.settle);
-            let text = (self.read)(&self.path).map_err(|source| ConfigError::Read {
-                path: self.path.clone(),
-                source,
+            let text = (self.read)(&self.path).map_err(|source| {
+                // Reported now: not again while it stays unreadable.
+                self.unreadable_reported = true;
+                ConfigError::Read {
+                    path: self.path.clone(),
+                    source,
+                }
             })?;
             if text == previous {
                 return Ok(text);
@@ -158,11 +172,12 @@ impl ConfigWatcher {
     }
 
     fn unreadable(&mut self, source: io::Error) -> Change {
-        // Report a missing file once, not at every poll.
-        if self.last_text.is_empty() {
+        // Report a missing file once, not at every poll. The last text is
+        // kept: the same file back again is no change.
+        if self.unreadable_reported {
             return Change::Unchanged;
         }
-        self.last_text.clear();
+        self.unreadable_reported = true;
         Change::Invalid(
             ConfigError::Read {
                 path: self.path.clone(),

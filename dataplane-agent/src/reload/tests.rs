@@ -160,3 +160,77 @@ fn a_file_still_being_written_is_retried_at_the_next_poll() {
         other => panic!("expected the finished config, got {other:?}"),
     }
 }
+
+/// The same content rewritten in place, caught halfway: the first read
+/// sees a cut-off text, the next ones the old text again. Nothing changed,
+/// so nothing is applied (no spurious reload).
+#[test]
+fn a_rewrite_of_the_same_content_caught_halfway_is_no_change() {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&reads);
+    let mut watcher = ConfigWatcher::new(PathBuf::from("mesh.yaml"), FULL.into()).with_reader(
+        Duration::from_millis(1),
+        move |_| {
+            Ok(match counter.fetch_add(1, Ordering::SeqCst) {
+                0 => FULL[..FULL.find("  - name: web").expect("web")].to_string(),
+                _ => FULL.to_string(),
+            })
+        },
+    );
+    match watcher.poll() {
+        Change::Unchanged => {}
+        other => panic!("expected no change, got {other:?}"),
+    }
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        3,
+        "read until two reads agreed"
+    );
+    assert!(matches!(watcher.poll(), Change::Unchanged));
+}
+
+/// A missing file is reported once, also when an empty file (reported as
+/// such) came before it, and again each time it goes.
+#[test]
+fn a_missing_file_is_reported_once_also_after_an_empty_one() {
+    let dir = TempDir::new("missing");
+    let path = dir.file();
+    let mut watcher = watcher_on(&path, FULL);
+    let reported_missing = |change: Change| {
+        matches!(
+            change,
+            Change::Invalid(Rejected::Config(ConfigError::Read { .. }))
+        )
+    };
+
+    std::fs::write(&path, "").expect("truncate");
+    assert!(matches!(
+        watcher.poll(),
+        Change::Invalid(Rejected::Empty { .. })
+    ));
+    std::fs::remove_file(&path).expect("remove");
+    assert!(reported_missing(watcher.poll()), "missing after empty");
+    assert!(matches!(watcher.poll(), Change::Unchanged), "reported once");
+
+    std::fs::write(&path, "services: []\n").expect("a new config");
+    assert!(matches!(watcher.poll(), Change::Valid(_)));
+    std::fs::remove_file(&path).expect("remove");
+    assert!(reported_missing(watcher.poll()), "missing again");
+    assert!(matches!(watcher.poll(), Change::Unchanged), "reported once");
+}
+
+/// A file that went missing and came back as it was is no change: the
+/// config in force came from that very text.
+#[test]
+fn a_file_back_as_it_was_is_no_change() {
+    let dir = TempDir::new("back");
+    let path = dir.file();
+    let mut watcher = watcher_on(&path, FULL);
+    std::fs::remove_file(&path).expect("remove");
+    assert!(matches!(watcher.poll(), Change::Invalid(_)));
+    std::fs::write(&path, FULL).expect("back");
+    match watcher.poll() {
+        Change::Unchanged => {}
+        other => panic!("expected no change, got {other:?}"),
+    }
+}
