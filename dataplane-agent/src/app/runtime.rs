@@ -89,7 +89,11 @@ impl Runtime {
     /// Until SIGTERM or Ctrl-C: every `resync`, re-reads the config file,
     /// then calls `on_tick` with the config in force and whether it just
     /// changed. `on_tick` may block (cgroup walks, eBPF map updates,
-    /// nftables): it runs where blocking stalls no other task.
+    /// nftables). Both modes await this loop in the future they give to
+    /// `block_on`, on the main thread: no worker of the runtime, and no
+    /// other task runs there, so blocking holds up only this loop (its next
+    /// tick, the shutdown signal), never the proxy. [`off_worker`] keeps it
+    /// so if the loop is ever awaited in a spawned task, on a worker.
     pub async fn run_until_shutdown(
         &mut self,
         resync: Duration,
@@ -163,12 +167,14 @@ impl Runtime {
     }
 }
 
-/// Runs blocking work called from async code without stalling the async
-/// worker thread it was called on: on the multi-threaded runtime, tokio
-/// hands that worker's other tasks to another thread for the duration
-/// (`block_in_place`); elsewhere (a current-thread runtime in tests) it
-/// simply runs. `spawn_blocking` is used where the work can be moved to a
-/// thread; this is for work that borrows its caller's state.
+/// Runs blocking work called from async code so that it holds up no other
+/// task. Called in a task on a worker of the multi-threaded runtime, it
+/// first has tokio hand that worker's other tasks to another thread
+/// (`block_in_place`). Called on the thread running `block_on` (where the
+/// agent's run loop is), which runs no other task, it simply runs; so it
+/// does on a current-thread runtime (some tests), where it does hold up
+/// that runtime's other tasks. `spawn_blocking` is used where the work can
+/// be moved to a thread; this is for work that borrows its caller's state.
 pub fn off_worker<R>(work: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {

@@ -1,7 +1,10 @@
 //! The running config only ever changes to a complete file.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use tokio::task::JoinHandle;
 
 use super::*;
 
@@ -100,25 +103,19 @@ async fn a_half_written_file_never_replaces_the_running_config() {
     assert_eq!(**rt.admin.config.load(), rt.config);
 }
 
-/// The reload's file reads (which may sleep while a writer settles) and the
-/// per-tick work (cgroup walks, map syncs) block; on the agent's runtime
-/// they must not hold up the tasks sharing their worker thread. Here one
-/// worker runs both a ticking task and the blocking work.
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn blocking_reload_and_tick_work_leave_the_async_worker_free() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    let dir = TempDir(std::env::temp_dir().join(format!("dp-runtime-off-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).expect("dir");
-    let path = dir.0.join("mesh.yaml");
-    let mut rt = runtime_on(&path, ONE_SERVICE).await;
-    let stall = Duration::from_millis(500);
-    *rt.watcher.lock().expect("lock") = ConfigWatcher::new(path.clone(), ONE_SERVICE.into())
+/// A config file whose every read takes `stall`, as a settling read
+/// sleeps.
+fn stall_reads(rt: &mut Runtime, path: &Path, stall: Duration) {
+    *rt.watcher.lock().expect("lock") = ConfigWatcher::new(path.to_path_buf(), ONE_SERVICE.into())
         .with_reader(Duration::from_millis(1), move |_| {
             std::thread::sleep(stall);
             Ok(ONE_SERVICE.to_string())
         });
+}
 
+/// Counts ticks of a task that wakes every 10 ms, on whatever worker the
+/// runtime gives it.
+fn spawn_ticker() -> (Arc<AtomicUsize>, JoinHandle<()>) {
     let ticks = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&ticks);
     let ticker = tokio::spawn(async move {
@@ -127,25 +124,87 @@ async fn blocking_reload_and_tick_work_leave_the_async_worker_free() {
             counter.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let blocking = tokio::spawn(async move {
-        let before = ticks.load(Ordering::Relaxed);
+    (ticks, ticker)
+}
+
+/// Ticks of `ticks` while `work` runs.
+async fn ticks_during(ticks: &AtomicUsize, work: impl Future<Output = ()>) -> usize {
+    let before = ticks.load(Ordering::Relaxed);
+    work.await;
+    ticks.load(Ordering::Relaxed) - before
+}
+
+/// About 50 ticks fit in each stall; 3 leaves room for a very busy
+/// machine, while a blocked worker would allow none.
+const MIN_TICKS: usize = 3;
+
+/// The agent's case: its run loop (the reload's file reads, which may
+/// sleep while a writer settles, and the per-tick work: cgroup walks, map
+/// syncs) runs in the future given to `block_on`, like this test's body,
+/// on a thread that is not the runtime's (single) worker. Tasks on the
+/// worker, the proxy's in the agent, go on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn the_run_loops_blocking_work_holds_up_no_task() {
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-runtime-main-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let path = dir.0.join("mesh.yaml");
+    let mut rt = runtime_on(&path, ONE_SERVICE).await;
+    let stall = Duration::from_millis(500);
+    stall_reads(&mut rt, &path, stall);
+
+    let (ticks, ticker) = spawn_ticker();
+    let during_reload = ticks_during(&ticks, async {
         rt.reload().await;
-        let during_reload = ticks.load(Ordering::Relaxed) - before;
-        let before = ticks.load(Ordering::Relaxed);
+    })
+    .await;
+    let during_tick = ticks_during(&ticks, async {
         off_worker(|| std::thread::sleep(stall));
-        let during_tick = ticks.load(Ordering::Relaxed) - before;
+    })
+    .await;
+    ticker.abort();
+    assert!(
+        during_reload >= MIN_TICKS,
+        "ticks during the reload: {during_reload}"
+    );
+    assert!(
+        during_tick >= MIN_TICKS,
+        "ticks during the tick work: {during_tick}"
+    );
+}
+
+/// Should the loop be awaited in a spawned task, it runs on a worker: the
+/// reload reads on a blocking thread, and [`off_worker`] hands the
+/// worker's other tasks over for the tick work. Here one worker runs both
+/// the loop's work and a ticking task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn the_loops_blocking_work_in_a_task_leaves_its_worker_free() {
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-runtime-off-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let path = dir.0.join("mesh.yaml");
+    let mut rt = runtime_on(&path, ONE_SERVICE).await;
+    let stall = Duration::from_millis(500);
+    stall_reads(&mut rt, &path, stall);
+
+    let (ticks, ticker) = spawn_ticker();
+    let blocking = tokio::spawn(async move {
+        let during_reload = ticks_during(&ticks, async {
+            rt.reload().await;
+        })
+        .await;
+        let during_tick = ticks_during(&ticks, async {
+            off_worker(|| std::thread::sleep(stall));
+        })
+        .await;
         (during_reload, during_tick)
     });
     let (during_reload, during_tick) = blocking.await.expect("task");
     ticker.abort();
-    // About 50 ticks fit in each stall; 3 leaves room for a very busy
-    // machine, while a blocked worker would allow none.
     assert!(
-        during_reload >= 3,
+        during_reload >= MIN_TICKS,
         "ticks during the reload: {during_reload}"
     );
     assert!(
-        during_tick >= 3,
+        during_tick >= MIN_TICKS,
         "ticks during the tick work: {during_tick}"
     );
 }
