@@ -39,10 +39,24 @@ pub fn load_config(path: &Path) -> anyhow::Result<(MeshConfig, ConfigWatcher)> {
     Ok((config, ConfigWatcher::new(path.to_path_buf(), text)))
 }
 
+/// Connections the kernel queues per listener until the proxy accepts
+/// them. A node proxy takes every pod's new connections, and a burst (a
+/// deployment's pods starting at once) must not have its SYNs dropped, as
+/// with the usual 128. The kernel caps it at `net.core.somaxconn` (4096 on
+/// current kernels).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {flag} {addr}"))
+    let context = || format!("cannot listen on {flag} {addr}");
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .with_context(context)?;
+    // A restarted agent must not wait for the old sockets' TIME_WAIT.
+    socket.set_reuseaddr(true).with_context(context)?;
+    socket.bind(addr).with_context(context)?;
+    socket.listen(LISTEN_BACKLOG).with_context(context)
 }
 
 impl Runtime {

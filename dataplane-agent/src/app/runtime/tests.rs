@@ -208,3 +208,23 @@ async fn the_loops_blocking_work_in_a_task_leaves_its_worker_free() {
         "ticks during the tick work: {during_tick}"
     );
 }
+
+/// More connections than the usual backlog of 128 complete their
+/// handshake while nothing accepts: a burst is queued, not dropped.
+#[tokio::test]
+async fn the_listener_queues_a_burst_of_connections() {
+    let listener = bind("127.0.0.1:0".parse().expect("addr"), "--test")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut connected = Vec::new();
+    for _ in 0..300 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        let stream = tokio::time::timeout(Duration::from_secs(2), connect)
+            .await
+            .expect("the handshake completes without an accept")
+            .expect("connect");
+        connected.push(stream);
+    }
+    assert_eq!(connected.len(), 300);
+}
