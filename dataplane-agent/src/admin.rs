@@ -1,5 +1,10 @@
 //! Admin HTTP endpoint: `/metrics` (Prometheus), `/ready` (for the
-//! DaemonSet's readiness probe), `/config_dump` (the mesh config in force).
+//! DaemonSet's readiness probe), `/config_dump` (the mesh config in force),
+//! `/clusters` (services and endpoints as the proxy sees them now).
+
+mod clusters;
+
+pub use clusters::{BreakerStatus, Clusters, EndpointStatus, ServiceStatus};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,11 +22,14 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::config::MeshConfig;
+use crate::state::SharedServices;
 
 pub struct Admin {
     pub registry: Registry,
     pub ready: AtomicBool,
     pub config: arc_swap::ArcSwap<MeshConfig>,
+    /// The proxy's services, for `/clusters`.
+    pub services: SharedServices,
 }
 
 impl Admin {
@@ -65,14 +73,11 @@ impl Admin {
                 "text/plain",
                 "starting\n".into(),
             ),
-            "/config_dump" => match serde_json::to_string_pretty(&**self.config.load()) {
-                Ok(json) => reply(StatusCode::OK, "application/json", json),
-                Err(err) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    err.to_string(),
-                ),
-            },
+            "/config_dump" => json(&**self.config.load()),
+            "/clusters" => json(&Clusters::of(
+                &self.services.load(),
+                std::time::Instant::now(),
+            )),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
     }
@@ -91,6 +96,17 @@ impl Admin {
                 err.to_string(),
             ),
         }
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => reply(StatusCode::OK, "application/json", json),
+        Err(err) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            err.to_string(),
+        ),
     }
 }
 

@@ -83,3 +83,51 @@ async fn config_dump_shows_the_config_in_force() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_shows_each_endpoints_health_and_each_breakers_use() {
+    bounded(async {
+        let good = Backend::start("good", Mode::Ok).await;
+        let bad = Backend::start("bad", Mode::Status(503)).await;
+        let extra = policy(&[
+            "outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 30s, maxEjectionPercent: 50}",
+            "connectionPool: {maxRequests: 100}",
+        ]);
+        let proxy = TestProxy::start_agent(&config(&[&good, &bad], &extra), NodeContext::default())
+            .await;
+        let admin_addr = proxy.admin.unwrap();
+        for _ in 0..4 {
+            get_with(&client(false), &proxy, &[]).await;
+        }
+        let reply = admin(admin_addr, http::Method::GET, "/clusters").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let clusters: dataplane_agent::admin::Clusters = serde_json::from_slice(&reply.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.body)));
+        let [service] = &clusters.services[..] else {
+            panic!("one service: {clusters:?}");
+        };
+        assert_eq!(service.service, "default/echo");
+        assert!(service.outlier_detection);
+        let endpoint = |addr: std::net::SocketAddrV4| {
+            service
+                .endpoints
+                .iter()
+                .find(|e| e.address == addr.to_string())
+                .unwrap()
+        };
+        let (good, bad) = (endpoint(good.addr), endpoint(bad.addr));
+        assert_eq!(good.health, "healthy");
+        assert_eq!(bad.health, "ejected");
+        assert_eq!(bad.ejections, Some(1));
+        let left = bad.ejected_for_ms.unwrap();
+        assert!((20_000..=30_000).contains(&left), "ejected for {left} ms more");
+        let requests = service
+            .circuit_breakers
+            .iter()
+            .find(|b| b.limit == "max_requests")
+            .unwrap();
+        assert_eq!((requests.in_use, requests.max), (0, 100));
+        assert_eq!(good.active + bad.active, 0, "nothing in flight");
+    })
+    .await
+}

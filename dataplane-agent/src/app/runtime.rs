@@ -72,16 +72,18 @@ impl Runtime {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         register(&mut registry);
+        let services = Arc::new(ArcSwap::from_pointee(ServiceTable::build(
+            &config, None, &node,
+        )));
         let admin = Arc::new(Admin {
             registry,
             ready: false.into(),
             config: ArcSwap::from_pointee(config.clone()),
+            services: Arc::clone(&services),
         });
         tokio::spawn(Arc::clone(&admin).serve(admin_listener));
         let proxy = Arc::new(Proxy {
-            services: Arc::new(ArcSwap::from_pointee(ServiceTable::build(
-                &config, None, &node,
-            ))),
+            services,
             metrics,
             mark: node.mark,
             inbound: Default::default(),

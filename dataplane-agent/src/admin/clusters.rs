@@ -1,0 +1,137 @@
+//! `/clusters`: every service and endpoint as the proxy sees them right
+//! now, so an operator can tell in one look why a request failed: which
+//! endpoint is ejected and for how long, which is half-open with how many
+//! probes, how busy each is, and how close each circuit breaker is to its
+//! limit. Also what `dataplane-agent status` prints.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::health::HostState;
+use crate::resilience::Limit;
+use crate::state::{Service, ServiceTable};
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Clusters {
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceStatus {
+    /// `namespace/name`.
+    pub service: String,
+    pub vip: String,
+    pub protocol: String,
+    /// Whether outlier detection is on (otherwise every endpoint is
+    /// `healthy`).
+    pub outlier_detection: bool,
+    /// In use / maximum, per circuit breaker limit.
+    pub circuit_breakers: Vec<BreakerStatus>,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BreakerStatus {
+    /// `max_connections`, `max_pending_requests`, `max_requests`,
+    /// `max_retries`.
+    pub limit: String,
+    pub in_use: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointStatus {
+    pub address: String,
+    pub weight: u32,
+    pub region: String,
+    pub zone: String,
+    /// `healthy`, `ejected` or `half_open`.
+    pub health: String,
+    /// Ejected: milliseconds until it is let back in (half-open).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ejected_for_ms: Option<u64>,
+    /// Ejected: how many times in a row (each ejection lasts longer).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ejections: Option<u32>,
+    /// Half-open: probe requests in flight and successes so far.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub probes_in_flight: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub probe_successes: Option<u32>,
+    /// Requests (HTTP) or connections (TCP) in flight to it.
+    pub active: u64,
+}
+
+impl Clusters {
+    pub fn of(table: &ServiceTable, now: Instant) -> Self {
+        let mut services: Vec<ServiceStatus> =
+            table.services().map(|s| service_status(s, now)).collect();
+        services.sort_by(|a, b| a.service.cmp(&b.service));
+        Self { services }
+    }
+}
+
+fn service_status(service: &Service, now: Instant) -> ServiceStatus {
+    let outlier = service.outlier();
+    let endpoints = service
+        .config
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(idx, ep)| {
+            let state = outlier
+                .as_ref()
+                .map_or(HostState::Healthy, |o| o.state(idx));
+            let mut status = EndpointStatus {
+                address: ep.address.to_string(),
+                weight: ep.weight,
+                region: ep.region.clone(),
+                zone: ep.zone.clone(),
+                health: "healthy".into(),
+                ejected_for_ms: None,
+                ejections: None,
+                probes_in_flight: None,
+                probe_successes: None,
+                active: service.balancer.outstanding(idx),
+            };
+            match state {
+                HostState::Healthy => {}
+                HostState::Ejected { until, times } => {
+                    status.health = "ejected".into();
+                    let left = until.saturating_duration_since(now).as_millis();
+                    status.ejected_for_ms = Some(u64::try_from(left).unwrap_or(u64::MAX));
+                    status.ejections = Some(times);
+                }
+                HostState::HalfOpen {
+                    probes_in_flight,
+                    successes,
+                } => {
+                    status.health = "half_open".into();
+                    status.probes_in_flight = Some(probes_in_flight);
+                    status.probe_successes = Some(successes);
+                }
+            }
+            status
+        })
+        .collect();
+    let circuit_breakers = Limit::ALL
+        .iter()
+        .map(|&limit| BreakerStatus {
+            limit: limit.as_str().to_string(),
+            in_use: service.breaker.in_use(limit),
+            max: service.breaker.max(limit),
+        })
+        .collect();
+    ServiceStatus {
+        service: service.id.clone(),
+        vip: service.config.vip.to_string(),
+        protocol: serde_json::to_value(service.config.protocol)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        outlier_detection: outlier.is_some(),
+        circuit_breakers,
+        endpoints,
+    }
+}
