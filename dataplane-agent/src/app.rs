@@ -2,10 +2,11 @@
 //! config, listeners, capture programs loaded, their tables filled from
 //! the config (the reconciler), programs attached, metrics, admin, proxy,
 //! then the reconcile loop. Sidecar mode is in [`sidecar`]; what both
-//! share in [`runtime`].
+//! share in [`runtime`]; the `status` command in [`status`].
 
 pub mod runtime;
 pub mod sidecar;
+pub mod status;
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;

@@ -3,7 +3,8 @@
 //! `run` captures enrolled pods' connections with eBPF and serves them from
 //! the shared node proxy; `sidecar` runs the same proxy per pod (for
 //! comparison); `cleanup` uninstalls the capture; `check-config` validates
-//! a mesh config file.
+//! a mesh config file; `status` shows a running agent's services and
+//! endpoints.
 
 // Outside input must never panic the agent: product code handles errors
 // instead of unwrapping them (tests may unwrap; see clippy.toml).
@@ -38,6 +39,16 @@ enum Command {
     CheckConfig {
         /// The YAML file to check.
         path: PathBuf,
+    },
+    /// Show a running agent's services and endpoints: health (ejected,
+    /// for how long; half-open probes), load, locality, circuit breakers.
+    Status {
+        /// The agent's admin endpoint.
+        #[arg(long, env = "DATAPLANE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        /// Print the JSON of the agent's /clusters instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Detach the capture programs and remove every pinned object.
     Cleanup {
@@ -178,6 +189,17 @@ fn main() -> anyhow::Result<()> {
                 cfg.services.len(),
                 cfg.pods.len()
             );
+            Ok(())
+        }
+        Command::Status { admin_addr, json } => {
+            let body = app::status::fetch(admin_addr)?;
+            if json {
+                println!("{}", body.trim_end());
+            } else {
+                let clusters: dataplane_agent::admin::Clusters = serde_json::from_str(&body)
+                    .with_context(|| format!("the agent at {admin_addr} sent unreadable JSON"))?;
+                print!("{}", app::status::render(&clusters));
+            }
             Ok(())
         }
         Command::Cleanup { pin_dir } => {

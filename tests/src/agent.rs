@@ -156,6 +156,19 @@ impl Agent {
         Ok(out)
     }
 
+    /// `dataplane-agent status` (with `extra` arguments) against this
+    /// agent, run in the node's namespace as an operator would: its output.
+    pub fn status(&self, node: &SimNode, extra: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(binaries::agent()?);
+        cmd.args(["status", &format!("--admin-addr={ADMIN_ADDR}")])
+            .args(extra);
+        let out = node.run_on_node(cmd, Duration::from_secs(10))?;
+        if !out.status.success() {
+            bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `GET path` on the admin endpoint.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
         http_get_in_netns(&self.netns, ADMIN_ADDR.parse()?, path)

@@ -56,6 +56,30 @@ fn retries_and_ejection_hide_a_failing_backend() {
         seen_while_failing <= 6,
         "ejected after 3 consecutive 5xx: b2 saw {seen_while_failing}"
     );
+    // What an operator sees: `dataplane-agent status` names the ejected
+    // endpoint, and its JSON form says the same.
+    let table = mesh.agent.status(&mesh.node, &[]).expect("status");
+    let b2 = dataplane_tests::scenario::backend_addr(bad).to_string();
+    let row = table.lines().find(|l| l.contains(&b2)).unwrap_or_default();
+    assert!(
+        row.contains("ejected") && row.contains("ejection #1"),
+        "{table}"
+    );
+    let json = mesh
+        .agent
+        .status(&mesh.node, &["--json"])
+        .expect("status --json");
+    let clusters: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let endpoints = clusters["services"][0]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        endpoints
+            .iter()
+            .any(|e| e["address"] == b2.as_str() && e["health"] == "ejected"),
+        "{json}"
+    );
 
     // Past the ejection time, still failing: it gets probes only, and a
     // failed probe ejects it again, for longer.
