@@ -36,6 +36,8 @@ pub struct Settings {
     pub mark: u32,
     pub node: NodeContext,
     pub resync: Duration,
+    /// How long a stopping agent waits for connections to finish.
+    pub drain_timeout: Duration,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -97,6 +99,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         reconciler.check_kernel_counters();
     })
     .await;
+    rt.drain(settings.drain_timeout).await;
     info!("stopping; pods stay captured (run `dataplane-agent cleanup` to uninstall)");
     // The getsockopt attachment (not pinned) lived as long as the programs.
     drop(programs);

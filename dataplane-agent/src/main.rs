@@ -94,6 +94,12 @@ struct RunArgs {
     /// How often enrollment and the config file are re-checked.
     #[arg(long, env = "DATAPLANE_RESYNC", default_value = "1s", value_parser = humantime_serde::re::humantime::parse_duration)]
     resync: Duration,
+    /// On SIGTERM, how long to let connections finish (HTTP clients are
+    /// told to go at once) before exiting. Keep it below the pod's
+    /// terminationGracePeriodSeconds (30 s by default), which ends in
+    /// SIGKILL.
+    #[arg(long, env = "DATAPLANE_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(clap::Args)]
@@ -118,6 +124,9 @@ struct SidecarArgs {
     mark: u32,
     #[arg(long, default_value = "1s", value_parser = humantime_serde::re::humantime::parse_duration)]
     resync: Duration,
+    /// On SIGTERM, how long to let connections finish before exiting.
+    #[arg(long, default_value = "20s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 fn parse_mark(text: &str) -> Result<u32, String> {
@@ -162,6 +171,7 @@ fn main() -> anyhow::Result<()> {
                     },
                 },
                 resync: args.resync,
+                drain_timeout: args.drain_timeout,
             };
             runtime()?.block_on(app::run(settings))
         }
@@ -178,6 +188,7 @@ fn main() -> anyhow::Result<()> {
                     locality: balance::Locality::default(),
                 },
                 resync: args.resync,
+                drain_timeout: args.drain_timeout,
             };
             runtime()?.block_on(app::sidecar::run(settings))
         }

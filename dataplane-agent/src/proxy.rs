@@ -2,6 +2,7 @@
 //! pod asked for, picks an endpoint and forwards bytes both ways.
 
 mod detect;
+pub mod drain;
 pub mod http;
 mod inbound;
 mod orig_dst;
@@ -31,6 +32,8 @@ pub struct Proxy {
     /// Sidecar mode: the local application behind each inbound HTTP port,
     /// as a one-endpoint service (kept so its pool is reused).
     pub inbound: inbound::InboundApps,
+    /// Set on shutdown: listeners stop, connections are told to go.
+    pub drain: drain::Drain,
 }
 
 impl Proxy {
@@ -40,14 +43,25 @@ impl Proxy {
             metrics,
             mark,
             inbound: Default::default(),
+            drain: Default::default(),
         }
+    }
+
+    /// Drains (see [`drain`]): waits until no client connection is left or
+    /// `deadline` passes; returns how many are left.
+    pub async fn drain(&self, deadline: std::time::Duration) -> i64 {
+        drain::drain(&self.drain, &self.metrics, deadline).await
     }
 
     /// Accepts until the task is dropped. Each connection runs in its own
     /// task; a failure there never affects the listener.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = self.drain.signalled() => return,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     self.metrics.accepted.inc();
                     // Small request/response exchanges must not wait for
@@ -75,7 +89,11 @@ impl Proxy {
     /// request path is tested in-process.
     pub async fn serve_service(self: Arc<Self>, listener: TcpListener, vip: SocketAddrV4) {
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = self.drain.signalled() => return,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     self.metrics.accepted.inc();
                     let _ = stream.set_nodelay(true);

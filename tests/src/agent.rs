@@ -137,6 +137,20 @@ impl Agent {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// SIGTERM, as Kubernetes stops a pod, then waits up to `timeout` for
+    /// the agent to exit (it drains first).
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut proc) = self.proc.take() else {
+            bail!("the agent is not running");
+        };
+        let pid = libc::pid_t::try_from(proc.pid())?;
+        // SAFETY: kill(2) with a pid this harness spawned.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            bail!("SIGTERM to the agent: {}", std::io::Error::last_os_error());
+        }
+        proc.wait_timeout(timeout)
+    }
+
     /// SIGKILL, as a crash or an OOM kill would.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(mut proc) = self.proc.take() {

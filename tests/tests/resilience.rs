@@ -525,3 +525,55 @@ fn the_readme_defaults_fail_no_request_when_one_backend_of_three_fails() {
     );
     assert_eq!(report.ok, 4000, "killed mid-load: {report:?}");
 }
+
+/// SIGTERM, as Kubernetes stops the DaemonSet's pod: requests in flight
+/// are answered, then the agent exits on its own, well before its drain
+/// deadline; it said why in its log.
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn sigterm_drains_requests_in_flight_then_exits() {
+    if !require_privileges("sigterm_drains_requests_in_flight_then_exits") {
+        return;
+    }
+    let mut mesh =
+        HttpMesh::start("drain", &backends(&["b1"]), "", &["--drain-timeout=15s"]).expect("mesh");
+    set_mode(&mesh.node, mesh.backend("b1"), "delay:1000ms").expect("slow backend");
+    let url = format!("http://{}/", dataplane_tests::scenario::ECHO_VIP);
+    let HttpMesh {
+        agent,
+        node,
+        client,
+        ..
+    } = &mut mesh;
+    let (report, exited) = std::thread::scope(|scope| {
+        let (node, client, url) = (&*node, &*client, url.as_str());
+        let load = scope.spawn(move || {
+            let args = [
+                "--url",
+                url,
+                "--requests",
+                "4",
+                "--concurrency",
+                "4",
+                "--timeout-ms",
+                "5000",
+            ];
+            http_peers::load(node, client, &args)
+        });
+        // The requests are at the backend: stop the agent now.
+        std::thread::sleep(Duration::from_millis(400));
+        let started = std::time::Instant::now();
+        let status = agent.terminate(Duration::from_secs(10));
+        let report = load.join().expect("load thread").expect("load");
+        (report, status.map(|s| (s, started.elapsed())))
+    });
+    let (status, took) = exited.expect("the agent exits after draining");
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "exited once drained, took {took:?}"
+    );
+    assert_eq!(report.ok, 4, "requests in flight were answered: {report:?}");
+    let log = mesh.agent.log();
+    assert!(log.contains("drained"), "{log}");
+}

@@ -87,6 +87,7 @@ impl Runtime {
             metrics,
             mark: node.mark,
             inbound: Default::default(),
+            drain: Default::default(),
         });
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
         Self {
@@ -100,6 +101,25 @@ impl Runtime {
 
     pub fn set_ready(&self) {
         self.admin.ready.store(true, Ordering::Release);
+    }
+
+    /// Graceful drain before exit: not ready any more, listeners closed,
+    /// HTTP clients told to go; waits up to `deadline` for the client
+    /// connections to end (what is left is closed when the process exits).
+    pub async fn drain(&self, deadline: Duration) {
+        self.admin.ready.store(false, Ordering::Release);
+        let open = self.proxy.metrics.active.get();
+        info!(
+            open,
+            ?deadline,
+            "draining: no new connections; HTTP clients told to go"
+        );
+        let left = self.proxy.drain(deadline).await;
+        if left > 0 {
+            warn!(left, "drain deadline passed: closing the connections left");
+        } else {
+            info!("drained: no connection left");
+        }
     }
 
     /// Until SIGTERM or Ctrl-C: every `resync`, re-reads the config file,

@@ -31,6 +31,8 @@ pub struct Settings {
     pub inbound_ports: Vec<u16>,
     pub node: NodeContext,
     pub resync: Duration,
+    /// How long a stopping sidecar waits for connections to finish.
+    pub drain_timeout: Duration,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -67,6 +69,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     })
     .await;
+    rt.drain(settings.drain_timeout).await;
     if let Some(redirect) = redirect {
         redirect.remove()?;
     }

@@ -52,6 +52,8 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
     let activity = Activity::new();
     let requests = Arc::clone(&activity);
     let stalls = proxy.metrics.idle_timeouts(IdleKind::HttpStream);
+    let draining = Arc::clone(&proxy);
+    let drain = &draining.drain;
     let handler = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let current = proxy.services.load().get(&vip).cloned();
@@ -91,14 +93,27 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
     builder.http2().timer(TokioTimer::new());
     let io = TokioIo::new(WatchedIo::new(client, Arc::clone(&activity)));
     let connection = builder.serve_connection_with_upgrades(io, handler);
-    tokio::select! {
-        result = connection => {
-            if let Err(err) = result {
-                debug!(%peer, %err, "HTTP connection ended with an error");
+    tokio::pin!(connection);
+    let mut told_to_go = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(err) = result {
+                    debug!(%peer, %err, "HTTP connection ended with an error");
+                }
+                return;
             }
-        }
-        why = activity.expired(timeouts.header_read, timeouts.idle) => {
-            debug!(%peer, why, "closing HTTP connection");
+            why = activity.expired(timeouts.header_read, timeouts.idle) => {
+                debug!(%peer, why, "closing HTTP connection");
+                return;
+            }
+            // Draining: HTTP/1.1 closes after the response in flight
+            // (`Connection: close`), HTTP/2 sends GOAWAY; either way the
+            // connection ends once what is in flight is answered.
+            () = drain.signalled(), if !told_to_go => {
+                told_to_go = true;
+                connection.as_mut().graceful_shutdown();
+            }
         }
     }
 }

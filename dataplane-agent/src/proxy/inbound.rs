@@ -78,7 +78,11 @@ impl Proxy {
 
     pub async fn serve_inbound(self: Arc<Self>, listener: TcpListener) {
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = self.drain.signalled() => return,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     self.metrics.accepted.inc();
                     let _ = stream.set_nodelay(true);
