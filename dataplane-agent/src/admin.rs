@@ -1,5 +1,5 @@
-//! Admin HTTP endpoint: `/metrics` (Prometheus), `/ready` (for the
-//! DaemonSet's readiness probe), `/config_dump` (the mesh config in force),
+//! Admin HTTP endpoint: `/metrics` (Prometheus), `/healthz` (liveness),
+//! `/ready` (readiness: false while starting and draining), `/config_dump` (the mesh config in force),
 //! `/clusters` (services and endpoints as the proxy sees them now).
 
 mod clusters;
@@ -65,6 +65,10 @@ impl Admin {
         }
         match req.uri().path() {
             "/metrics" => self.metrics(),
+            // Liveness: the process answers. Unlike /ready it stays OK
+            // while starting and draining, so the kubelet does not restart
+            // an agent that is busy doing what it should.
+            "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/ready" if self.ready.load(Ordering::Acquire) => {
                 reply(StatusCode::OK, "text/plain", "ready\n".into())
             }

@@ -65,7 +65,7 @@ struct RunArgs {
     /// Address the node proxy listens on; captured connects go there.
     #[arg(long, env = "DATAPLANE_PROXY_ADDR")]
     proxy_addr: SocketAddrV4,
-    /// Admin endpoint: /metrics, /ready, /config_dump, /clusters.
+    /// Admin endpoint: /metrics, /healthz, /ready, /config_dump, /clusters.
     #[arg(long, env = "DATAPLANE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
     /// cgroup v2 directory holding all pods (relative to the cgroup2 mount,

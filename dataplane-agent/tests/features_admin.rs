@@ -61,6 +61,8 @@ async fn config_dump_shows_the_config_in_force() {
 
         let ready = admin(admin_addr, http::Method::GET, "/ready").await;
         assert_eq!(ready.status, StatusCode::OK);
+        let live = admin(admin_addr, http::Method::GET, "/healthz").await;
+        assert_eq!(live.status, StatusCode::OK);
         // A request through the proxy shows in the admin's metrics.
         assert_eq!(
             get_with(&client(false), &proxy, &[]).await.status,
