@@ -1,6 +1,7 @@
 //! Admin HTTP endpoint: `/metrics` (Prometheus), `/healthz` (liveness),
-//! `/ready` (readiness: false while starting and draining), `/config_dump` (the mesh config in force),
-//! `/clusters` (services and endpoints as the proxy sees them now).
+//! `/ready` (readiness: false while starting and draining), `/config_dump`
+//! (the mesh config in force), `/clusters` (services and endpoints as the
+//! proxy sees them now).
 
 mod clusters;
 
