@@ -38,6 +38,8 @@ pub struct Settings {
     pub resync: Duration,
     /// How long a stopping agent waits for connections to finish.
     pub drain_timeout: Duration,
+    /// Log every HTTP request.
+    pub access_log: bool,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -88,6 +90,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
     );
     tokio::spawn(Arc::clone(&rt.proxy).serve(listener));
+    rt.proxy
+        .access_log
+        .store(settings.access_log, std::sync::atomic::Ordering::Relaxed);
     rt.set_ready();
     info!(proxy = %settings.proxy_addr, admin = %settings.admin_addr, "agent ready");
 

@@ -100,6 +100,10 @@ struct RunArgs {
     /// SIGKILL.
     #[arg(long, env = "DATAPLANE_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime_serde::re::humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Log one line per HTTP request (target `access`): caller, method,
+    /// path, status, time to the response head, and the failure reason.
+    #[arg(long, env = "DATAPLANE_ACCESS_LOG")]
+    access_log: bool,
 }
 
 #[derive(clap::Args)]
@@ -127,6 +131,9 @@ struct SidecarArgs {
     /// On SIGTERM, how long to let connections finish before exiting.
     #[arg(long, default_value = "20s", value_parser = humantime_serde::re::humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Log one line per HTTP request (target `access`).
+    #[arg(long)]
+    access_log: bool,
 }
 
 fn parse_mark(text: &str) -> Result<u32, String> {
@@ -172,6 +179,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 resync: args.resync,
                 drain_timeout: args.drain_timeout,
+                access_log: args.access_log,
             };
             runtime()?.block_on(app::run(settings))
         }
@@ -189,6 +197,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 resync: args.resync,
                 drain_timeout: args.drain_timeout,
+                access_log: args.access_log,
             };
             runtime()?.block_on(app::sidecar::run(settings))
         }

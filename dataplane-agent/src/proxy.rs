@@ -34,6 +34,8 @@ pub struct Proxy {
     pub inbound: inbound::InboundApps,
     /// Set on shutdown: listeners stop, connections are told to go.
     pub drain: drain::Drain,
+    /// Log every HTTP request (`--access-log`).
+    pub access_log: std::sync::atomic::AtomicBool,
 }
 
 impl Proxy {
@@ -44,6 +46,7 @@ impl Proxy {
             mark,
             inbound: Default::default(),
             drain: Default::default(),
+            access_log: Default::default(),
         }
     }
 

@@ -88,6 +88,7 @@ impl Runtime {
             mark: node.mark,
             inbound: Default::default(),
             drain: Default::default(),
+            access_log: Default::default(),
         });
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
         Self {

@@ -33,6 +33,8 @@ pub struct Settings {
     pub resync: Duration,
     /// How long a stopping sidecar waits for connections to finish.
     pub drain_timeout: Duration,
+    /// Log every HTTP request.
+    pub access_log: bool,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -57,6 +59,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     tokio::spawn(Arc::clone(&rt.proxy).serve(outbound));
     tokio::spawn(Arc::clone(&rt.proxy).serve_inbound(inbound));
+    rt.proxy
+        .access_log
+        .store(settings.access_log, std::sync::atomic::Ordering::Relaxed);
     rt.set_ready();
     info!(outbound = %settings.outbound_addr, inbound = %settings.inbound_addr, "sidecar ready");
 

@@ -38,13 +38,51 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> (Response<Body>, Option<Permit>) {
+    // What the access log needs, taken before the request is consumed.
+    let logged = proxy
+        .access_log
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
     let (response, slot) = match handle_admitted(proxy, service, req, peer).await {
         Ok((response, slot)) => (response, Some(slot)),
         Err(response) => (response, None),
     };
     let code = response.status().as_u16();
     service.counters.response(&proxy.metrics, &service.id, code);
+    if let Some((method, uri, started)) = logged {
+        access_log(service, peer, &method, &uri, &response, started);
+    }
     (response, slot)
+}
+
+/// One line per request (`--access-log`), at info level with target
+/// `access`: who called what, the status, how long the proxy took to the
+/// response head, and why the proxy failed or gave up, if it did.
+fn access_log(
+    service: &Service,
+    peer: SocketAddr,
+    method: &Method,
+    uri: &http::Uri,
+    response: &Response<Body>,
+    started: Instant,
+) {
+    let error = response
+        .headers()
+        .get(reply::ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let upstream_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(
+        target: "access",
+        service = %service.id,
+        %peer,
+        %method,
+        path = %uri.path(),
+        status = response.status().as_u16(),
+        error = %error,
+        upstream_ms = format_args!("{upstream_ms:.1}"),
+        "request"
+    );
 }
 
 async fn handle_admitted(
