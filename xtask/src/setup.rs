@@ -5,7 +5,9 @@
 //! - `bpf-linker`, built against the LLVM inside the nightly toolchain, so
 //!   that its LLVM always matches the one rustc emits bitcode for;
 //! - the Debian packages the simulated node and the tests use;
-//! - the Python packages the tests' Python clients import.
+//! - the Python packages the tests' Python clients import;
+//! - `kubectl` (for `kubectl kustomize`) and `kubernetes-validate`, which
+//!   the manifests test renders and validates `deploy/` with.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,11 +54,33 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "nghttp2-client",
         "`h2load`: a real HTTP/2 client load through the proxy (real_clients test)",
     ),
+    (
+        "python3-venv",
+        "the venv kubernetes-validate is installed in (manifests test): Debian's python is externally managed",
+    ),
+];
+
+/// kubernetes-validate (PyPI) and its dependencies, pinned so that a new
+/// release cannot change what the manifests test accepts. 1.37.0 ships the
+/// OpenAPI schemas of Kubernetes 1.25 to 1.37.
+const KUBERNETES_VALIDATE: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "attrs==26.1.0",
+    "importlib_resources==7.1.0",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "packaging==26.4",
+    "PyYAML==6.0.4",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "typing_extensions==4.16.0",
 ];
 
 pub fn ensure_all() -> anyhow::Result<()> {
     ensure_build_tools()?;
-    ensure_apt_packages()
+    ensure_apt_packages()?;
+    ensure_kubectl()?;
+    ensure_kubernetes_validate()
 }
 
 /// What building and linting need: toolchains and bpf-linker, installed
@@ -267,4 +291,64 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing))
+}
+
+/// `kubectl kustomize` renders deploy/ for the manifests test. Any kubectl
+/// already on PATH is kept (Debian's is old, 1.20, and its package would
+/// replace an existing /usr/bin/kubectl); only without one is Debian's
+/// kubernetes-client installed: its kustomize (2.0.3) renders deploy/ as
+/// today's does.
+fn ensure_kubectl() -> anyhow::Result<()> {
+    let works = || output(Command::new("kubectl").args(["kustomize", "--help"])).is_ok();
+    if works() {
+        return Ok(());
+    }
+    eprintln!("setup: installing kubernetes-client (kubectl, for the manifests test)");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .arg("kubernetes-client"))?;
+    if !works() {
+        bail!("kubernetes-client was installed but `kubectl kustomize` does not run");
+    }
+    Ok(())
+}
+
+/// Where the manifests test finds kubernetes-validate: a venv in the
+/// target directory (tests/tests/manifests.rs looks there).
+fn kubernetes_validate_venv() -> anyhow::Result<PathBuf> {
+    Ok(crate::target_dir()?.join("tools/kubernetes-validate"))
+}
+
+/// kubernetes-validate in its own venv (Debian's python refuses `pip
+/// install` into the system): created, or recreated when the pins above
+/// changed, from the pin list recorded beside it.
+fn ensure_kubernetes_validate() -> anyhow::Result<()> {
+    let venv = kubernetes_validate_venv()?;
+    let stamp = venv.join("dataplane-pins.txt");
+    let pins = KUBERNETES_VALIDATE.join("\n");
+    let installed = std::fs::read_to_string(&stamp).is_ok_and(|text| text == pins)
+        && output(Command::new(venv.join("bin/kubernetes-validate")).arg("--version")).is_ok();
+    if installed {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {} in {}",
+        KUBERNETES_VALIDATE[0],
+        venv.display()
+    );
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+        ])
+        .args(KUBERNETES_VALIDATE))?;
+    std::fs::write(&stamp, pins).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
 }
