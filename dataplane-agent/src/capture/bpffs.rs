@@ -1,8 +1,10 @@
 //! bpffs: make sure the pin directory lives on a mounted bpf filesystem.
 //!
-//! In a container, a bpffs mounted by the agent itself only survives the
-//! container if the host path is mounted with bidirectional propagation
-//! (see deploy/daemonset.yaml); otherwise the pins would vanish with it.
+//! In a container, a bpffs mounted by the agent itself would vanish with
+//! the container, and its pins (the capture) with it; it survives only
+//! with bidirectional mount propagation, which Kubernetes allows only to
+//! privileged containers. So the DaemonSet (deploy/base) uses the node's
+//! own bpffs at /sys/fs/bpf, and an init container checks it is there.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt as _;
