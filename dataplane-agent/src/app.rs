@@ -45,6 +45,7 @@ pub struct Settings {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (config, watcher) = runtime::load_config(&settings.config)?;
     raise_fd_limit();
+    enable_listener_handover();
     let listener = runtime::bind(settings.proxy_addr.into(), "--proxy-addr").await?;
     let admin_listener = runtime::bind(settings.admin_addr, "--admin-addr").await?;
 
@@ -109,6 +110,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // The getsockopt attachment (not pinned) lived as long as the programs.
     drop(programs);
     Ok(())
+}
+
+/// The kernel setting that makes a restart or upgrade lose no connection:
+/// when the old agent closes its listening socket, the connections queued
+/// on it (handshake done, not yet accepted) move to the new agent's socket
+/// in the same `SO_REUSEPORT` group instead of being reset. Per network
+/// namespace, so the node's (the agent runs in it). Where `/proc/sys` is
+/// read-only (a container), the node must set it; the agent says so.
+fn enable_listener_handover() {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    if std::fs::read_to_string(SYSCTL).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    if let Err(err) = std::fs::write(SYSCTL, "1") {
+        warn!(
+            %err,
+            "cannot set net.ipv4.tcp_migrate_req=1: during a restart or upgrade, connections \
+             queued at the old agent's listener may be reset; set it on the node"
+        );
+    }
 }
 
 /// Forwards the eBPF programs' log records whenever their ring buffer has

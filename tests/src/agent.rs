@@ -27,6 +27,10 @@ pub struct Agent {
     work_dir: PathBuf,
     pin_dir: PathBuf,
     args: Vec<String>,
+    /// Its admin endpoint (in the node's namespace).
+    admin: std::net::SocketAddr,
+    /// Leave the capture installed when dropped: another agent took over.
+    handed_over: bool,
 }
 
 impl Agent {
@@ -37,7 +41,18 @@ impl Agent {
 
     /// Like [`Agent::start`], with extra command-line arguments.
     pub fn start_with(node: &SimNode, config_yaml: &str, extra: &[&str]) -> anyhow::Result<Agent> {
-        let work_dir = std::env::temp_dir().join(format!("dataplane-{}", node.id()));
+        // A second agent on the node (an upgrade) has its own admin port,
+        // and its own directory for its log and config.
+        let admin: std::net::SocketAddr = extra
+            .iter()
+            .find_map(|a| a.strip_prefix("--admin-addr="))
+            .unwrap_or(ADMIN_ADDR)
+            .parse()?;
+        let suffix = match admin.port() {
+            15000 => String::new(),
+            port => format!("-{port}"),
+        };
+        let work_dir = std::env::temp_dir().join(format!("dataplane-{}{suffix}", node.id()));
         std::fs::create_dir_all(&work_dir)?;
         let config = work_dir.join("mesh.yaml");
         std::fs::write(&config, config_yaml)?;
@@ -66,6 +81,8 @@ impl Agent {
             work_dir,
             pin_dir,
             args,
+            admin,
+            handed_over: false,
         };
         agent.spawn(node)?;
         Ok(agent)
@@ -151,6 +168,12 @@ impl Agent {
         proc.wait_timeout(timeout)
     }
 
+    /// Another agent took over the node: dropping this one must not
+    /// uninstall the capture they share.
+    pub fn hand_over(&mut self) {
+        self.handed_over = true;
+    }
+
     /// SIGKILL, as a crash or an OOM kill would.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(mut proc) = self.proc.take() {
@@ -174,7 +197,7 @@ impl Agent {
     /// agent, run in the node's namespace as an operator would: its output.
     pub fn status(&self, node: &SimNode, extra: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new(binaries::agent()?);
-        cmd.args(["status", &format!("--admin-addr={ADMIN_ADDR}")])
+        cmd.args(["status", &format!("--admin-addr={}", self.admin)])
             .args(extra);
         let out = node.run_on_node(cmd, Duration::from_secs(10))?;
         if !out.status.success() {
@@ -185,7 +208,7 @@ impl Agent {
 
     /// `GET path` on the admin endpoint.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        http_get_in_netns(&self.netns, ADMIN_ADDR.parse()?, path)
+        http_get_in_netns(&self.netns, self.admin, path)
     }
 
     /// The Prometheus metrics, by `name{labels}` as printed.
@@ -197,7 +220,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.kill();
-        if let Err(err) = self.cleanup() {
+        if !self.handed_over
+            && let Err(err) = self.cleanup()
+        {
             eprintln!("agent teardown: {err:#}");
         }
         let _ = std::fs::remove_dir_all(&self.work_dir);

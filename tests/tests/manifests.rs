@@ -398,12 +398,14 @@ fn grace_period_outlasts_the_drain() {
 }
 
 #[test]
-fn daemonset_runs_on_every_node_one_node_at_a_time() {
+fn daemonset_runs_on_every_node_and_upgrades_by_surge() {
     let ds = daemonset();
     let strategy = &ds["spec"]["updateStrategy"];
     assert_eq!(strategy["type"], "RollingUpdate");
-    assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 1);
-    assert_eq!(strategy["rollingUpdate"]["maxSurge"], 0);
+    // The new agent starts beside the old one, which then drains: never a
+    // node without an agent (tests/tests/upgrade.rs proves the handover).
+    assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 0);
+    assert_eq!(strategy["rollingUpdate"]["maxSurge"], 1);
     let pod = pod_spec(ds);
     assert_eq!(
         pod["hostNetwork"], true,

@@ -55,6 +55,12 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
     .with_context(context)?;
     // A restarted agent must not wait for the old sockets' TIME_WAIT.
     socket.set_reuseaddr(true).with_context(context)?;
+    // A new agent (a restart or an upgrade) listens beside the old one
+    // while the old one drains: new connections are shared between both
+    // until the old one closes its listener, when the kernel hands what it
+    // had queued to the new one (with `net.ipv4.tcp_migrate_req`, which
+    // node mode turns on). Both must set it, as the same user.
+    socket.set_reuseport(true).with_context(context)?;
     socket.bind(addr).with_context(context)?;
     socket.listen(LISTEN_BACKLOG).with_context(context)
 }
