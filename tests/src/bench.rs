@@ -1,9 +1,20 @@
 //! `cargo xtask bench`: the same work through each mode (direct, the node
 //! proxy captured by eBPF, our sidecars, HAProxy sidecars) in one run, on
 //! simulated nodes; latency open-loop at fixed rates, maximum rate, CPU of
-//! the proxies per 1000 requests, bulk throughput, and proxy memory as the
-//! number of pods grows. Writes `report.json`, `report.md` and SVG plots.
+//! the proxies per 1000 requests, bulk throughput, proxy memory as the
+//! number of pods grows, and the agent's memory under connection bursts
+//! and churn. Writes `report.json`, `report.md` and SVG plots.
+//!
+//! Two environment variables narrow a run (for measuring one thing
+//! repeatedly, e.g. comparing allocators):
+//!
+//! - `DATAPLANE_BENCH_ONLY`: comma-separated parts to run, of `latency`
+//!   (the latency, rate and bulk runs), `memory` (memory against pods)
+//!   and `churn` (memory under churn); default all.
+//! - `DATAPLANE_BENCH_SOAK`: the churn soak's length in seconds (default
+//!   600, `--quick` 15).
 
+pub mod churn;
 pub mod memory;
 pub mod render;
 pub mod report;
@@ -13,11 +24,13 @@ pub mod topology;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{Context as _, ensure};
+use anyhow::{Context as _, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use report::{Machine, Report};
+use churn::ChurnPlan;
+use report::{Churn, Machine, Report};
 use run::Plan;
 use topology::{Mode, Topology};
 
@@ -28,10 +41,72 @@ pub struct Options {
     pub out: PathBuf,
 }
 
+/// The parts of a run (see `DATAPLANE_BENCH_ONLY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Parts {
+    latency: bool,
+    memory: bool,
+    churn: bool,
+}
+
+impl Parts {
+    fn from_env() -> anyhow::Result<Parts> {
+        match std::env::var("DATAPLANE_BENCH_ONLY") {
+            Ok(list) => Parts::parse(&list),
+            Err(_) => Ok(Parts {
+                latency: true,
+                memory: true,
+                churn: true,
+            }),
+        }
+    }
+
+    fn parse(list: &str) -> anyhow::Result<Parts> {
+        let mut parts = Parts {
+            latency: false,
+            memory: false,
+            churn: false,
+        };
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "latency" => parts.latency = true,
+                "memory" => parts.memory = true,
+                "churn" => parts.churn = true,
+                other => {
+                    bail!("DATAPLANE_BENCH_ONLY: unknown part {other:?} (latency, memory, churn)")
+                }
+            }
+        }
+        ensure!(
+            parts.latency || parts.memory || parts.churn,
+            "DATAPLANE_BENCH_ONLY names no part (latency, memory, churn)"
+        );
+        Ok(parts)
+    }
+}
+
+/// `DATAPLANE_BENCH_SOAK`, in seconds (at most a day).
+fn soak_from_env() -> anyhow::Result<Option<Duration>> {
+    let Ok(text) = std::env::var("DATAPLANE_BENCH_SOAK") else {
+        return Ok(None);
+    };
+    let secs: u64 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("DATAPLANE_BENCH_SOAK: not a number of seconds: {text:?}"))?;
+    ensure!(
+        (1..=86_400).contains(&secs),
+        "DATAPLANE_BENCH_SOAK: 1..=86400 seconds, got {secs}"
+    );
+    Ok(Some(Duration::from_secs(secs)))
+}
+
 pub fn main(options: &Options) -> anyhow::Result<Report> {
+    let parts = Parts::from_env()?;
     let plan = Plan {
         quick: options.quick,
     };
+    let churn_plan = ChurnPlan::new(options.quick, soak_from_env()?);
     let counts: &[u32] = if options.quick {
         &[1, 2]
     } else {
@@ -39,7 +114,16 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
     };
     let memory_modes = [Mode::Node, Mode::Sidecar, Mode::Haproxy];
     let runs = plan.runs(false) + plan.runs(true);
-    let total = runs * Mode::ALL.len() as u64 + (counts.len() * memory_modes.len()) as u64;
+    let mut total = 0;
+    if parts.latency {
+        total += runs * Mode::ALL.len() as u64;
+    }
+    if parts.memory {
+        total += (counts.len() * memory_modes.len()) as u64;
+    }
+    if parts.churn {
+        total += churn_plan.steps();
+    }
     let bar = progress(total);
     let mut report = Report {
         machine: machine(),
@@ -48,7 +132,7 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
         quick: options.quick,
         ..Report::default()
     };
-    for spread in [false, true] {
+    for spread in [false, true].into_iter().filter(|_| parts.latency) {
         for mode in Mode::ALL {
             bar.set_message(format!("building the {} topology", mode.name()));
             let top = Topology::build(mode, spread)
@@ -56,12 +140,18 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
             report.results.extend(run::run_all(&top, plan, &bar)?);
         }
     }
-    for mode in memory_modes {
+    for mode in memory_modes.into_iter().filter(|_| parts.memory) {
         report.memory.extend(memory::measure(mode, counts, &bar)?);
     }
+    if parts.churn {
+        report.churn = Some(churn::measure(&churn_plan, &bar).context("memory under churn")?);
+    }
     bar.finish_with_message("done");
+    if let Some(churn) = &report.churn {
+        println!("{}", churn_summary(churn));
+    }
     if options.quick {
-        check_quick(&report)?;
+        check_quick(&report, parts)?;
     }
     write(&report, &options.out)?;
     Ok(report)
@@ -77,8 +167,51 @@ fn progress(total: u64) -> ProgressBar {
     bar
 }
 
-/// `--quick` is CI's check that every mode moves bytes correctly.
-fn check_quick(report: &Report) -> anyhow::Result<()> {
+/// The churn numbers, printed at the end of every run (`--quick` only
+/// checks that they were measured: these machines are too noisy for
+/// thresholds).
+fn churn_summary(churn: &Churn) -> String {
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    let after: Vec<String> = churn
+        .after_burst_rss_bytes
+        .iter()
+        .map(|&b| format!("{:.1}", mib(b)))
+        .collect();
+    let soak = &churn.soak;
+    format!(
+        "churn: agent RSS (MiB): baseline {:.1}, peak {:.1}, after each burst of {} [{}], \
+         settled {:.1} ({:+.1} vs baseline); agent descriptors: baseline {}, settled {}; \
+         burst requests failed: {} {:?}\n\
+         churn: soak {:.0} s ({} config versions, {} connections, {} requests, {} failed {:?}): \
+         start {:.1}, max {:.1}, end {:.1} ({:+.1}), trend {:+.2} MiB/10 min, settled {:.1}",
+        mib(churn.baseline_rss_bytes),
+        mib(churn.peak_rss_bytes),
+        churn.burst_connections,
+        after.join(", "),
+        mib(churn.settled_rss_bytes),
+        mib(churn.settled_rss_bytes) - mib(churn.baseline_rss_bytes),
+        churn.baseline_fds,
+        churn.settled_fds,
+        churn.burst_errors,
+        churn.burst_error_kinds,
+        soak.duration_s,
+        soak.config_writes,
+        soak.connections,
+        soak.completed,
+        soak.errors,
+        soak.error_kinds,
+        mib(soak.start_rss_bytes),
+        mib(soak.max_rss_bytes),
+        mib(soak.end_rss_bytes),
+        mib(soak.end_rss_bytes) - mib(soak.start_rss_bytes),
+        soak.trend_bytes_per_min * 10.0 / f64::from(1 << 20),
+        mib(soak.settled_rss_bytes),
+    )
+}
+
+/// `--quick` is CI's check that every mode moves bytes correctly and
+/// that the memory parts ran.
+fn check_quick(report: &Report, parts: Parts) -> anyhow::Result<()> {
     for result in &report.results {
         ensure!(
             result.errors == 0 && result.completed > 0,
@@ -91,8 +224,48 @@ fn check_quick(report: &Report) -> anyhow::Result<()> {
         );
     }
     ensure!(
-        report.memory.iter().all(|m| m.proxy_rss_bytes > 0),
+        !parts.latency || !report.results.is_empty(),
+        "latency not measured"
+    );
+    ensure!(
+        !parts.memory
+            || (!report.memory.is_empty() && report.memory.iter().all(|m| m.proxy_rss_bytes > 0)),
         "memory not measured"
+    );
+    if parts.churn {
+        let churn = report.churn.as_ref().context("churn not measured")?;
+        check_churn_ran(churn)?;
+    }
+    Ok(())
+}
+
+/// That the churn part did what it says: every burst measured and
+/// served, the soak sampled, its traffic served and every config
+/// version applied. Not a judgement of the memory numbers.
+fn check_churn_ran(churn: &Churn) -> anyhow::Result<()> {
+    let soak = &churn.soak;
+    ensure!(
+        churn.baseline_rss_bytes > 0
+            && churn.after_burst_rss_bytes.len() == churn.bursts as usize
+            && churn.settled_rss_bytes > 0,
+        "churn: bursts not measured: {churn:?}"
+    );
+    ensure!(
+        churn.burst_completed > 0 && soak.completed > 0,
+        "churn: no request completed (bursts {}, soak {})",
+        churn.burst_completed,
+        soak.completed
+    );
+    ensure!(
+        soak.samples.len() >= 2 && soak.samples.iter().all(|s| s.rss_bytes > 0),
+        "churn: soak not sampled"
+    );
+    ensure!(
+        soak.config_writes > 0 && soak.config_reloads > 0 && soak.config_rejected == 0,
+        "churn: {} config versions written, {} applied, {} rejected",
+        soak.config_writes,
+        soak.config_reloads,
+        soak.config_rejected
     );
     Ok(())
 }
@@ -169,4 +342,27 @@ fn commit() -> String {
 
 fn now_utc() -> String {
     command_output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_name_what_runs() -> anyhow::Result<()> {
+        let only_churn = Parts::parse("churn")?;
+        assert_eq!(
+            only_churn,
+            Parts {
+                latency: false,
+                memory: false,
+                churn: true
+            }
+        );
+        let two = Parts::parse(" memory, churn ")?;
+        assert!(!two.latency && two.memory && two.churn);
+        assert!(Parts::parse("latency,bogus").is_err());
+        assert!(Parts::parse(" , ").is_err());
+        Ok(())
+    }
 }

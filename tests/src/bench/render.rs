@@ -8,7 +8,9 @@
 //! than a plotting dependency, and it renders on GitHub without fonts or
 //! scripts.
 
-use super::report::{MemoryPoint, Report, RunResult};
+use std::collections::BTreeMap;
+
+use super::report::{Churn, MemoryPoint, Report, RssSample, RunResult};
 
 /// Modes in comparison order: the baseline, then the two designs under
 /// test, then the reference sidecar. Unknown modes sort after, by name.
@@ -163,6 +165,9 @@ pub fn markdown(report: &Report) -> String {
         }
     }
     out.push_str(&memory_section(report));
+    if let Some(churn) = &report.churn {
+        out.push_str(&churn_section(churn));
+    }
     out
 }
 
@@ -404,6 +409,104 @@ fn pod_counts(points: &[MemoryPoint]) -> Vec<u32> {
 fn memory_mib(points: &[MemoryPoint], mode: &str, pods: u32) -> Option<f64> {
     let point = points.iter().find(|p| p.mode == mode && p.pods == pods)?;
     Some(point.proxy_rss_bytes as f64 / MIB)
+}
+
+/// `n failed`, by kind when any did: `3 failed (reset: 2, timeout: 1)`.
+fn failures(n: u64, kinds: &BTreeMap<String, u64>) -> String {
+    if n == 0 || kinds.is_empty() {
+        return format!("{n} failed");
+    }
+    let kinds: Vec<String> = kinds
+        .iter()
+        .map(|(k, v)| format!("{}: {v}", cell(k)))
+        .collect();
+    format!("{n} failed ({})", kinds.join(", "))
+}
+
+/// The agent's memory through the bursts and the soak: each reading in
+/// MiB and against the baseline, then the soak's summary.
+fn churn_section(churn: &Churn) -> String {
+    let mib = |bytes: u64| bytes as f64 / MIB;
+    let base = Some(mib(churn.baseline_rss_bytes));
+    let row = |label: String, bytes: u64, fds: Option<u64>| {
+        let value = Some(mib(bytes));
+        let fds = fds.map_or(MISSING.to_string(), |n| n.to_string());
+        vec![label, num(value, 1), added(value, base), fds]
+    };
+    let mut rows = vec![
+        row(
+            "baseline (warmed up, idle)".into(),
+            churn.baseline_rss_bytes,
+            Some(churn.baseline_fds),
+        ),
+        row("peak during the bursts".into(), churn.peak_rss_bytes, None),
+    ];
+    for (i, &bytes) in churn.after_burst_rss_bytes.iter().enumerate() {
+        rows.push(row(
+            format!("{} s after burst {}", churn.gap_s, i + 1),
+            bytes,
+            churn.after_burst_fds.get(i).copied(),
+        ));
+    }
+    rows.push(row(
+        format!("{} s after the last burst", churn.settle_s),
+        churn.settled_rss_bytes,
+        Some(churn.settled_fds),
+    ));
+    let soak = &churn.soak;
+    let fds = |sample: Option<&RssSample>| sample.map(|s| s.fds);
+    rows.push(row(
+        "soak: start".into(),
+        soak.start_rss_bytes,
+        fds(soak.samples.first()),
+    ));
+    rows.push(row("soak: max".into(), soak.max_rss_bytes, None));
+    rows.push(row(
+        "soak: end".into(),
+        soak.end_rss_bytes,
+        fds(soak.samples.last()),
+    ));
+    rows.push(row(
+        format!("{} s after the soak", churn.settle_s),
+        soak.settled_rss_bytes,
+        Some(soak.settled_fds),
+    ));
+    let bursts = table(
+        "Agent RSS (MiB) and open descriptors",
+        &["when", "RSS", "vs baseline", "descriptors"],
+        &rows,
+    );
+    let growth = Some(mib(soak.end_rss_bytes) - mib(soak.start_rss_bytes));
+    format!(
+        "## Memory under churn ({mode} mode)\n\n\
+         {bursts_n} bursts of {conns} concurrent HTTP/1.1 keep-alive connections, {reqs} requests each, \
+         then closed ({opened} connections, {done} requests completed, {failed}); then a {soak_s} s \
+         soak: rounds of {round} connections {pause} s apart, the config rewritten every {every} s \
+         ({writes} versions, {applied} applied, {rejected} rejected) with endpoints, services and pods \
+         added and removed ({soak_conns} connections, {soak_done} requests completed, {soak_failed}).\n\n\
+         {bursts}**Soak:** growth end − start {growth} MiB, trend over its second half {trend} MiB per 10 min, \
+         {samples} samples in `report.json`.\n\n",
+        mode = text(&churn.mode),
+        bursts_n = churn.bursts,
+        conns = churn.burst_connections,
+        reqs = churn.requests_per_connection,
+        opened = churn.burst_connections_opened,
+        done = churn.burst_completed,
+        failed = failures(churn.burst_errors, &churn.burst_error_kinds),
+        soak_s = soak.duration_s,
+        round = soak.connections_per_round,
+        every = soak.reconfigure_interval_s,
+        writes = soak.config_writes,
+        applied = soak.config_reloads,
+        rejected = soak.config_rejected,
+        soak_conns = soak.connections,
+        soak_done = soak.completed,
+        soak_failed = failures(soak.errors, &soak.error_kinds),
+        pause = soak.pause_s,
+        growth = added(growth, Some(0.0)),
+        trend = added(Some(soak.trend_bytes_per_min * 10.0 / MIB), Some(0.0)),
+        samples = soak.samples.len(),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -722,7 +825,7 @@ fn series(points: &[MemoryPoint], mode: &str, pods: &[u32], top: f64) -> String 
 
 #[cfg(test)]
 mod tests {
-    use super::super::report::Machine;
+    use super::super::report::{Machine, Soak};
     use super::*;
 
     fn run(mode: &str, workload: &str, pinning: &str, rate: f64) -> RunResult {
@@ -827,6 +930,7 @@ mod tests {
                 memory("node", 8, 16),
                 memory("haproxy", 1, 8),
             ],
+            churn: None,
         }
     }
 
@@ -1087,5 +1191,79 @@ mod tests {
         assert_eq!(percent_of(Some(1.0), Some(0.0)), "–");
         assert_eq!(rate_label(2500.0), "2500");
         assert_eq!(rate_label(0.5), "0.5");
+    }
+
+    fn churn() -> Churn {
+        let m = 1 << 20;
+        Churn {
+            mode: "node".into(),
+            bursts: 2,
+            burst_connections: 1000,
+            requests_per_connection: 3,
+            baseline_rss_bytes: 10 * m,
+            baseline_fds: 40,
+            peak_rss_bytes: 40 * m,
+            after_burst_rss_bytes: vec![12 * m, 11 * m],
+            after_burst_fds: vec![300, 200],
+            gap_s: 2.0,
+            settled_rss_bytes: 10 * m,
+            settled_fds: 40,
+            settle_s: 30.0,
+            burst_connections_opened: 2000,
+            burst_completed: 6000,
+            burst_error_kinds: BTreeMap::from([("reset".to_string(), 2), ("timeout".into(), 1)]),
+            burst_errors: 3,
+            soak: Soak {
+                duration_s: 600.0,
+                connections_per_round: 100,
+                pause_s: 0.5,
+                reconfigure_interval_s: 3.0,
+                config_writes: 200,
+                config_reloads: 200,
+                start_rss_bytes: 12 * m,
+                max_rss_bytes: 14 * m,
+                end_rss_bytes: 13 * m,
+                trend_bytes_per_min: 0.05 * m as f64,
+                settled_rss_bytes: 11 * m,
+                ..Soak::default()
+            },
+        }
+    }
+
+    #[test]
+    fn churn_section_shows_each_reading_against_the_baseline() {
+        let md = markdown(&Report {
+            churn: Some(churn()),
+            ..Report::default()
+        });
+        assert!(md.contains("## Memory under churn (node mode)"), "{md}");
+        assert!(
+            md.contains("6000 requests completed, 3 failed (reset: 2, timeout: 1))"),
+            "{md}"
+        );
+        assert!(md.contains("rounds of 100 connections 0.5 s apart"), "{md}");
+        assert!(
+            md.contains("| baseline (warmed up, idle) | 10.0 | +0.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| peak during the bursts | 40.0 | +30.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 2 s after burst 2 | 11.0 | +1.0 | 200 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 30 s after the last burst | 10.0 | +0.0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| soak: end | 13.0 | +3.0 |"), "{md}");
+        assert!(md.contains("growth end − start +1.0 MiB"), "{md}");
+        assert!(
+            md.contains("trend over its second half +0.5 MiB per 10 min"),
+            "{md}"
+        );
+        assert!(!markdown(&Report::default()).contains("churn"));
     }
 }

@@ -16,6 +16,11 @@
 //!   error.
 //! - `bulk --to <ip:port> --bytes <n> [--duration <cap s>]`: throughput
 //!   of sending `n` bytes to `echo-serve` while reading them back.
+//! - `burst --url http://<ip>[:port]/path [--url ...] [--connections <n>]
+//!   [--requests <n>] [--rounds <n>] [--pause <s>] [--duration <s>]
+//!   [--timeout <s>]`: rounds of `n` HTTP/1.1 keep-alive connections
+//!   opened at once, each making a few requests, all closed together
+//!   (see `burst`); reports connections, completed and failed requests.
 //!
 //! Every subcommand takes `--threads <n>` (default 1: current-thread
 //! runtime). Durations are seconds (`2`, `0.5`, `2s`, `500ms`).
@@ -35,6 +40,8 @@
 
 #[path = "benchtool/bulk.rs"]
 mod bulk;
+#[path = "benchtool/burst.rs"]
+mod burst;
 #[path = "benchtool/clock.rs"]
 mod clock;
 #[path = "benchtool/driver.rs"]
@@ -64,6 +71,8 @@ const USAGE: &str = "usage:
   benchtool http-rr --url http://<ip>[:port]/path --rate <req/s> --duration <s>
                     [--warmup <s>] [--connections <n>] [--body-bytes <n>] [--max-in-flight <n>]
   benchtool bulk --to <ip:port> --bytes <n> [--duration <cap s>]
+  benchtool burst --url http://<ip>[:port]/path [--url ...] [--connections <n>] [--requests <n>]
+                  [--rounds <n>] [--pause <s>] [--duration <s>] [--timeout <s>]
 every subcommand: [--threads <n>] (default 1: current-thread runtime)";
 
 const MAX_THREADS: usize = 64;
@@ -73,7 +82,12 @@ fn main() -> ExitCode {
     let Some((command, rest)) = args.split_first() else {
         return usage("missing subcommand");
     };
-    match Opts::parse(rest, &[], &[]).and_then(|opts| run(command, &opts)) {
+    // Only `burst` takes several targets.
+    let repeatable: &[&str] = match command.as_str() {
+        "burst" => &["url"],
+        _ => &[],
+    };
+    match Opts::parse(rest, &[], repeatable).and_then(|opts| run(command, &opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => usage(&msg),
         Err(Failure::Run(msg)) => {
@@ -90,6 +104,7 @@ fn run(command: &str, opts: &Opts) -> Result<(), Failure> {
         "tcp-rr" => runtime.block_on(tcp::run(opts)),
         "http-rr" => runtime.block_on(http::run(opts)),
         "bulk" => runtime.block_on(bulk::run(opts)),
+        "burst" => runtime.block_on(burst::run(opts)),
         other => Err(Failure::Usage(format!("unknown subcommand {other:?}"))),
     }
 }

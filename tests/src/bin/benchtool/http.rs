@@ -27,13 +27,19 @@ pub async fn run(opts: &Opts) -> Result<(), Failure> {
         .raw("url")
         .ok_or_else(|| Failure::Usage("--url is required".into()))?;
     let body_bytes = opts.bounded_or("body-bytes", 0, 0..=MAX_BODY_BYTES)?;
-    let (addr, target) = Target::parse(url, body_bytes)?;
+    let connector = connector(url, body_bytes)?;
     let plan = rr::plan(opts)?;
-    let connector = HttpRr {
+    rr::run("http-rr", url, connector, &plan).await
+}
+
+/// A connector for `url` (see [`Target::parse`]), for the other
+/// subcommands that speak HTTP (`burst`).
+pub fn connector(url: &str, body_bytes: usize) -> Result<HttpRr, Failure> {
+    let (addr, target) = Target::parse(url, body_bytes)?;
+    Ok(HttpRr {
         addr,
         target: Arc::new(target),
-    };
-    rr::run("http-rr", url, connector, &plan).await
+    })
 }
 
 /// The request every exchange sends.
@@ -86,7 +92,7 @@ impl Target {
     }
 }
 
-struct HttpRr {
+pub struct HttpRr {
     addr: SocketAddr,
     target: Arc<Target>,
 }
@@ -111,7 +117,7 @@ impl Connector for HttpRr {
     }
 }
 
-struct HttpConn {
+pub struct HttpConn {
     sender: SendRequest<Full<Bytes>>,
     target: Arc<Target>,
 }
