@@ -409,3 +409,22 @@ pub fn describe(cmd: &Command) -> String {
     }
     text
 }
+
+/// Raises this process's soft open-file limit to its hard limit (children
+/// inherit it): a load generator holds a descriptor per connection, and the
+/// usual soft limit of 1024 would cap a round below a thousand. Best
+/// effort: a refused raise shows up as failed connects.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -123,7 +123,7 @@ impl ChurnPlan {
 /// Runs the plan on a fresh node.
 pub fn measure(plan: &ChurnPlan, bar: &ProgressBar) -> anyhow::Result<Churn> {
     bar.set_message("churn: building the node");
-    raise_fd_limit();
+    crate::proc::raise_fd_limit();
     let top = ChurnNode::build().context("churn topology")?;
     let result = run(&top, plan, bar);
     result.with_context(|| format!("agent log (tail):\n{}", tail(&top.agent.log(), 30)))
@@ -489,23 +489,6 @@ pub fn churn_config(step: u64, client: &Pod, backends: &[Pod], spares: &[Pod]) -
         );
     }
     yaml
-}
-
-/// Children inherit the limit: the backends hold a share of each
-/// burst's upstream connections.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
 }
 
 /// The last `lines` lines of `text`.

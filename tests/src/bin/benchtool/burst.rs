@@ -81,7 +81,7 @@ pub async fn run(opts: &Opts) -> Result<(), Failure> {
     if plan.timeout.is_zero() {
         return Err(Failure::Usage("--timeout must be > 0".into()));
     }
-    raise_fd_limit();
+    dataplane_tests::proc::raise_fd_limit();
     let start = Instant::now();
     let mut tally = Tally::default();
     let mut rounds = 0;
@@ -232,22 +232,4 @@ async fn connection(
     done.wait().await;
     drop(conn);
     tally
-}
-
-/// Each connection holds a descriptor; the usual soft limit of 1024
-/// would cap a round below the benchmark's thousand. Best effort: a
-/// refused raise shows up as failed connects.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
 }
