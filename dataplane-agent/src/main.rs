@@ -19,19 +19,28 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use dataplane_agent::{app, balance, capture, config, state};
 
-// The allocator. The churn part of `cargo xtask bench` (tests/src/bench/
-// churn.rs: five bursts of 1,000 concurrent keep-alive connections, then
-// a 10-minute soak of connection, endpoint, service and pod churn) showed
-// glibc's malloc keeping what bursts allocate: RSS 10.8 MiB at baseline,
-// 62.5 MiB after the bursts and still 65.6 MiB after the soak, with the
-// connections long gone. jemalloc with a background purging thread gave
-// 10.7, 28.3 (held by ~750 idle pooled upstream connections) and 14.0,
-// flat through the soak. glibc with M_ARENA_MAX=2 and malloc_trim every
-// 5 s did as well (14.1 after the soak), but each malloc_trim took 1.3
-// ms (p50) to 5 ms holding the arena locks the proxy allocates under: a
-// latency spike on the data path every 5 s. mimalloc
-// (v2 and v3) kept 30-95 MiB. tikv-jemallocator's C build costs a cold
-// build about 35 s on a 2-vCPU VM (37 s on its own; mimalloc: 4 s).
+// The allocator: jemalloc, because glibc's malloc keeps what connection
+// bursts allocate. Measured by the churn part of `cargo xtask bench`
+// (tests/src/bench/churn.rs: five bursts of 1,000 concurrent keep-alive
+// connections, then a 10-minute soak of connection, endpoint, service and
+// pod churn; the README's Benchmark section has the table), agent RSS in
+// MiB, every candidate built from the same commit on a 2-vCPU VM, the
+// last two columns after 30 s of quiet:
+//
+//   allocator                          baseline  after bursts  after soak
+//   glibc                                  10.8          62.5        65.6
+//   jemalloc, background purging           10.7          28.3        14.0
+//   glibc, M_ARENA_MAX=2, malloc_trim/5s   10.6          29.3        14.1
+//   mimalloc 3 (the crate's default)       51.5          77.3        48.1
+//   mimalloc 2                             38.1          94.5        29.2
+//
+// What jemalloc still holds after the bursts is ~750 idle pooled upstream
+// connections (open descriptors: 801, baseline 52). glibc with
+// malloc_trim returns as much, but each trim took 1.3 ms (p50) to 5 ms
+// holding the arena locks the proxy allocates under: a stall on the data
+// path every 5 s. Build cost: tikv-jemallocator's C build adds about 35 s
+// to a cold release build of the agent on 2 vCPUs (37 s on its own;
+// mimalloc's would be 4 s).
 //
 // `background_thread`: freed memory is returned while the agent is idle,
 // not only when a thread next allocates. `dirty_decay_ms: 1000`: within
