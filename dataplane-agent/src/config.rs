@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-pub use policy::{Fallback, TrafficPolicy};
+pub use policy::{DEFAULT_IDLE, Fallback, TrafficPolicy};
 pub use service::{Endpoint, Protocol, Service, UpstreamProtocol};
 
 #[derive(Debug, thiserror::Error)]

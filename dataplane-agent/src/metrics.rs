@@ -440,26 +440,28 @@ pub struct ServiceCounters {
 impl ServiceCounters {
     /// Counts a response with status `code` to a client of `service`.
     pub fn response(&self, metrics: &ProxyMetrics, service: &str, code: u16) {
-        let read = |list: &Vec<(u16, Counter)>| {
-            list.iter()
-                .find(|(c, _)| *c == code)
-                .map(|(_, counter)| counter.clone())
-        };
-        let known = self.responses.read().map_or(None, |list| read(&list));
-        let counter = known.unwrap_or_else(|| {
-            let labels = ResponseLabels {
-                service: service.to_string(),
-                code,
-            };
-            let counter = metrics.http_responses.get_or_create(&labels).clone();
-            if let Ok(mut list) = self.responses.write()
-                && read(&list).is_none()
-            {
-                list.push((code, counter.clone()));
+        let counted = |list: &Vec<(u16, Counter)>| match list.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => {
+                counter.inc();
+                true
             }
-            counter
-        });
+            None => false,
+        };
+        // The common case: a code seen before, counted under the read lock.
+        if self.responses.read().is_ok_and(|list| counted(&list)) {
+            return;
+        }
+        let labels = ResponseLabels {
+            service: service.to_string(),
+            code,
+        };
+        let counter = metrics.http_responses.get_or_create(&labels).clone();
         counter.inc();
+        if let Ok(mut list) = self.responses.write()
+            && !list.iter().any(|(c, _)| *c == code)
+        {
+            list.push((code, counter));
+        }
     }
 
     /// Counts a retry sent for `service`.

@@ -56,21 +56,47 @@ impl Proxy {
         drain::drain(&self.drain, &self.metrics, deadline).await
     }
 
-    /// Accepts until the task is dropped. Each connection runs in its own
-    /// task; a failure there never affects the listener.
+    /// Accepts until the task is dropped or the proxy drains; each
+    /// connection is handled in its own task, so a failure there never
+    /// affects the listener.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.accept_loop(listener, |proxy, stream, peer| {
+            proxy.handle(stream, peer, None)
+        })
+        .await;
+    }
+
+    /// Serves every connection of `listener` as a connection to the
+    /// service at `vip`, without asking for the original destination: a
+    /// listener dedicated to one service (a gateway port), and how the
+    /// request path is tested in-process.
+    pub async fn serve_service(self: Arc<Self>, listener: TcpListener, vip: SocketAddrV4) {
+        self.accept_loop(listener, move |proxy, stream, peer| {
+            proxy.handle(stream, peer, Some(vip))
+        })
+        .await;
+    }
+
+    /// The one accept loop of every listener: count, disable Nagle (small
+    /// request/response exchanges must not wait for it in the response
+    /// direction), spawn `handle`; stop when the proxy drains.
+    async fn accept_loop<F, Fut>(self: Arc<Self>, listener: TcpListener, handle: F)
+    where
+        F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let drained = self.drain.signalled();
+        tokio::pin!(drained);
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
-                () = self.drain.signalled() => return,
+                () = &mut drained => return,
             };
             match accepted {
                 Ok((stream, peer)) => {
                     self.metrics.accepted.inc();
-                    // Small request/response exchanges must not wait for
-                    // Nagle in the response direction.
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(Arc::clone(&self).handle(stream, peer, None));
+                    tokio::spawn(handle(Arc::clone(&self), stream, peer));
                 }
                 Err(err) => {
                     warn!(%err, "accept failed");
@@ -81,30 +107,6 @@ impl Proxy {
                     if err.raw_os_error().is_some_and(|e| exhausted.contains(&e)) {
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
-                }
-            }
-        }
-    }
-
-    /// Serves every connection of `listener` as a connection to the
-    /// service at `vip`, without asking for the original destination: a
-    /// listener dedicated to one service (a gateway port), and how the
-    /// request path is tested in-process.
-    pub async fn serve_service(self: Arc<Self>, listener: TcpListener, vip: SocketAddrV4) {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = self.drain.signalled() => return,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    self.metrics.accepted.inc();
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(Arc::clone(&self).handle(stream, peer, Some(vip)));
-                }
-                Err(err) => {
-                    warn!(%err, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
         }
@@ -152,9 +154,19 @@ impl Proxy {
     }
 
     /// Records how `endpoints[index]` did and reports the state change it
-    /// causes (log, metric): the one way TCP, HTTP and the ticker feed
-    /// outlier detection.
+    /// causes (log, metric): the one way TCP and HTTP feed outlier
+    /// detection, and where connect failures are counted.
     pub fn record_outcome(&self, service: &Service, index: usize, outcome: crate::health::Outcome) {
+        use crate::health::{LocalFailure, Outcome};
+        if let Outcome::LocalFailure(LocalFailure::ConnectRefused | LocalFailure::ConnectTimeout) =
+            outcome
+            && let Some(endpoint) = service.endpoints.get(index)
+        {
+            self.metrics
+                .connect_errors
+                .get_or_create(&endpoint.labels)
+                .inc();
+        }
         if let Some(event) = service.record_outcome(index, outcome) {
             self.report_outlier(service, &event);
         }

@@ -38,6 +38,10 @@ pub struct TrafficPolicy {
     pub fallback: Option<Fallback>,
 }
 
+/// The default `idle` timeout (also what sidecar mode's inbound TCP
+/// connections get, having no service of their own).
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+
 /// Timeouts; `request`, `idle` and `headerRead` of zero disable them.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(
@@ -71,7 +75,7 @@ impl Default for Timeouts {
         Self {
             connect: Duration::from_secs(1),
             request: Duration::from_secs(15),
-            idle: Duration::from_secs(300),
+            idle: DEFAULT_IDLE,
             header_read: Duration::from_secs(10),
             protocol_detection: Duration::from_millis(100),
         }

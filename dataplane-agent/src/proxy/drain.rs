@@ -31,10 +31,6 @@ impl Drain {
         self.0.send_replace(true);
     }
 
-    pub fn started(&self) -> bool {
-        *self.0.borrow()
-    }
-
     /// Resolves once draining has started.
     pub async fn signalled(&self) {
         let mut rx = self.0.subscribe();

@@ -10,6 +10,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::config::DEFAULT_IDLE;
+
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
@@ -77,23 +79,10 @@ impl Proxy {
     }
 
     pub async fn serve_inbound(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = self.drain.signalled() => return,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    self.metrics.accepted.inc();
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(Arc::clone(&self).handle_inbound(stream, peer));
-                }
-                Err(err) => {
-                    debug!(%err, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
+        self.accept_loop(listener, |proxy, stream, peer| {
+            proxy.handle_inbound(stream, peer)
+        })
+        .await;
     }
 
     async fn handle_inbound(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
@@ -116,10 +105,7 @@ impl Proxy {
             // The default idle timeout: a caller's own proxy applies its
             // service's (the same by default), and a caller from outside
             // the mesh must not hold the connection forever either.
-            Ok(upstream) => {
-                let idle = crate::config::TrafficPolicy::default().timeouts.idle;
-                splice::forward(client, upstream, &self.metrics, idle).await
-            }
+            Ok(upstream) => splice::forward(client, upstream, &self.metrics, DEFAULT_IDLE).await,
             Err(err) => {
                 debug!(%peer, %app, %err, "application not reachable");
                 self.refuse(client, RefuseReason::UpstreamUnavailable);

@@ -122,11 +122,6 @@ pub async fn connect_any(proxy: &Proxy, service: &Service) -> Option<(TcpStream,
         };
         proxy.record_outcome(service, chosen.index, Outcome::LocalFailure(failure));
         info!(service = %service.id, endpoint = %endpoint.addr, %err, "endpoint connect failed, trying the next");
-        proxy
-            .metrics
-            .connect_errors
-            .get_or_create(&endpoint.labels)
-            .inc();
     }
     None
 }

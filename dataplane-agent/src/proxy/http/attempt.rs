@@ -134,21 +134,10 @@ impl AttemptGuard {
         self.service.balancer.on_end(self.chosen.index, rtt, now);
     }
 
-    /// The attempt produced no response: counted (a connect error) and
-    /// told to outlier detection when the endpoint is to blame.
+    /// The attempt produced no response: told to outlier detection when
+    /// the endpoint is to blame (which counts a connect error).
     pub fn failed(mut self, err: &AttemptError) {
         self.end(false);
-        if matches!(
-            err.local,
-            Some(LocalFailure::ConnectRefused | LocalFailure::ConnectTimeout)
-        ) {
-            let endpoint = &self.service.endpoints[self.chosen.index];
-            self.proxy
-                .metrics
-                .connect_errors
-                .get_or_create(&endpoint.labels)
-                .inc();
-        }
         if let Some(local) = err.local {
             self.verdict(Outcome::LocalFailure(local));
         }
