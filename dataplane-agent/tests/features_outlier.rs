@@ -96,7 +96,8 @@ async fn each_consecutive_detector_counts_its_own_failures() {
                 Backend::start("good-1", Mode::Ok).await,
                 Backend::start("good-2", Mode::Ok).await,
             ];
-            let extra = policy(&[&only(detector)]);
+            // Round robin, so a bad endpoint not ejected keeps exactly its third.
+            let extra = policy(&[&only(detector), "loadBalancer: {algorithm: roundRobin}"]);
             let proxy = TestProxy::start(&config(&[&bad, &good[0], &good[1]], &extra)).await;
             sequential(&proxy, 30).await;
             let case = format!("{detector} with {status:?}");
@@ -321,8 +322,11 @@ async fn a_half_open_endpoint_gets_at_most_probe_requests_at_once() {
             let od = format!(
                 "outlierDetection: {{consecutive5xxErrors: 1, baseEjectionTime: 200ms, halfOpen: {{probeRequests: 2, successesToClose: {successes_to_close}}}}}"
             );
+            // Round robin: least request would itself keep callers off
+            // the slow endpoint, hiding what the control shows.
+            let lb = "loadBalancer: {algorithm: roundRobin}";
             let proxy =
-                TestProxy::start(&config(&[&bad, &good[0], &good[1]], &policy(&[&od]))).await;
+                TestProxy::start(&config(&[&bad, &good[0], &good[1]], &policy(&[&od, lb]))).await;
             sequential(&proxy, 3).await;
             assert_eq!(ejected(&proxy), 1.0);
             // Healthy now but slow, so that concurrent probes would overlap.

@@ -166,7 +166,7 @@ async fn bodies_over_the_replay_limit_are_not_retried() {
         const LIMIT: usize = 64 * 1024;
         let failing = Backend::start("failing", Mode::DrainThen(503)).await;
         let echo = Backend::start("echo", Mode::Echo).await;
-        let proxy = TestProxy::start(&config(&[&failing, &echo], "")).await;
+        let proxy = TestProxy::start(&config(&[&failing, &echo], &rotation())).await;
         let mut rng = fastrand::Rng::with_seed(11);
         for http2 in [false, true] {
             let client = client(http2);
@@ -206,8 +206,8 @@ async fn idempotency_key_posts_are_replayed_byte_for_byte_after_a_reset() {
     bounded(async {
         let reset = Backend::start("reset", Mode::Reset).await;
         let echo = Backend::start("echo", Mode::Echo).await;
-        // Default policy: a POST is retried after a reset only with a key.
-        let proxy = TestProxy::start(&config(&[&reset, &echo], "")).await;
+        // Default retries: a POST is retried after a reset only with a key.
+        let proxy = TestProxy::start(&config(&[&reset, &echo], &rotation())).await;
         let mut rng = fastrand::Rng::with_seed(5);
         for http2 in [false, true] {
             let client = client(http2);
@@ -367,4 +367,13 @@ async fn a_retry_overflow_names_its_limit_like_other_circuit_breakers() {
         );
     })
     .await
+}
+
+/// Round robin and no outlier detection: the failing backend keeps its
+/// turn, so every other request meets it first.
+fn rotation() -> String {
+    policy(&[
+        "loadBalancer: {algorithm: roundRobin}",
+        "outlierDetection: null",
+    ])
 }

@@ -41,8 +41,10 @@ const PROXY_VARS: [&str; 8] = [
     "grpc_proxy",
     "no_proxy",
 ];
-/// The README's defaults plus outlier detection with its defaults.
-const DEFAULTS: &str = "    trafficPolicy:\n      outlierDetection: {}\n";
+/// The README's defaults: no traffic policy at all.
+const DEFAULTS: &str = "";
+/// Round robin, for tests that check how requests were spread.
+const ROUND_ROBIN: &str = "    trafficPolicy:\n      loadBalancer: {algorithm: roundRobin}\n";
 
 /// A program a test runs and the Debian package that provides it.
 #[derive(Clone, Copy)]
@@ -490,7 +492,7 @@ async fn websocket_upgrades_echo_both_ways_and_close_through_the_proxy() {
             Peer::start(WEBSOCKETS, "ws-a", &[]),
             Peer::start(WEBSOCKETS, "ws-b", &[]),
         );
-        let proxy = TestProxy::start(&mesh(&[&a, &b], DEFAULTS)).await;
+        let proxy = TestProxy::start(&mesh(&[&a, &b], ROUND_ROBIN)).await;
         let reports = websocket_client(&proxy, 4, MIB).await;
         for report in &reports {
             assert!(websocket_ok(report, MIB as u64), "{report}");
@@ -645,7 +647,7 @@ async fn curl_over_http2_prior_knowledge_and_http1() {
             Backend::start("a", Mode::Ok).await,
             Backend::start("b", Mode::Ok).await,
         );
-        let proxy = TestProxy::start(&config(&[&a, &b], "")).await;
+        let proxy = TestProxy::start(&config(&[&a, &b], ROUND_ROBIN)).await;
         let url = format!("http://{}/hello", proxy.addr);
         let mut answered_by = Vec::new();
         for (flag, status_line) in [

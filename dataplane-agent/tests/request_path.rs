@@ -443,7 +443,7 @@ async fn a_retry_cut_short_by_the_request_deadline_does_not_blame_its_endpoint()
         let a = slow_503_backend(Duration::from_millis(600)).await;
         let b = slow_503_backend(Duration::from_millis(600)).await;
         let yaml = format!(
-            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    endpoints:\n      - address: {a}\n      - address: {b}\n    trafficPolicy:\n      timeouts: {{request: 1s}}\n      retries: {{backoff: {{baseInterval: 1ms, maxInterval: 1ms}}}}\n      outlierDetection: {{consecutive5xxErrors: 100, consecutiveLocalOriginFailures: 1}}\n"
+            "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    endpoints:\n      - address: {a}\n      - address: {b}\n    trafficPolicy:\n      timeouts: {{request: 1s}}\n      retries: {{perTryTimeout: 0s, backoff: {{baseInterval: 1ms, maxInterval: 1ms}}}}\n      outlierDetection: {{consecutive5xxErrors: 100, consecutiveLocalOriginFailures: 1}}\n"
         );
         let proxy = TestProxy::start(&yaml).await;
         for _ in 0..3 {
@@ -464,7 +464,7 @@ async fn a_retry_given_most_of_the_deadline_is_blamed_when_it_hangs() {
         let hung = Backend::start("hung", Mode::Hang).await;
         let yaml = config(
             &[&fast, &hung],
-            "    trafficPolicy:\n      timeouts: {request: 400ms}\n      outlierDetection: {consecutive5xxErrors: 100, consecutiveLocalOriginFailures: 1}\n",
+            "    trafficPolicy:\n      timeouts: {request: 400ms}\n      retries: {perTryTimeout: 0s}\n      outlierDetection: {consecutive5xxErrors: 100, consecutiveLocalOriginFailures: 1}\n",
         );
         let proxy = TestProxy::start(&yaml).await;
         // Whichever goes first, the hung endpoint has over half the

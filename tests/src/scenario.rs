@@ -148,6 +148,17 @@ impl HttpMesh {
         policy: &str,
         agent_args: &[&str],
     ) -> anyhow::Result<HttpMesh> {
+        Self::start_as(hint, backends, "http", policy, agent_args)
+    }
+
+    /// [`HttpMesh::start`] with the service's `protocol` (`http`, `auto`).
+    pub fn start_as(
+        hint: &str,
+        backends: &[BackendSpec<'_>],
+        protocol: &str,
+        policy: &str,
+        agent_args: &[&str],
+    ) -> anyhow::Result<HttpMesh> {
         let mut node = SimNode::new(hint)?;
         let client = node.add_pod("client")?;
         let mut servers = Vec::new();
@@ -156,7 +167,7 @@ impl HttpMesh {
             let proc = http_peers::serve(&node, &pod, spec.name)?;
             servers.push((pod, proc));
         }
-        let config = http_config(&servers, backends, policy, &client);
+        let config = service_config(&servers, backends, protocol, policy, &client);
         let agent = Agent::start_with(&node, &config, agent_args).context("starting the agent")?;
         Ok(HttpMesh {
             agent,
@@ -164,6 +175,19 @@ impl HttpMesh {
             client,
             node,
         })
+    }
+
+    /// SIGKILLs backend `index`'s server, as a crash would (its pod stays).
+    pub fn kill_backend(&mut self, index: usize) -> anyhow::Result<()> {
+        self.backends[index].1.kill()?;
+        Ok(())
+    }
+
+    /// Starts backend `index`'s server again (after `kill_backend`).
+    pub fn revive_backend(&mut self, index: usize) -> anyhow::Result<()> {
+        let (pod, proc) = &mut self.backends[index];
+        *proc = http_peers::serve(&self.node, pod, &pod.name)?;
+        Ok(())
     }
 
     /// The backend pod named `name`.
@@ -193,8 +217,18 @@ pub fn http_config(
     policy: &str,
     client: &Pod,
 ) -> String {
+    service_config(servers, specs, "http", policy, client)
+}
+
+fn service_config(
+    servers: &[(Pod, Proc)],
+    specs: &[BackendSpec<'_>],
+    protocol: &str,
+    policy: &str,
+    client: &Pod,
+) -> String {
     let mut yaml = format!(
-        "services:\n  - name: web\n    vip: {ECHO_VIP}\n    protocol: http\n    trafficPolicy: {}\n    endpoints:\n",
+        "services:\n  - name: web\n    vip: {ECHO_VIP}\n    protocol: {protocol}\n    trafficPolicy: {}\n    endpoints:\n",
         if policy.is_empty() { "{}" } else { policy }
     );
     for ((pod, _), spec) in servers.iter().zip(specs) {

@@ -461,22 +461,19 @@ fn retried_requests_resend_their_body() {
     assert!(metric(&mesh, "dataplane_http_retries_total", &[]) >= 20.0);
 }
 
-/// The README's promise, tried as a new user would: the documented
-/// defaults plus `outlierDetection: {}` (and the `perTryTimeout` the
-/// README tells users to set), three real backends, 8 closed-loop
-/// callers, and one backend failing in each way in turn, through the real
-/// agent with eBPF capture. The agent is restarted between rounds so that
-/// each starts with no health history (a restart is also something users
-/// do).
+/// The README's promise, tried as a new user would: no traffic policy at
+/// all (every default), three real backends, 8 closed-loop callers, and
+/// one backend failing in each way in turn, through the real agent with
+/// eBPF capture. The agent is restarted between rounds so that each starts
+/// with no health history (a restart is also something users do).
 #[test]
 #[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn the_readme_defaults_fail_no_request_when_one_backend_of_three_fails() {
     if !require_privileges("the_readme_defaults_fail_no_request_when_one_backend_of_three_fails") {
         return;
     }
-    let policy = "{outlierDetection: {}, retries: {perTryTimeout: 500ms}}";
     let mut mesh =
-        HttpMesh::start("defaults", &backends(&["b1", "b2", "b3"]), policy, &[]).expect("mesh");
+        HttpMesh::start("defaults", &backends(&["b1", "b2", "b3"]), "", &[]).expect("mesh");
     let load = |mesh: &HttpMesh, requests: u64| {
         let requests = requests.to_string();
         let args = [
@@ -524,6 +521,83 @@ fn the_readme_defaults_fail_no_request_when_one_backend_of_three_fails() {
         "the kill came mid-load: {report:?}"
     );
     assert_eq!(report.ok, 4000, "killed mid-load: {report:?}");
+}
+
+/// The hand trial of a new user, automated: the README's example service
+/// (`protocol: auto`, no traffic policy), a steady open-loop 200 GETs/s from
+/// an enrolled pod, and failures that follow each other closely enough to
+/// overlap with the recoveries: one backend is killed and comes back, then
+/// another turns slow, hangs, answers 503, resets, and heals. A recovered
+/// endpoint must be let back soon enough for the next bad one to be
+/// ejected, a hang must end at the default per-try timeout, and the retry
+/// budget must cover the transitions: not one request may fail.
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn overlapping_failures_under_steady_load_fail_nothing_with_the_readme_example() {
+    if !require_privileges(
+        "overlapping_failures_under_steady_load_fail_nothing_with_the_readme_example",
+    ) {
+        return;
+    }
+    let mut mesh =
+        HttpMesh::start_as("trial", &backends(&["b1", "b2", "b3"]), "auto", "", &[]).expect("mesh");
+    let url = format!("http://{ECHO_VIP}/");
+    let started = std::time::Instant::now();
+    let at = |second: u64| {
+        let due = started + Duration::from_secs(second);
+        std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+    };
+    let report = std::thread::scope(|scope| {
+        let HttpMesh {
+            node,
+            client,
+            backends,
+            ..
+        } = &mut mesh;
+        let (node, client) = (&*node, &*client);
+        let args = [
+            "--url",
+            url.as_str(),
+            "--rate",
+            "200",
+            "--requests",
+            "4400",
+            "--max-duration",
+            "24s",
+            "--timeout-ms",
+            "20000",
+        ];
+        let running = scope.spawn(move || http_peers::load(node, client, &args));
+        let b3 = backends[2].0.clone();
+        let mode = |mode: &str| set_mode(node, &b3, mode).expect("failure mode");
+        at(2);
+        backends[1].1.kill().expect("b2 killed");
+        at(5);
+        backends[1].1 = http_peers::serve(node, &backends[1].0, "b2").expect("b2 back");
+        at(8);
+        mode("delay:2000ms");
+        at(11);
+        mode("delay:30000ms");
+        at(14);
+        mode("status:503");
+        at(17);
+        mode("reset");
+        at(20);
+        mode("ok");
+        running.join().expect("load thread").expect("load")
+    });
+    eprintln!("trial: {report:?}");
+    assert!(report.sent >= 4300, "the load ran: {report:?}");
+    assert_eq!(report.ok, report.sent, "no request failed: {report:?}");
+    for backend in ["b2", "b3"] {
+        let addr = dataplane_tests::scenario::backend_addr(mesh.backend(backend)).to_string();
+        let ejected = metric(
+            &mesh,
+            "dataplane_policy_outlier_events_total",
+            &["event=\"ejected\"", &addr],
+        );
+        assert!(ejected >= 1.0, "{backend} was ejected: {ejected}");
+    }
 }
 
 /// SIGTERM, as Kubernetes stops the DaemonSet's pod: requests in flight

@@ -25,11 +25,14 @@ pub const MAX_CHOICE_COUNT: u32 = 16;
 #[serde(rename_all = "camelCase")]
 pub enum Algorithm {
     /// Weighted round robin (deterministic smooth schedule).
-    #[default]
     RoundRobin,
     /// Weighted random.
     Random,
-    /// Power of `choiceCount` choices on outstanding requests / weight.
+    /// Power of `choiceCount` choices on outstanding requests / weight. The
+    /// default: an endpoint that slows down or hangs keeps its requests
+    /// outstanding and so loses almost every comparison long before outlier
+    /// detection could call it bad (Envoy's and Linkerd's choice too).
+    #[default]
     LeastRequest,
     /// Power of `choiceCount` choices on peak-EWMA latency x (outstanding + 1) / weight.
     PeakEwma,
@@ -72,7 +75,7 @@ pub struct LoadBalancerConfig {
 impl Default for LoadBalancerConfig {
     fn default() -> Self {
         Self {
-            algorithm: Algorithm::RoundRobin,
+            algorithm: Algorithm::LeastRequest,
             choice_count: 2,
             hash: HashConfig::default(),
             ring_size: 1024,

@@ -12,13 +12,14 @@ use crate::ratelimit::RateLimitConfig;
 use crate::resilience::{ConnectionPool, RetryPolicy};
 
 /// Everything the proxy applies to one service's traffic.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicy {
     #[serde(default)]
     pub load_balancer: LoadBalancerConfig,
-    /// Absent: no outlier detection (Istio's default too).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// On with its defaults when absent (Linkerd's failure accrual is on by
+    /// default too; Istio's is off); `outlierDetection: null` turns it off.
+    #[serde(default = "default_outlier_detection")]
     pub outlier_detection: Option<OutlierDetectionConfig>,
     /// HTTP retries (`attempts: 0` is fail-fast).
     #[serde(default)]
@@ -36,6 +37,39 @@ pub struct TrafficPolicy {
     /// circuit breaker trips.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Fallback>,
+}
+
+impl Default for TrafficPolicy {
+    fn default() -> Self {
+        Self {
+            load_balancer: LoadBalancerConfig::default(),
+            outlier_detection: default_outlier_detection(),
+            retries: RetryPolicy::default(),
+            connection_pool: ConnectionPool::default(),
+            rate_limit: None,
+            timeouts: Timeouts::default(),
+            fallback: None,
+        }
+    }
+}
+
+fn default_outlier_detection() -> Option<OutlierDetectionConfig> {
+    Some(OutlierDetectionConfig::default())
+}
+
+impl TrafficPolicy {
+    /// The timeout of one try: `retries.perTryTimeout` when set (`0s`:
+    /// none), otherwise the request timeout shared by the first try and
+    /// every retry (`request / (attempts + 1)`), so a hanging endpoint is
+    /// left in time for the retries to run before the request times out.
+    pub fn per_try_timeout(&self) -> Option<Duration> {
+        match self.retries.per_try_timeout {
+            Some(t) if t.is_zero() => None,
+            Some(t) => Some(t),
+            None if self.timeouts.request.is_zero() => None,
+            None => Some(self.timeouts.request / self.retries.attempts.saturating_add(1)),
+        }
+    }
 }
 
 /// The default `idle` timeout (also what sidecar mode's inbound TCP

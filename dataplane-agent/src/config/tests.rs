@@ -94,3 +94,57 @@ fn semantic_errors_name_the_field() {
     assert_error(dup, &["services[1].vip", "used by another service"]);
     assert_error("pods:\n  - uid: a\n  - uid: a\n", &["pods[1].uid", "twice"]);
 }
+
+fn policy_of(yaml_policy: &str) -> TrafficPolicy {
+    let text = format!(
+        "services:\n  - name: a\n    vip: 198.19.0.1:1\n    trafficPolicy: {yaml_policy}\n"
+    );
+    parse(&text)
+        .expect("valid")
+        .services
+        .remove(0)
+        .traffic_policy
+}
+
+#[test]
+fn outlier_detection_is_on_unless_set_to_null() {
+    let on = policy_of("{}");
+    assert_eq!(
+        on.outlier_detection,
+        Some(crate::health::OutlierDetectionConfig::default())
+    );
+    let off = policy_of("{outlierDetection: null}");
+    assert_eq!(off.outlier_detection, None);
+    // What /config_dump prints reads back as the same policy.
+    for policy in [on, off] {
+        let dumped = serde_yaml_ng::to_string(&policy).expect("serializes");
+        let back: TrafficPolicy = serde_yaml_ng::from_str(&dumped).expect("reads back");
+        assert_eq!(back, policy, "{dumped}");
+    }
+}
+
+#[test]
+fn per_try_timeout_defaults_to_a_share_of_the_request_timeout() {
+    let secs = Duration::from_secs;
+    assert_eq!(policy_of("{}").per_try_timeout(), Some(secs(5)));
+    assert_eq!(
+        policy_of("{retries: {attempts: 0}}").per_try_timeout(),
+        Some(secs(15))
+    );
+    assert_eq!(
+        policy_of("{retries: {attempts: 4}, timeouts: {request: 10s}}").per_try_timeout(),
+        Some(secs(2))
+    );
+    assert_eq!(
+        policy_of("{retries: {perTryTimeout: 300ms}}").per_try_timeout(),
+        Some(Duration::from_millis(300))
+    );
+    assert_eq!(
+        policy_of("{retries: {perTryTimeout: 0s}}").per_try_timeout(),
+        None
+    );
+    assert_eq!(
+        policy_of("{timeouts: {request: 0s}}").per_try_timeout(),
+        None
+    );
+}

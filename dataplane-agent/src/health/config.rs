@@ -41,7 +41,12 @@ pub struct OutlierDetectionConfig {
     /// Period of the success-rate / failure-percentage sweep and of decay.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Ejection time per ejection (multiplied by the backoff count).
+    /// Ejection time per ejection (multiplied by the backoff count). 5 s by
+    /// default (Istio: 30 s): half-open probing decides whether the host
+    /// comes back, so a short first ejection costs a still-bad host only a
+    /// few probes, while a host that recovered is not kept out for half a
+    /// minute (when a second endpoint fails meanwhile, it could not be
+    /// ejected while the first is still counted out).
     #[serde(with = "humantime_serde")]
     pub base_ejection_time: Duration,
     /// Cap on one ejection. If unset: max(300s, baseEjectionTime) (Envoy).
@@ -64,7 +69,7 @@ pub struct OutlierDetectionConfig {
 
 impl Default for OutlierDetectionConfig {
     fn default() -> Self {
-        let base_ejection_time = Duration::from_secs(30);
+        let base_ejection_time = Duration::from_secs(5);
         Self {
             consecutive_5xx_errors: 5,
             consecutive_gateway_errors: 0,

@@ -17,11 +17,20 @@ fn s(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-/// Defaults, but with no `maxEjectionPercent` limit.
+/// The defaults with Istio's 30 s base ejection time, the times these
+/// tests were written with.
+fn defaults_30s() -> OutlierDetectionConfig {
+    OutlierDetectionConfig {
+        base_ejection_time: s(30),
+        ..Default::default()
+    }
+}
+
+/// `defaults_30s`, but with no `maxEjectionPercent` limit.
 fn cfg() -> OutlierDetectionConfig {
     OutlierDetectionConfig {
         max_ejection_percent: 100.0,
-        ..Default::default()
+        ..defaults_30s()
     }
 }
 

@@ -130,7 +130,7 @@ impl RetryOn {
 ///
 /// ```yaml
 /// attempts: 2            # retries after the first try; 0 = fail fast
-/// perTryTimeout: 500ms   # optional; absent = only the overall request timeout applies
+/// perTryTimeout: 500ms   # absent: the request timeout / (attempts + 1); 0s: none
 /// retryOn: [connect-failure, refused-stream, reset, gateway-error]
 /// retriableStatusCodes: [409]
 /// retryNonIdempotent: false
@@ -146,7 +146,8 @@ impl RetryOn {
 pub struct RetryPolicy {
     /// Maximum retries per request after the first try (Envoy `num_retries`).
     pub attempts: u32,
-    /// Timeout of each try, including the first (Envoy `per_try_timeout`). Must be > 0.
+    /// Timeout of each try, including the first (Envoy `per_try_timeout`). `None`: derived from
+    /// the request timeout (`TrafficPolicy::per_try_timeout`); zero: no per-try timeout.
     #[serde(
         default,
         with = "humantime_serde",
@@ -239,9 +240,6 @@ impl TryFrom<RawRetryPolicy> for RetryPolicy {
     type Error = String;
 
     fn try_from(raw: RawRetryPolicy) -> Result<Self, Self::Error> {
-        if raw.per_try_timeout.is_some_and(|t| t.is_zero()) {
-            return Err("perTryTimeout: must be > 0 (omit the field to disable it)".into());
-        }
         if let Some(bad) = raw
             .retriable_status_codes
             .iter()

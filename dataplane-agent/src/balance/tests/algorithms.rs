@@ -32,7 +32,7 @@ fn round_robin_weights_are_exact_over_a_cycle() {
     let b = balancer("algorithm: roundRobin", &weighted(&[1, 2, 3]));
     assert_eq!(counts(&b, &Pick::default(), 600, 1), [100, 200, 300]);
     // Weight 0 counts as 1.
-    let b = balancer("{}", &weighted(&[0, 1]));
+    let b = balancer("algorithm: roundRobin", &weighted(&[0, 1]));
     assert_eq!(counts(&b, &Pick::default(), 100, 1), [50, 50]);
 }
 

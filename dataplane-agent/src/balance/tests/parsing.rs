@@ -19,7 +19,7 @@ fn rejected(yaml: &str, expected: &str) {
 fn empty_mapping_gives_defaults() {
     let c = parse("{}").unwrap();
     assert_eq!(c, LoadBalancerConfig::default());
-    assert_eq!(c.algorithm, Algorithm::RoundRobin);
+    assert_eq!(c.algorithm, Algorithm::LeastRequest);
     assert_eq!(c.choice_count, 2);
     assert_eq!(c.ring_size, 1024);
     assert_eq!(c.maglev_table_size, 65537);

@@ -14,7 +14,7 @@ fn empty_mapping_gives_documented_defaults() {
     assert_eq!(c.consecutive_gateway_errors, 0);
     assert_eq!(c.consecutive_local_origin_failures, 5);
     assert_eq!(c.interval, s(10));
-    assert_eq!(c.base_ejection_time, s(30));
+    assert_eq!(c.base_ejection_time, s(5));
     assert_eq!(c.max_ejection_time, s(300));
     assert_eq!(c.max_ejection_percent, 10.0);
     assert!(
@@ -149,7 +149,7 @@ fn serialization_round_trips() {
     };
     let yaml = serde_yaml_ng::to_string(&c).unwrap();
     assert!(yaml.contains("consecutive5xxErrors: 5"), "{yaml}");
-    assert!(yaml.contains("baseEjectionTime: 30s"), "{yaml}");
+    assert!(yaml.contains("baseEjectionTime: 5s"), "{yaml}");
     assert_eq!(parse(&yaml).unwrap(), c);
 }
 

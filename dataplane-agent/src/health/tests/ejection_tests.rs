@@ -94,7 +94,7 @@ fn the_first_ejection_is_allowed_even_below_ten_hosts() {
     // of three endpoints ejects its bad one, and a second bad one waits
     // ((1+1)/3 = 67 % > 10 %).
     let t0 = Instant::now();
-    let mut d = OutlierDetector::new(OutlierDetectionConfig::default(), 3, t0);
+    let mut d = OutlierDetector::new(defaults_30s(), 3, t0);
     assert!(matches!(
         feed(&mut d, 0, S500, 5, t0)[..],
         [Event::Ejected { .. }]
@@ -140,7 +140,7 @@ fn without_always_eject_one_host_small_services_eject_nothing() {
 #[test]
 fn max_ejection_percent_counts_the_ejection_itself() {
     let t0 = Instant::now();
-    let mut d = OutlierDetector::new(OutlierDetectionConfig::default(), 10, t0);
+    let mut d = OutlierDetector::new(defaults_30s(), 10, t0);
     assert!(matches!(
         feed(&mut d, 0, S500, 5, t0)[..],
         [Event::Ejected { .. }]
@@ -173,7 +173,7 @@ fn always_eject_one_host_allows_exactly_one_over_the_limit() {
 #[test]
 fn half_open_hosts_count_against_the_limit_but_probe_failure_reejects() {
     let t0 = Instant::now();
-    let mut d = OutlierDetector::new(OutlierDetectionConfig::default(), 10, t0);
+    let mut d = OutlierDetector::new(defaults_30s(), 10, t0);
     feed(&mut d, 0, S500, 5, t0);
     let now = t0 + s(30);
     assert_eq!(d.tick(now), vec![Event::HalfOpen { idx: 0 }]);

@@ -314,8 +314,7 @@ async fn send_once(
         .map_err(|_| AttemptError::local(Failure::Reset, LocalFailure::Other))?;
     let per_try = service
         .policy()
-        .retries
-        .per_try_timeout
+        .per_try_timeout()
         .map(|t| Deadline::now() + t);
     // Which limit applies, and whether running into it blames the
     // endpoint: its per-try timeout always does; the request deadline only
