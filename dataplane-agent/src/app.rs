@@ -40,6 +40,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Log every HTTP request.
     pub access_log: bool,
+    /// What captured connects do while no proxy listens.
+    pub fail_mode: capture::FailMode,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -64,11 +66,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         proxy_cgroup: proxy_cgroup.clone(),
         proxy_addr: settings.proxy_addr,
         proxy_mark: settings.mark,
+        fail_mode: settings.fail_mode,
     };
     let Capture {
-        tables,
+        mut tables,
         mut programs,
     } = Capture::load(&capture_cfg).context("loading the capture programs")?;
+    // From here on the connect hooks know a proxy listens (the kernel
+    // forgets it the instant this listener closes).
+    tables
+        .register_listener(&listener)
+        .context("registering the proxy's listener for the connect hooks")?;
     let stats = tables.stats();
     // Tables first, links second: the programs capture from the instant
     // they are attached, even when their tables are new, empty maps (a new

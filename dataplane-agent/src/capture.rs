@@ -31,11 +31,15 @@ use dataplane_common::globals;
 pub use links::uninstall;
 pub use tables::Tables;
 
-/// Pinned maps live in a directory named after their layout version: a
-/// release that changes a map's key, value or size bumps it, so that the new
-/// programs never reuse maps of another layout (the old ones go with
-/// `cleanup`). A map of another layout found here all the same is replaced
-/// (see [`layout`]).
+/// Pinned maps live in this directory. A release that changes one map's
+/// key, value or size does not move them all elsewhere: the map of another
+/// layout is replaced on its own (see [`layout`]; its content is rebuilt
+/// from the config), while the maps that kept their layout are reused. So
+/// the per-connection maps (`DP_ORIG_DST`, `DP_CONNS`) stay shared by the
+/// old and the new agent through an upgrade, and a connection captured by
+/// the old programs and accepted by the new proxy still finds its original
+/// destination. A change to the per-connection maps' layout would lose the
+/// connections in flight at that instant; it is the one change to avoid.
 const MAPS_DIR: &str = "maps-v1";
 
 /// The eBPF object built by build.rs.
@@ -86,6 +90,30 @@ pub struct CaptureConfig {
     pub proxy_addr: SocketAddrV4,
     /// `SO_MARK` of the proxy's upstream sockets (never captured).
     pub proxy_mark: u32,
+    /// What captured connects do while no proxy listens.
+    pub fail_mode: FailMode,
+}
+
+/// What an enrolled pod's connect to a mesh service does while no proxy
+/// listens on the node (the agent crashed, or stopped with no successor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FailMode {
+    /// Straight to one of the service's endpoints (the first eight, picked
+    /// at random), without the proxy's policies, until a proxy listens
+    /// again: the node's traffic survives the agent.
+    #[default]
+    Open,
+    /// Refused at once (`EPERM`): nothing reaches a service unproxied.
+    Closed,
+}
+
+impl FailMode {
+    fn global(self) -> u32 {
+        match self {
+            FailMode::Open => dataplane_common::proxy_down::FAIL_OPEN,
+            FailMode::Closed => dataplane_common::proxy_down::FAIL_CLOSED,
+        }
+    }
 }
 
 /// The capture programs, loaded but not attached yet, and the tables they
@@ -117,11 +145,13 @@ impl Capture {
 
         let proxy_ip4 = u32::from_ne_bytes(cfg.proxy_addr.ip().octets());
         let proxy_port = cfg.proxy_addr.port();
+        let proxy_down = cfg.fail_mode.global();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .override_global(globals::PROXY_IP4, &proxy_ip4, true)
             .override_global(globals::PROXY_PORT, &proxy_port, true)
             .override_global(globals::PROXY_MARK, &cfg.proxy_mark, true)
+            .override_global(globals::PROXY_DOWN, &proxy_down, true)
             .load(EBPF_OBJECT)?;
         links::load_all(&mut ebpf)?;
         let tables = Tables::take_from(&mut ebpf)?;

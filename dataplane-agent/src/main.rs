@@ -67,8 +67,40 @@ const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dataplane";
 #[derive(Parser)]
 #[command(version, about = "Sidecarless service-mesh node agent")]
 struct Cli {
+    /// Log lines as text, or as one JSON object each (timestamp, level,
+    /// target, message and fields) for a log pipeline. `RUST_LOG` filters
+    /// either (default `info`).
+    #[arg(
+        long,
+        env = "DATAPLANE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG`.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -147,6 +179,12 @@ struct RunArgs {
     /// path, status, time to the response head, and the failure reason.
     #[arg(long, env = "DATAPLANE_ACCESS_LOG")]
     access_log: bool,
+    /// While no agent listens on the node (crashed, or stopped with no
+    /// successor), enrolled pods' connects to mesh services go straight to
+    /// an endpoint (`open`) or are refused at once (`closed`). The kernel
+    /// decides, so it holds whatever happened to the agent.
+    #[arg(long, env = "DATAPLANE_FAIL_MODE", value_enum, default_value = "open")]
+    fail_mode: capture::FailMode,
 }
 
 #[derive(clap::Args)]
@@ -195,15 +233,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
         Command::Run(args) => {
             let settings = app::Settings {
                 config: args.config,
@@ -223,6 +255,7 @@ fn main() -> anyhow::Result<()> {
                 resync: args.resync,
                 drain_timeout: args.drain_timeout,
                 access_log: args.access_log,
+                fail_mode: args.fail_mode,
             };
             runtime()?.block_on(app::run(settings))
         }

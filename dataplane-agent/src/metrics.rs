@@ -537,6 +537,16 @@ impl Collector for CaptureCollector {
                 "SO_ORIGINAL_DST asked for unknown sockets",
                 stats.orig_dst_unknown,
             ),
+            (
+                "proxy_down_refused",
+                "Captured connects refused while no proxy listened (fail-closed)",
+                stats.proxy_down_refused,
+            ),
+            (
+                "proxy_down_direct",
+                "Captured connects sent straight to an endpoint while no proxy listened (fail-open)",
+                stats.proxy_down_direct,
+            ),
         ] {
             let counter = ConstCounter::new(value);
             let name = format!("dataplane_capture_{name}");

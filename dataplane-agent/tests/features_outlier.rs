@@ -3,7 +3,8 @@
 //! success-rate and failure-percentage sweeps (which need `minimumHosts`
 //! endpoints), ejection time growing with each ejection, the
 //! `maxEjectionPercent` rule, and the half-open state: a bounded number of
-//! probes, then restoration to a full share.
+//! probes, then restoration to a full share. Every service here balances
+//! round robin (see [`policy`]), so who gets which request is exact.
 
 mod support;
 
@@ -14,8 +15,19 @@ use dataplane_agent::state::NodeContext;
 use http::StatusCode;
 use support::{
     Backend, Mode, TestProxy, bounded, client, config, config_with, endpoint, failures, get_with,
-    load, policy,
+    load,
 };
+
+/// `support::policy` with round robin added unless a section sets the
+/// balancer itself: the default (least request) picks at random among
+/// idle endpoints, and these tests count hits per endpoint.
+fn policy(sections: &[&str]) -> String {
+    let mut all = sections.to_vec();
+    if !all.iter().any(|s| s.starts_with("loadBalancer")) {
+        all.push("loadBalancer: {algorithm: roundRobin}");
+    }
+    support::policy(&all)
+}
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -97,7 +109,7 @@ async fn each_consecutive_detector_counts_its_own_failures() {
                 Backend::start("good-2", Mode::Ok).await,
             ];
             // Round robin, so a bad endpoint not ejected keeps exactly its third.
-            let extra = policy(&[&only(detector), "loadBalancer: {algorithm: roundRobin}"]);
+            let extra = policy(&[&only(detector)]);
             let proxy = TestProxy::start(&config(&[&bad, &good[0], &good[1]], &extra)).await;
             sequential(&proxy, 30).await;
             let case = format!("{detector} with {status:?}");
@@ -290,7 +302,7 @@ async fn max_ejection_percent_is_respected() {
                 all.push(Backend::start(&format!("b{i}"), mode).await);
             }
             let od = format!("outlierDetection: {{consecutive5xxErrors: 1, {rule}}}");
-            let lb = "loadBalancer: {panicThreshold: 0}";
+            let lb = "loadBalancer: {panicThreshold: 0, algorithm: roundRobin}";
             let extra = policy(&[&od, lb]);
             let proxy = TestProxy::start(&config(&all.iter().collect::<Vec<_>>(), &extra)).await;
             sequential(&proxy, 40).await;

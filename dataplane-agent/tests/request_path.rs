@@ -312,7 +312,8 @@ async fn retried_posts_replay_their_body_byte_for_byte() {
     bounded(async {
         let failing = Backend::start("failing", Mode::Status(503)).await;
         let echo = Backend::start("echo", Mode::Echo).await;
-        let extra = "    trafficPolicy:\n      retries: {retryNonIdempotent: true}\n";
+        // Round robin and no ejection: the failing backend keeps its turn.
+        let extra = "    trafficPolicy:\n      retries: {retryNonIdempotent: true}\n      loadBalancer: {algorithm: roundRobin}\n      outlierDetection: null\n";
         let proxy = TestProxy::start(&config(&[&failing, &echo], extra)).await;
         let mut rng = fastrand::Rng::with_seed(7);
         for http2 in [false, true] {

@@ -32,6 +32,12 @@ pub mod maps {
     pub const CONNS: &str = "DP_CONNS";
     /// `PerCpuArray<u64>` of counters, indexed by [`crate::stats`].
     pub const STATS: &str = "DP_STATS";
+    /// `SockMap`: the node proxy's listening sockets, one slot per agent
+    /// process (two during a restart). The kernel removes a socket from it
+    /// when the socket closes, so an empty map means no proxy is listening,
+    /// whatever happened to the agent; the connect hooks then apply the
+    /// `PROXY_DOWN` policy.
+    pub const PROXY_LISTENERS: &str = "DP_PROXY_LISTENERS";
 }
 
 /// Map capacities. The agent reports an insert that fails because a map is
@@ -45,6 +51,11 @@ pub mod capacity {
     pub const ORIG_DST: u32 = 65536;
     /// Established connections not yet picked up by the proxy.
     pub const CONNS: u32 = 65536;
+    /// Agent processes listening at once (a restart has two).
+    pub const PROXY_LISTENERS: u32 = 4;
+    /// Endpoints per service kept for fail-open (connects go straight to
+    /// one of them while no proxy listens).
+    pub const FALLBACK_ENDPOINTS: usize = 8;
 }
 
 /// Names of the global variables the agent sets when it loads the programs.
@@ -56,6 +67,9 @@ pub mod globals {
     /// `u32`: `SO_MARK` the proxy puts on its own upstream sockets. Marked
     /// sockets are never redirected, so the proxy can never loop to itself.
     pub const PROXY_MARK: &str = "DP_PROXY_MARK";
+    /// `u32`: what a captured connect does while no proxy listens:
+    /// [`crate::proxy_down::FAIL_CLOSED`] or [`crate::proxy_down::FAIL_OPEN`].
+    pub const PROXY_DOWN: &str = "DP_PROXY_DOWN";
 }
 
 /// Indexes into the `DP_STATS` per-CPU counter array.
@@ -72,8 +86,23 @@ pub mod stats {
     pub const ORIG_DST_SERVED: u32 = 3;
     /// `SO_ORIGINAL_DST` asked for a connection the maps did not know.
     pub const ORIG_DST_UNKNOWN: u32 = 4;
+    /// Captured connects refused because no proxy listened (fail-closed,
+    /// or fail-open for a service without endpoints).
+    pub const PROXY_DOWN_REFUSED: u32 = 5;
+    /// Captured connects sent straight to an endpoint because no proxy
+    /// listened (fail-open).
+    pub const PROXY_DOWN_DIRECT: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
+}
+
+/// Values of the `PROXY_DOWN` global.
+pub mod proxy_down {
+    /// Refuse the connect at once (`EPERM`): nothing bypasses the proxy.
+    pub const FAIL_CLOSED: u32 = 0;
+    /// Connect straight to one of the service's endpoints, without the
+    /// proxy's policies, until a proxy listens again.
+    pub const FAIL_OPEN: u32 = 1;
 }
 
 /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)`, as in `<linux/netfilter_ipv4.h>`.
@@ -138,13 +167,31 @@ pub struct ServiceKey {
 }
 const _: () = assert!(size_of::<ServiceKey>() == 8);
 
-/// Value of `DP_SERVICES`: room for per-service flags later.
+/// Value of `DP_SERVICES`: the service's endpoints for fail-open (the
+/// first [`capacity::FALLBACK_ENDPOINTS`]), and room for flags.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     pub flags: u32,
+    /// How many of `endpoints` are set.
+    pub count: u32,
+    pub endpoints: [Endpoint; capacity::FALLBACK_ENDPOINTS],
 }
-const _: () = assert!(size_of::<ServiceValue>() == 4);
+const _: () = assert!(size_of::<ServiceValue>() == 72);
+const _: () = assert!(capacity::FALLBACK_ENDPOINTS.is_power_of_two());
+
+/// One endpoint of a service, as the connect hooks write it into a
+/// rewritten connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Network order.
+    pub ip4: u32,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Endpoint>() == 8);
 
 /// The destination a pod asked for before `connect4` (or `connect6`, for an
 /// IPv4-mapped destination) rewrote it.

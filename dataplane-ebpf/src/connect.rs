@@ -9,19 +9,32 @@
 //! socket, never connect4, although the connection on the wire is IPv4;
 //! without connect6 these connects would bypass the mesh silently.
 //! Services are IPv4 only today, so pure IPv6 destinations are left alone.
+//!
+//! While no proxy listens (the agent crashed, or stopped with no successor),
+//! a captured connect is refused at once (fail-closed) or sent straight to
+//! one of the service's endpoints (fail-open), as the agent was told. The
+//! proxy's liveness is the kernel's own knowledge: its listening sockets
+//! sit in a socket map, which drops a socket the moment it closes.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+    cty::c_void,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_map_lookup_elem, bpf_sk_release,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::{debug, error};
-use dataplane_common::{MAX_CGROUP_DEPTH, OrigDst, ServiceKey, stats, v4_mapped};
+use dataplane_common::{
+    MAX_CGROUP_DEPTH, OrigDst, ServiceKey, ServiceValue, capacity, proxy_down, stats, v4_mapped,
+};
 
 use crate::maps::{
-    DP_PROXY_IP4, DP_PROXY_MARK, DP_PROXY_PORT, ENROLLED, ORIG_DST, SERVICES, count,
+    DP_PROXY_DOWN, DP_PROXY_IP4, DP_PROXY_MARK, DP_PROXY_PORT, ENROLLED, ORIG_DST, PROXY_LISTENERS,
+    SERVICES, count,
 };
 
 /// Let the connect proceed (possibly rewritten).
@@ -34,10 +47,12 @@ const IPPROTO_TCP: u32 = 6;
 enum Decision {
     /// Not ours: leave the destination as it is.
     Leave,
-    /// Captured (original destination stored): send it to the proxy at
-    /// this address (network order) and port (host order).
-    Redirect { proxy_ip4: u32, proxy_port: u16 },
-    /// Captured, but the original destination could not be stored.
+    /// Send it to this address (network order) and port (host order):
+    /// the proxy (original destination stored), or, failing open, an
+    /// endpoint of the service.
+    Redirect { ip4: u32, port: u16 },
+    /// Captured, but the original destination could not be stored, or no
+    /// proxy listens and the policy is to fail closed.
     Refuse,
 }
 
@@ -50,17 +65,14 @@ pub fn dp_connect4(ctx: SockAddrContext) -> i32 {
     match capture(&ctx, ip4, port_be) {
         Decision::Leave => ALLOW,
         Decision::Refuse => REJECT,
-        Decision::Redirect {
-            proxy_ip4,
-            proxy_port,
-        } => {
+        Decision::Redirect { ip4: to_ip4, port } => {
             // SAFETY: writes to user_ip4/user_port are allowed in connect4.
             // Each is a separate volatile store so LLVM cannot merge them
             // into one wide store, which the verifier rejects on context
             // fields.
             unsafe {
-                core::ptr::write_volatile(&raw mut (*addr).user_ip4, proxy_ip4);
-                write_port(addr, proxy_port);
+                core::ptr::write_volatile(&raw mut (*addr).user_ip4, to_ip4);
+                write_port(addr, port);
             }
             ALLOW
         }
@@ -80,10 +92,7 @@ pub fn dp_connect6(ctx: SockAddrContext) -> i32 {
     match capture(&ctx, ip4, port_be) {
         Decision::Leave => ALLOW,
         Decision::Refuse => REJECT,
-        Decision::Redirect {
-            proxy_ip4,
-            proxy_port,
-        } => {
+        Decision::Redirect { ip4: to_ip4, port } => {
             // The destination stays a mapped address, `::ffff:<proxy>`, so
             // the kernel carries on exactly as for the original one (it
             // connects over IPv4) and the proxy's accepted socket is IPv4.
@@ -93,8 +102,8 @@ pub fn dp_connect6(ctx: SockAddrContext) -> i32 {
             // allowed in connect6; volatile keeps them separate (see
             // dp_connect4).
             unsafe {
-                core::ptr::write_volatile(&raw mut (*addr).user_ip6[3], proxy_ip4);
-                write_port(addr, proxy_port);
+                core::ptr::write_volatile(&raw mut (*addr).user_ip6[3], to_ip4);
+                write_port(addr, port);
             }
             ALLOW
         }
@@ -157,9 +166,17 @@ fn capture(ctx: &SockAddrContext, ip4: u32, port_be: u32) -> Decision {
         port: u16::from_be(port_be as u16),
         _pad: 0,
     };
-    // SAFETY: the value is only tested for presence.
-    if unsafe { SERVICES.get(service) }.is_none() || !caller_enrolled() {
+    // Read in place: the verifier allows a bounded variable index into map
+    // memory (the endpoint pick), not into a copy on the stack.
+    // SAFETY: a map value pointer, valid for this program run.
+    let Some(value) = SERVICES.get_ptr(service).map(|p| unsafe { &*p }) else {
         return Decision::Leave;
+    };
+    if !caller_enrolled() {
+        return Decision::Leave;
+    }
+    if !proxy_listening() {
+        return when_proxy_down(ctx, value, service.port);
     }
 
     // SAFETY: the helper takes the program context.
@@ -187,9 +204,63 @@ fn capture(ctx: &SockAddrContext, ip4: u32, port_be: u32) -> Decision {
         "captured connect to port {} (cookie {})", service.port, cookie
     );
     Decision::Redirect {
-        proxy_ip4: DP_PROXY_IP4.load(),
-        proxy_port: DP_PROXY_PORT.load(),
+        ip4: DP_PROXY_IP4.load(),
+        port: DP_PROXY_PORT.load(),
     }
+}
+
+/// Whether any agent's proxy listening socket is in the socket map.
+#[inline(always)]
+fn proxy_listening() -> bool {
+    let map = (&raw const PROXY_LISTENERS).cast_mut().cast::<c_void>();
+    let mut slot: u32 = 0;
+    while slot < capacity::PROXY_LISTENERS {
+        // SAFETY: a lookup in a socket map returns a referenced socket or
+        // null; the reference is released at once.
+        let sk = unsafe { bpf_map_lookup_elem(map, (&raw const slot).cast()) };
+        if !sk.is_null() {
+            // SAFETY: `sk` came from the lookup above.
+            unsafe { bpf_sk_release(sk) };
+            return true;
+        }
+        slot += 1;
+    }
+    false
+}
+
+/// A captured connect while no proxy listens: refused (fail-closed), or
+/// sent to a random endpoint of the service (fail-open; refused too when
+/// the service has none).
+#[inline(always)]
+fn when_proxy_down(ctx: &SockAddrContext, value: &ServiceValue, port: u16) -> Decision {
+    let count_set = (value.count as usize).min(capacity::FALLBACK_ENDPOINTS);
+    if DP_PROXY_DOWN.load() == proxy_down::FAIL_OPEN && count_set > 0 {
+        // SAFETY: plain helper call.
+        let random = unsafe { bpf_get_prandom_u32() } as usize;
+        // The verifier loses the bounds of a modulo by a variable, and wants
+        // them before an index into map memory; the mask restores them. It
+        // changes nothing (the pick is below `count_set` <= the array's
+        // length, a power of two), so LLVM would drop it: the volatile read
+        // hides the value from LLVM.
+        let pick = random % count_set;
+        // SAFETY: a read of a local.
+        let pick = unsafe { core::ptr::read_volatile(&raw const pick) }
+            & (capacity::FALLBACK_ENDPOINTS - 1);
+        if let Some(endpoint) = value.endpoints.get(pick) {
+            count(stats::PROXY_DOWN_DIRECT);
+            debug!(
+                ctx,
+                "no proxy listening: connect to port {} sent direct", port
+            );
+            return Decision::Redirect {
+                ip4: endpoint.ip4,
+                port: endpoint.port,
+            };
+        }
+    }
+    count(stats::PROXY_DOWN_REFUSED);
+    debug!(ctx, "no proxy listening: connect to port {} refused", port);
+    Decision::Refuse
 }
 
 /// Whether the calling task's cgroup, or one of its ancestors, is enrolled.

@@ -7,7 +7,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
 };
 use dataplane_common::{ConnKey, EnrolledPod, OrigDst, ServiceKey, ServiceValue, capacity, stats};
 
@@ -27,6 +27,12 @@ pub static ORIG_DST: HashMap<u64, OrigDst> = HashMap::pinned(capacity::ORIG_DST,
 #[map(name = "DP_CONNS")]
 pub static CONNS: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(capacity::CONNS, 0);
 
+/// The node proxy's listening sockets (see
+/// `dataplane_common::maps::PROXY_LISTENERS`). Pinned, so that the programs
+/// of any agent see the listeners of every other.
+#[map(name = "DP_PROXY_LISTENERS")]
+pub static PROXY_LISTENERS: SockMap = SockMap::pinned(capacity::PROXY_LISTENERS, 0);
+
 #[map(name = "DP_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
@@ -38,6 +44,9 @@ pub static DP_PROXY_PORT: Global<u16> = Global::new(0);
 
 #[unsafe(no_mangle)]
 pub static DP_PROXY_MARK: Global<u32> = Global::new(0);
+
+#[unsafe(no_mangle)]
+pub static DP_PROXY_DOWN: Global<u32> = Global::new(0);
 
 /// Adds one to a counter of [`dataplane_common::stats`].
 #[inline(always)]

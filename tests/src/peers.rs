@@ -150,6 +150,18 @@ pub fn transfer(
     to: SocketAddrV4,
     bytes: u64,
 ) -> anyhow::Result<Transfer> {
+    paced_transfer(node, pod, to, bytes, Duration::ZERO)
+}
+
+/// [`transfer`] with a pause of `pace` after each 64 KiB chunk: a stream
+/// that stays open for `bytes / 64 KiB * pace`.
+pub fn paced_transfer(
+    node: &SimNode,
+    pod: &Pod,
+    to: SocketAddrV4,
+    bytes: u64,
+    pace: Duration,
+) -> anyhow::Result<Transfer> {
     let mut cmd = Command::new(binaries::meshtool()?);
     cmd.args([
         "transfer",
@@ -157,6 +169,8 @@ pub fn transfer(
         &to.to_string(),
         "--bytes",
         &bytes.to_string(),
+        "--pace-ms",
+        &pace.as_millis().to_string(),
     ]);
     let out = node.run_in_pod(pod, cmd, Duration::from_secs(120))?;
     let stdout = String::from_utf8_lossy(&out.stdout);

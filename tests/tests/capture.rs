@@ -34,7 +34,8 @@ fn enrolled_pod_reaches_the_vip_spread_over_all_backends() {
     if !require_privileges("enrolled_pod_reaches_the_vip_spread_over_all_backends") {
         return;
     }
-    let mesh = MeshNode::start("spread", 3).expect("mesh node");
+    let mesh = MeshNode::start_with_policy("spread", 3, "{loadBalancer: {algorithm: roundRobin}}")
+        .expect("mesh node");
     let hellos = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 30).expect("hello");
     let by_backend = answers_by_backend(&hellos);
     assert_eq!(
@@ -160,15 +161,24 @@ fn agent_restart_keeps_capture_and_cleanup_removes_it() {
     let mut mesh = MeshNode::start("restart", 2).expect("mesh node");
     let pods_cgroup = mesh.node.pods_cgroup();
     let node_cgroup = mesh.node.node_cgroup();
-    assert!(peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 1).expect("hello")[0].ok);
+    let node_ip = mesh.node.node_ip().to_string();
+    let client_ip = mesh.client.ip.to_string();
+    let up = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 1).expect("hello");
+    assert!(
+        up[0].ok && up[0].peer_ip() == Some(node_ip.as_str()),
+        "{up:#?}"
+    );
 
     mesh.agent.kill().expect("SIGKILL the agent");
-    // The pinned programs still capture: the connect goes to the (dead)
-    // proxy and is refused, instead of leaking past the mesh.
-    let down = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 2).expect("hello");
+    // The pinned programs still capture, and fail open (the default): the
+    // very first connects after the crash go straight to an endpoint (the
+    // backend sees the client itself), instead of failing or leaking to
+    // the VIP, which is routed nowhere.
+    let down = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 4).expect("hello");
     assert!(
-        down.iter().all(|h| h.kind == "refused"),
-        "still captured: {down:#?}"
+        down.iter()
+            .all(|h| h.ok && h.peer_ip() == Some(client_ip.as_str())),
+        "sent direct while no proxy listens: {down:#?}"
     );
     assert!(
         attachments(&node_cgroup).is_empty(),
@@ -178,6 +188,16 @@ fn agent_restart_keeps_capture_and_cleanup_removes_it() {
     mesh.agent.spawn(&mesh.node).expect("restart");
     let hellos = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 10).expect("hello");
     assert_eq!(answers_by_backend(&hellos).len(), 2);
+    assert!(
+        hellos.iter().all(|h| h.peer_ip() == Some(node_ip.as_str())),
+        "through the proxy again once it listens: {hellos:#?}"
+    );
+    let metrics = mesh.agent.metrics().expect("metrics");
+    assert_eq!(
+        metrics.sum("dataplane_capture_proxy_down_direct"),
+        4.0,
+        "the kernel counted the connects it sent direct"
+    );
     assert_eq!(
         attachments(&pods_cgroup),
         [
@@ -199,6 +219,73 @@ fn agent_restart_keeps_capture_and_cleanup_removes_it() {
     assert!(!mesh.agent.pin_dir().exists(), "no pinned object is left");
     assert!(attachments(&pods_cgroup).is_empty(), "nothing attached");
     assert!(attachments(&node_cgroup).is_empty(), "nothing attached");
+}
+
+/// `--fail-mode closed`: while no proxy listens, captured connects fail at
+/// once with EPERM (never hang, never go around the proxy); once an agent
+/// listens again they reach it. The agent logs JSON here
+/// (`--log-format json`): every line is one object, the eBPF programs'
+/// records included.
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn failing_closed_refuses_at_once_while_no_proxy_listens() {
+    if !require_privileges("failing_closed_refuses_at_once_while_no_proxy_listens") {
+        return;
+    }
+    let mut node = SimNode::new("closed").expect("node");
+    let client = node.add_pod("client").expect("pod");
+    let backend = node.add_pod("backend-1").expect("pod");
+    let _server = peers::serve(&node, &backend, "backend-1").expect("backend");
+    let echo = ServiceSpec::tcp("echo", ECHO_VIP, vec![backend_addr(&backend)]);
+    let config = mesh_config(&[echo], &[&client]);
+    let flags = ["--fail-mode=closed", "--log-format=json"];
+    let mut agent = Agent::start_with(&node, &config, &flags).expect("agent");
+    assert!(peers::hello(&node, &client, ECHO_VIP, 1).expect("hello")[0].ok);
+
+    agent.kill().expect("SIGKILL the agent");
+    let started = Instant::now();
+    let down = peers::hello(&node, &client, ECHO_VIP, 3).expect("hello");
+    assert!(
+        down.iter().all(|h| h.kind == "denied"),
+        "refused by the connect hook: {down:#?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "at once, not after a connect timeout"
+    );
+
+    agent.spawn(&node).expect("restart");
+    let node_ip = node.node_ip().to_string();
+    let up = peers::hello(&node, &client, ECHO_VIP, 2).expect("hello");
+    assert!(
+        up.iter()
+            .all(|h| h.ok && h.peer_ip() == Some(node_ip.as_str())),
+        "{up:#?}"
+    );
+    let metrics = agent.metrics().expect("metrics");
+    assert_eq!(metrics.sum("dataplane_capture_proxy_down_refused"), 3.0);
+
+    let log = agent.log();
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        records
+            .iter()
+            .all(|r| r["level"].is_string() && r["target"].is_string()),
+        "{log}"
+    );
+    assert!(
+        records.iter().any(|r| r["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("dataplane::"))
+            && r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("captured connect"))),
+        "an eBPF record, as JSON: {log}"
+    );
 }
 
 /// `attach_type:name` of every program attached to `cgroup`, sorted.
@@ -341,7 +428,10 @@ fn a_pinned_map_of_another_layout_is_replaced_with_a_warning() {
     let backend = node.add_pod("backend-1").expect("pod");
     let _server = peers::serve(&node, &backend, "backend-1").expect("backend");
     let echo = ServiceSpec::tcp("echo", ECHO_VIP, vec![backend_addr(&backend)]);
-    let mut agent = Agent::start(&node, &mesh_config(&[echo], &[&client])).expect("agent");
+    // Failing closed, a connect the previous programs capture while no
+    // agent runs is told apart from one that reaches a proxy.
+    let config = mesh_config(&[echo], &[&client]);
+    let mut agent = Agent::start_with(&node, &config, &["--fail-mode=closed"]).expect("agent");
     let node_ip = node.node_ip().to_string();
     let hello = peers::hello(&node, &client, ECHO_VIP, 1).expect("hello");
     assert!(hello[0].ok, "captured before the upgrade: {hello:#?}");
@@ -357,7 +447,7 @@ fn a_pinned_map_of_another_layout_is_replaced_with_a_warning() {
     let mut prober = Prober::start(&node, &client, ECHO_VIP).expect("prober");
     prober
         .wait_for("a connect captured by the previous programs", |kind| {
-            kind == "refused"
+            kind == "denied"
         })
         .expect("the previous programs capture while no agent runs");
     agent.spawn(&node).expect("the upgraded agent");
@@ -432,7 +522,8 @@ const PROBES_AFTER: usize = 100;
 /// The prober's client: connects to `host:port` over and over, a fraction
 /// of a millisecond apart, and prints one word per connect: `connected`
 /// (only a captured connect can reach the proxy: the VIP is routed
-/// nowhere), `refused` (captured, no proxy listening), `unreachable` (not
+/// nowhere), `denied` (captured, no proxy listening, failing closed),
+/// `refused` (captured, sent to a proxy that is not listening), `unreachable` (not
 /// captured: the node answers that it has no route), `pending` (no answer
 /// within a millisecond: the SYN was dropped because the proxy's accept
 /// queue is full while the agent starts), or `other:<errno>`. Each
@@ -440,7 +531,7 @@ const PROBES_AFTER: usize = 100;
 const PY_PROBE: &str = r#"
 import errno, select, socket, sys, time
 addr = (sys.argv[1], int(sys.argv[2]))
-kinds = {0: "connected", errno.ECONNREFUSED: "refused",
+kinds = {0: "connected", errno.ECONNREFUSED: "refused", errno.EPERM: "denied",
          errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
 while True:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -2,14 +2,19 @@
 //! A second agent starts beside the first (same pinned capture, listening
 //! with `SO_REUSEPORT`), the first gets SIGTERM and drains; meanwhile
 //! clients open new connections, keep HTTP/1.1 connections alive and
-//! multiplex HTTP/2. Every request must succeed.
+//! multiplex HTTP/2, and a long-lived opaque TCP stream runs across it.
+//! Every request must succeed and the stream must arrive whole.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use dataplane_tests::agent::Agent;
 use dataplane_tests::http_peers::{self, LoadReport};
-use dataplane_tests::require_privileges;
-use dataplane_tests::scenario::{BackendSpec, ECHO_VIP, HttpMesh};
+use dataplane_tests::scenario::{BackendSpec, ECHO_VIP, HttpMesh, backend_addr};
+use dataplane_tests::{eventually, peers, require_privileges};
+
+/// The opaque TCP service beside the HTTP one.
+const STREAM_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 20), 9000);
 
 fn backends(names: &[&'static str]) -> Vec<BackendSpec<'static>> {
     names
@@ -27,7 +32,26 @@ fn a_second_agent_takes_over_while_the_first_drains_and_no_request_fails() {
     }
     let mut mesh =
         HttpMesh::start("upgrade", &backends(&["b1", "b2", "b3"]), "", &[]).expect("mesh");
-    let config = std::fs::read_to_string(mesh.agent.config_path()).expect("config");
+    // An echo backend behind an opaque TCP service, added by a reload.
+    let stream_pod = mesh.node.add_pod("echo").expect("pod");
+    let _echo = peers::serve(&mesh.node, &stream_pod, "echo").expect("echo backend");
+    let config = std::fs::read_to_string(mesh.agent.config_path())
+        .expect("config")
+        .replacen(
+            "services:\n",
+            &format!(
+                "services:\n  - name: stream\n    vip: {STREAM_VIP}\n    protocol: tcp\n    endpoints: [{{address: {}}}]\n",
+                backend_addr(&stream_pod)
+            ),
+            1,
+        );
+    mesh.agent.write_config(&config).expect("reload");
+    eventually("the stream service", Duration::from_secs(10), || {
+        let t = peers::transfer(&mesh.node, &mesh.client, STREAM_VIP, 10)?;
+        anyhow::ensure!(t.matched, "{t:?}");
+        Ok(())
+    })
+    .expect("the stream service is served");
     let url = format!("http://{ECHO_VIP}/");
     let HttpMesh {
         agent: old,
@@ -42,8 +66,13 @@ fn a_second_agent_takes_over_while_the_first_drains_and_no_request_fails() {
         ("HTTP/1.1 keep-alive", &[]),
         ("HTTP/2", &["--http2"]),
     ];
-    let (reports, new) = std::thread::scope(|scope| {
+    let (reports, stream, new) = std::thread::scope(|scope| {
         let (node, client, url) = (&*node, &*client, url.as_str());
+        // 6 MiB at 64 KiB per 60 ms: open for about 6 s, across the whole
+        // upgrade, on the old agent (well inside its 20 s drain deadline).
+        let stream = scope.spawn(move || {
+            peers::paced_transfer(node, client, STREAM_VIP, 6 << 20, Duration::from_millis(60))
+        });
         let loads: Vec<_> = workloads
             .iter()
             .map(|(name, extra)| {
@@ -81,7 +110,8 @@ fn a_second_agent_takes_over_while_the_first_drains_and_no_request_fails() {
                 (name, report.expect("load"))
             })
             .collect();
-        (reports, new)
+        let stream = stream.join().expect("stream thread").expect("stream");
+        (reports, stream, new)
     });
     for (name, report) in &reports {
         eprintln!(
@@ -89,6 +119,11 @@ fn a_second_agent_takes_over_while_the_first_drains_and_no_request_fails() {
             report.sent, report.ok, report.errors
         );
     }
+    eprintln!("long TCP stream: {stream:?}");
+    assert!(
+        stream.matched && stream.received == 6 << 20,
+        "the stream was not cut: {stream:?}"
+    );
     for (name, report) in &reports {
         assert!(report.sent >= 400, "{name}: the load ran: {report:?}");
         assert_eq!(

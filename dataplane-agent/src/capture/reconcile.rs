@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use dataplane_common::{EnrolledPod, ServiceKey, ServiceValue};
+use dataplane_common::{Endpoint, EnrolledPod, ServiceKey, ServiceValue};
 use tracing::{debug, info, warn};
 
 use super::enroll::{self, Enrollment};
@@ -106,7 +106,7 @@ impl Reconciler {
                     port: svc.vip.port(),
                     _pad: 0,
                 };
-                (key, ServiceValue::default())
+                (key, service_value(svc))
             })
             .collect();
         let report = lock(&self.shared).tables.sync_services(&desired);
@@ -188,5 +188,56 @@ fn log_report(table: &str, report: &SyncReport) {
     }
     for failure in &report.failed {
         warn!(table, %failure, "kernel table update failed");
+    }
+}
+
+/// What the connect hooks know of a service: its first endpoints, where a
+/// connect goes when no proxy listens and the agent fails open.
+fn service_value(svc: &crate::config::Service) -> ServiceValue {
+    let mut value = ServiceValue::default();
+    for (slot, ep) in value.endpoints.iter_mut().zip(&svc.endpoints) {
+        *slot = Endpoint {
+            ip4: u32::from_ne_bytes(ep.address.ip().octets()),
+            port: ep.address.port(),
+            _pad: 0,
+        };
+        value.count += 1;
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_value_holds_the_first_endpoints_for_fail_open() {
+        let endpoints: String = (1..=10)
+            .map(|i| format!("{{address: 10.0.0.{i}:80{i:02}}}, "))
+            .collect();
+        let yaml = format!(
+            "services:\n  - name: s\n    vip: 198.19.0.1:80\n    endpoints: [{endpoints}]\n"
+        );
+        let cfg = MeshConfig::parse(&yaml, std::path::Path::new("t.yaml")).expect("valid");
+        let value = service_value(&cfg.services[0]);
+        assert_eq!(
+            value.count as usize,
+            dataplane_common::capacity::FALLBACK_ENDPOINTS
+        );
+        assert_eq!(
+            value.endpoints[0],
+            Endpoint {
+                ip4: u32::from_ne_bytes([10, 0, 0, 1]),
+                port: 8001,
+                _pad: 0
+            }
+        );
+        assert_eq!(value.endpoints[7].port, 8008);
+        let none = MeshConfig::parse(
+            "services:\n  - name: s\n    vip: 198.19.0.1:80\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .expect("valid");
+        assert_eq!(service_value(&none.services[0]).count, 0);
     }
 }

@@ -5,9 +5,11 @@ use std::collections::HashMap as StdHashMap;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use std::os::fd::AsRawFd;
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, SockMap};
 use aya::{Ebpf, Pod};
-use dataplane_common::{EnrolledPod, ServiceKey, ServiceValue, maps, stats};
+use dataplane_common::{EnrolledPod, ServiceKey, ServiceValue, capacity, maps, stats};
 
 use super::CaptureError;
 
@@ -18,6 +20,7 @@ const E2BIG: i32 = 7;
 pub struct Tables {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    listeners: SockMap<MapData>,
     stats: Arc<StatsReader>,
 }
 
@@ -33,6 +36,8 @@ pub struct CaptureStats {
     pub conns_full: u64,
     pub orig_dst_served: u64,
     pub orig_dst_unknown: u64,
+    pub proxy_down_refused: u64,
+    pub proxy_down_direct: u64,
 }
 
 /// What [`Tables::enroll`] did.
@@ -75,10 +80,37 @@ impl Tables {
             HashMap::try_from(take_map(ebpf, maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
         let stats =
             PerCpuArray::try_from(take_map(ebpf, maps::STATS)?).map_err(map_err(maps::STATS))?;
+        let listeners = SockMap::try_from(take_map(ebpf, maps::PROXY_LISTENERS)?)
+            .map_err(map_err(maps::PROXY_LISTENERS))?;
         Ok(Self {
             enrolled,
             services,
+            listeners,
             stats: Arc::new(StatsReader(stats)),
+        })
+    }
+
+    /// Puts the proxy's listening socket in a free slot of
+    /// `DP_PROXY_LISTENERS`, which tells the connect hooks that a proxy
+    /// listens; the kernel drops it when the socket closes (drain, exit or
+    /// crash). Returns the slot.
+    pub fn register_listener(&mut self, listener: &impl AsRawFd) -> Result<u32, CaptureError> {
+        /// `BPF_NOEXIST`: fail on a slot another agent holds.
+        const NOEXIST: u64 = 1;
+        let mut last = None;
+        for slot in 0..capacity::PROXY_LISTENERS {
+            match self.listeners.set(slot, listener, NOEXIST) {
+                Ok(()) => return Ok(slot),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(CaptureError::Map {
+            name: maps::PROXY_LISTENERS,
+            message: format!(
+                "no free slot for this agent's listener ({} agents listening already?): {}",
+                capacity::PROXY_LISTENERS,
+                last.map_or_else(String::new, |e| e.to_string())
+            ),
         })
     }
 
@@ -127,6 +159,8 @@ impl StatsReader {
             conns_full: total(stats::CONNS_FULL),
             orig_dst_served: total(stats::ORIG_DST_SERVED),
             orig_dst_unknown: total(stats::ORIG_DST_UNKNOWN),
+            proxy_down_refused: total(stats::PROXY_DOWN_REFUSED),
+            proxy_down_direct: total(stats::PROXY_DOWN_DIRECT),
         }
     }
 }

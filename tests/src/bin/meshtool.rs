@@ -9,9 +9,10 @@
 //!   shows whether a proxy sat in between), then echoes until EOF.
 //! - `hello --to <ip:port> --count <n> [--timeout-ms <ms>]`: n sequential
 //!   connections, one JSON line per attempt.
-//! - `transfer --to <ip:port> --bytes <n> [--timeout-ms <ms>]`: streams a
-//!   deterministic byte stream through the echo while reading it back, then
-//!   half-closes and checks the full echo still arrives.
+//! - `transfer --to <ip:port> --bytes <n> [--timeout-ms <ms>] [--pace-ms <ms>]`:
+//!   streams a deterministic byte stream through the echo while reading it
+//!   back, then half-closes and checks the full echo still arrives.
+//!   `--pace-ms`: a pause after each chunk, for a long-lived stream.
 //!
 //! Exit codes: 0 done (hello: even if attempts failed, the caller judges;
 //! transfer: the echo matched), 1 failure, 2 bad arguments.
@@ -342,6 +343,8 @@ fn kind_of(err: &io::Error) -> &'static str {
     use io::ErrorKind as K;
     match err.kind() {
         K::ConnectionRefused => "refused",
+        // EPERM: what a connect hook's refusal looks like.
+        K::PermissionDenied => "denied",
         K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => "reset",
         K::TimedOut | K::WouldBlock => "timeout",
         K::UnexpectedEof => "eof",
@@ -368,12 +371,13 @@ struct TransferLine {
 }
 
 fn transfer(opts: &Opts) -> Result<ExitCode, Failure> {
-    opts.only(&["to", "bytes", "timeout-ms"])?;
+    opts.only(&["to", "bytes", "timeout-ms", "pace-ms"])?;
     let to: SocketAddr = opts.get("to")?;
     let bytes: u64 = opts.get("bytes")?;
     let timeout = timeout_opt(opts, 60_000)?;
+    let pace = Duration::from_millis(opts.get_or("pace-ms", 0)?);
     let start = Instant::now();
-    let line = match run_transfer(to, bytes, timeout) {
+    let line = match run_transfer(to, bytes, timeout, pace) {
         Ok(line) => line,
         Err(err) => TransferLine {
             sent: 0,
@@ -399,7 +403,12 @@ fn transfer(opts: &Opts) -> Result<ExitCode, Failure> {
 
 /// Connects, reads the greeting, streams `bytes` out on a writer thread
 /// while reading the echo here, and compares count and hash.
-fn run_transfer(to: SocketAddr, bytes: u64, timeout: Duration) -> Result<TransferLine, String> {
+fn run_transfer(
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    pace: Duration,
+) -> Result<TransferLine, String> {
     let deadline = Instant::now() + timeout;
     let stream = TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
     stream
@@ -410,7 +419,7 @@ fn run_transfer(to: SocketAddr, bytes: u64, timeout: Duration) -> Result<Transfe
     let (backend, _peer) =
         read_greeting(&mut reader, deadline).map_err(|e| format!("greeting: {e}"))?;
     let writer_stream = stream.try_clone().map_err(|e| e.to_string())?;
-    let writer = thread::spawn(move || send_stream(writer_stream, bytes));
+    let writer = thread::spawn(move || send_stream(writer_stream, bytes, pace));
     let received = read_echo(&mut reader, deadline);
     if received.is_err() {
         // Unblock the writer (it may wait for window space we never free).
@@ -433,7 +442,7 @@ fn run_transfer(to: SocketAddr, bytes: u64, timeout: Duration) -> Result<Transfe
 
 /// Writes `bytes` of the deterministic stream, then half-closes: the
 /// echo must still arrive in full after our FIN.
-fn send_stream(mut stream: TcpStream, bytes: u64) -> io::Result<(u64, u64)> {
+fn send_stream(mut stream: TcpStream, bytes: u64, pace: Duration) -> io::Result<(u64, u64)> {
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let mut hash = Fnv::new();
     let mut chunk = vec![0u8; CHUNK];
@@ -444,6 +453,9 @@ fn send_stream(mut stream: TcpStream, bytes: u64) -> io::Result<(u64, u64)> {
         stream.write_all(&chunk[..n])?;
         hash.update(&chunk[..n]);
         sent += n as u64;
+        if !pace.is_zero() {
+            thread::sleep(pace);
+        }
     }
     stream.shutdown(Shutdown::Write)?;
     Ok((sent, hash.0))
