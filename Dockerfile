@@ -47,6 +47,11 @@ RUN set -eu; \
         --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-$major"; \
     bpf-linker --version
 
+# protoc: the etcd client's build compiles etcd's gRPC definitions.
+RUN apt-get update -q \
+    && apt-get install -y -q --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
 COPY . .
 # The agent (its build script compiles and embeds the eBPF programs) with

@@ -42,6 +42,8 @@ pub struct Settings {
     pub access_log: bool,
     /// What captured connects do while no proxy listens.
     pub fail_mode: capture::FailMode,
+    /// The service registry, if one is used.
+    pub registry: Option<crate::registry::source::RegistryConfig>,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -90,14 +92,25 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(pump_ebpf_logs(logger));
     }
 
+    let registry_metrics = crate::registry::metrics::RegistryMetrics::default();
     let mut rt = Runtime::start(
         (config, watcher),
         settings.node.clone(),
         admin_listener,
         |r| {
             r.register_collector(Box::new(CaptureCollector(stats)));
+            if settings.registry.is_some() {
+                registry_metrics.register(r);
+            }
         },
     );
+    if let Some(cfg) = settings.registry.clone() {
+        info!(endpoints = ?cfg.endpoints, prefix = %cfg.prefix, "reading the service registry");
+        rt.attach_registry(crate::registry::source::start(cfg, registry_metrics));
+        // The registry's services (from the snapshot, at first) are
+        // captured from the start.
+        reconciler.services(&rt.config);
+    }
     tokio::spawn(Arc::clone(&rt.proxy).serve(listener));
     rt.proxy
         .access_log

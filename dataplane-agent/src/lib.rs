@@ -21,6 +21,7 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod registry;
 pub mod reload;
 pub mod resilience;
 pub mod sidecar;

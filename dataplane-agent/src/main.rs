@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use dataplane_agent::{app, balance, capture, config, state};
+use dataplane_agent::{app, balance, capture, config, registry, state};
 
 // The allocator: jemalloc, because glibc's malloc keeps what connection
 // bursts allocate. Measured by the churn part of `cargo xtask bench`
@@ -110,6 +110,11 @@ enum Command {
     /// Run as a per-pod sidecar proxy (for comparison with node mode):
     /// inside the pod's network namespace, traffic caught with nftables.
     Sidecar(SidecarArgs),
+    /// Register one instance of a service in the registry (etcd) under a
+    /// lease, and keep it registered until stopped (SIGTERM or Ctrl-C
+    /// deregisters it; if this process dies, the instance expires with its
+    /// lease).
+    Register(RegisterArgs),
     /// Validate a mesh config file and exit.
     CheckConfig {
         /// The YAML file to check.
@@ -185,6 +190,120 @@ struct RunArgs {
     /// decides, so it holds whatever happened to the agent.
     #[arg(long, env = "DATAPLANE_FAIL_MODE", value_enum, default_value = "open")]
     fail_mode: capture::FailMode,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Where the service registry (etcd) is.
+#[derive(clap::Args, Clone)]
+struct EtcdArgs {
+    /// etcd members' client URLs, comma-separated, e.g.
+    /// http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379.
+    /// With none, `run` reads no registry.
+    #[arg(long, env = "DATAPLANE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of the registry layout (the layout version is part of it).
+    #[arg(long, env = "DATAPLANE_ETCD_PREFIX", default_value = registry::layout::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// etcd user, when etcd authentication is on (with --etcd-password).
+    #[arg(long, env = "DATAPLANE_ETCD_USER", requires = "etcd_password")]
+    etcd_user: Option<String>,
+    /// Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, env = "DATAPLANE_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    fn user(&self) -> Option<(String, String)> {
+        Some((self.etcd_user.clone()?, self.etcd_password.clone()?))
+    }
+}
+
+/// How `run` uses the registry.
+#[derive(clap::Args)]
+struct RegistryArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Tenants whose services this node reads, comma-separated or repeated
+    /// (with etcd authentication, its user need read only those); none: all.
+    #[arg(long = "tenant", env = "DATAPLANE_TENANTS", value_delimiter = ',')]
+    tenants: Vec<String>,
+    /// The last good registry state, written on each change, read at start:
+    /// an agent started while every member is down routes from it.
+    #[arg(
+        long,
+        env = "DATAPLANE_REGISTRY_SNAPSHOT",
+        default_value = "/var/lib/dataplane/registry.snapshot"
+    )]
+    registry_snapshot: PathBuf,
+    /// A snapshot older than this is not used (its endpoints are likely gone).
+    #[arg(long, env = "DATAPLANE_REGISTRY_SNAPSHOT_MAX_AGE", default_value = "24h", value_parser = humantime_serde::re::humantime::parse_duration)]
+    registry_snapshot_max_age: Duration,
+    /// How long a registry change that removes all, or more than
+    /// --registry-hold-share, of a service's endpoints at once waits before
+    /// it applies (a bad push is undone meanwhile); 0s: at once.
+    #[arg(long, env = "DATAPLANE_REGISTRY_HOLD", default_value = "30s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    registry_hold: Duration,
+    /// Percent of a service's endpoints whose removal at once is held.
+    #[arg(long, env = "DATAPLANE_REGISTRY_HOLD_SHARE", default_value = "50")]
+    registry_hold_share: f64,
+}
+
+impl RegistryArgs {
+    fn config(&self) -> Option<registry::source::RegistryConfig> {
+        if self.etcd.etcd_endpoints.is_empty() {
+            return None;
+        }
+        Some(registry::source::RegistryConfig {
+            endpoints: self.etcd.etcd_endpoints.clone(),
+            prefix: self.etcd.etcd_prefix.trim_end_matches('/').to_string(),
+            tenants: self.tenants.clone(),
+            user: self.etcd.user(),
+            snapshot: Some(self.registry_snapshot.clone()),
+            snapshot_max_age: self.registry_snapshot_max_age,
+            guard: registry::guard::GuardConfig {
+                hold: self.registry_hold,
+                max_share: self.registry_hold_share,
+            },
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct RegisterArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// The service's tenant (its namespace in the mesh).
+    #[arg(long)]
+    tenant: String,
+    /// The service's name.
+    #[arg(long)]
+    service: String,
+    /// This instance's id, unique within the service (e.g. the host name).
+    #[arg(long)]
+    id: String,
+    /// Where this instance serves.
+    #[arg(long)]
+    address: SocketAddrV4,
+    #[arg(long, default_value = "1")]
+    weight: u32,
+    #[arg(long, default_value = "")]
+    region: String,
+    #[arg(long, default_value = "")]
+    zone: String,
+    /// Application metadata, `key=value`, repeatable (not used for routing).
+    #[arg(long = "metadata", value_parser = parse_metadata)]
+    metadata: Vec<(String, String)>,
+    /// The lease's time to live: how long a crashed instance stays listed.
+    #[arg(long, default_value = "10s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    ttl: Duration,
+}
+
+fn parse_metadata(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected key=value"))?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 #[derive(clap::Args)]
@@ -256,6 +375,7 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout: args.drain_timeout,
                 access_log: args.access_log,
                 fail_mode: args.fail_mode,
+                registry: args.registry.config(),
             };
             runtime()?.block_on(app::run(settings))
         }
@@ -276,6 +396,33 @@ fn main() -> anyhow::Result<()> {
                 access_log: args.access_log,
             };
             runtime()?.block_on(app::sidecar::run(settings))
+        }
+        Command::Register(args) => {
+            if args.etcd.etcd_endpoints.is_empty() {
+                anyhow::bail!("--etcd-endpoints: give at least one etcd member");
+            }
+            let registration = registry::register::Registration {
+                endpoints: args.etcd.etcd_endpoints.clone(),
+                prefix: args.etcd.etcd_prefix.trim_end_matches('/').to_string(),
+                user: args.etcd.user(),
+                service: registry::layout::ServiceId {
+                    tenant: args.tenant,
+                    name: args.service,
+                },
+                id: args.id,
+                instance: registry::layout::InstanceRecord {
+                    address: args.address,
+                    weight: args.weight,
+                    region: args.region,
+                    zone: args.zone,
+                    metadata: args.metadata.into_iter().collect(),
+                },
+                ttl: args.ttl,
+            };
+            runtime()?.block_on(registry::register::run(
+                registration,
+                app::runtime::shutdown_signal(),
+            ))
         }
         Command::CheckConfig { path } => {
             let cfg = config::MeshConfig::load(&path)?;

@@ -52,7 +52,8 @@ impl Agent {
             15000 => String::new(),
             port => format!("-{port}"),
         };
-        let work_dir = std::env::temp_dir().join(format!("dataplane-{}{suffix}", node.id()));
+        let work_dir =
+            Self::work_dir_of(node).with_file_name(format!("dataplane-{}{suffix}", node.id()));
         std::fs::create_dir_all(&work_dir)?;
         let config = work_dir.join("mesh.yaml");
         std::fs::write(&config, config_yaml)?;
@@ -115,6 +116,12 @@ impl Agent {
             Ok(())
         });
         result.with_context(|| format!("agent log:\n{}", self.log()))
+    }
+
+    /// The directory of the (first) agent of `node`: its log, its config,
+    /// and whatever a test puts there for it (a registry snapshot).
+    pub fn work_dir_of(node: &SimNode) -> PathBuf {
+        std::env::temp_dir().join(format!("dataplane-{}", node.id()))
     }
 
     /// The bpffs directory the agent for `node` pins its objects in (so a

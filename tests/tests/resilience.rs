@@ -432,7 +432,8 @@ fn retried_requests_resend_their_body() {
     }
     // POST is not idempotent: it is retried after a 503 only when the
     // service says so.
-    let policy = "{retries: {attempts: 2, retryOn: [5xx], retryNonIdempotent: true}, loadBalancer: {algorithm: roundRobin}}";
+    // No ejection: b1 keeps its turns, so every other POST is replayed.
+    let policy = "{retries: {attempts: 2, retryOn: [5xx], retryNonIdempotent: true}, loadBalancer: {algorithm: roundRobin}, outlierDetection: null}";
     let mesh = HttpMesh::start("replay", &backends(&["b1", "b2"]), policy, &[]).expect("mesh");
     set_mode(&mesh.node, mesh.backend("b1"), "status:503").expect("b1 fails");
     // Bodies are streamed to the first endpoint and replayed to the next:

@@ -203,7 +203,7 @@ fn test_args(extra: &[String], privileged: bool) -> Vec<String> {
 
 /// Whether this process runs with effective uid 0, read from
 /// `/proc/self/status` (`Uid: real effective saved fs`).
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {

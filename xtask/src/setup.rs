@@ -55,6 +55,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "`h2load`: a real HTTP/2 client load through the proxy (real_clients test)",
     ),
     (
+        "etcd-server",
+        "`etcd`: the 3-member registry cluster of the registry tests",
+    ),
+    (
+        "etcd-client",
+        "`etcdctl`: a client outside the mesh writing and reading the registry (registry tests)",
+    ),
+    (
         "python3-venv",
         "the venv kubernetes-validate is installed in (manifests test): Debian's python is externally managed",
     ),
@@ -87,7 +95,37 @@ pub fn ensure_all() -> anyhow::Result<()> {
 /// per user (rustup, cargo install), so `cargo xtask lint` needs no root.
 pub fn ensure_build_tools() -> anyhow::Result<()> {
     ensure_toolchains()?;
-    ensure_bpf_linker()
+    ensure_bpf_linker()?;
+    ensure_protoc()
+}
+
+/// protoc, which the etcd client's build script runs on etcd's gRPC
+/// definitions. Installed from Debian when missing and running as root;
+/// otherwise the error says what to install.
+fn ensure_protoc() -> anyhow::Result<()> {
+    let works = || {
+        std::env::var_os("PROTOC").is_some()
+            || output(Command::new("protoc").arg("--version")).is_ok()
+    };
+    if works() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "protoc is missing (the etcd client's build needs it): install Debian's \
+             protobuf-compiler (or set PROTOC), or run this as root and it is installed"
+        );
+    }
+    eprintln!("setup: installing protobuf-compiler (protoc, for the etcd client's build)");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .arg("protobuf-compiler"))?;
+    if !works() {
+        bail!("protobuf-compiler was installed but protoc does not run");
+    }
+    Ok(())
 }
 
 /// cargo-deny, which `cargo xtask lint` runs with `deny.toml`. Pinned, so

@@ -23,7 +23,12 @@ use crate::state::{NodeContext, ServiceTable};
 
 /// The running proxy with its config, admin endpoint and watcher.
 pub struct Runtime {
+    /// The config in force: the file's, plus the registry's services.
     pub config: MeshConfig,
+    /// The last good config file.
+    file: MeshConfig,
+    /// What the registry provides, when one is configured.
+    registry: Option<tokio::sync::watch::Receiver<crate::registry::source::Published>>,
     /// Shared with the blocking thread that reads the file.
     watcher: Arc<Mutex<ConfigWatcher>>,
     pub proxy: Arc<Proxy>,
@@ -98,12 +103,49 @@ impl Runtime {
         });
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
         Self {
+            file: config.clone(),
+            registry: None,
             config,
             watcher: Arc::new(Mutex::new(watcher)),
             proxy,
             admin,
             node,
         }
+    }
+
+    /// Adds the registry's services (from now on, and each time they
+    /// change) to the config file's.
+    pub fn attach_registry(
+        &mut self,
+        registry: tokio::sync::watch::Receiver<crate::registry::source::Published>,
+    ) {
+        self.registry = Some(registry);
+        self.apply_merged("registry attached");
+    }
+
+    /// The file's config plus the registry's current services, applied.
+    fn apply_merged(&mut self, why: &str) {
+        let merged = match &mut self.registry {
+            Some(rx) => crate::registry::merge(&self.file, &rx.borrow_and_update()),
+            None => self.file.clone(),
+        };
+        self.apply(merged, why);
+    }
+
+    /// Puts `config` in force: the proxy's service table (state carried
+    /// over), the admin view, metrics of what left.
+    fn apply(&mut self, config: MeshConfig, why: &str) {
+        let previous = self.proxy.services.load();
+        let table = ServiceTable::build(&config, Some(&previous), &self.node);
+        forget_departed(&self.proxy.metrics, &self.config, &config);
+        self.proxy.services.store(Arc::new(table));
+        self.admin.config.store(Arc::new(config.clone()));
+        info!(
+            services = config.services.len(),
+            pods = config.pods.len(),
+            "{why}"
+        );
+        self.config = config;
     }
 
     pub fn set_ready(&self) {
@@ -146,11 +188,22 @@ impl Runtime {
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         loop {
+            let registry_changed = async {
+                match &mut self.registry {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = ticker.tick() => {
                     let reloaded = self.reload().await;
                     let config = &self.config;
                     off_worker(|| on_tick(config, reloaded));
+                }
+                true = registry_changed => {
+                    self.apply_merged("registry changed");
+                    let config = &self.config;
+                    off_worker(|| on_tick(config, true));
                 }
                 _ = &mut shutdown => break,
             }
@@ -183,18 +236,9 @@ impl Runtime {
                 false
             }
             Change::Valid(config) => {
-                let previous = self.proxy.services.load();
-                let table = ServiceTable::build(&config, Some(&previous), &self.node);
-                forget_departed(&self.proxy.metrics, &self.config, &config);
-                self.proxy.services.store(Arc::new(table));
-                self.admin.config.store(Arc::new((*config).clone()));
+                self.file = *config;
+                self.apply_merged("config reloaded");
                 self.proxy.metrics.reload(true);
-                info!(
-                    services = config.services.len(),
-                    pods = config.pods.len(),
-                    "config reloaded"
-                );
-                self.config = *config;
                 true
             }
         }

@@ -1,0 +1,123 @@
+//! `dataplane-agent register`: keeps one instance registered under a lease
+//! until the process is stopped. A graceful stop revokes the lease (the
+//! instance is gone at once); a crash stops the keep-alives and etcd
+//! deletes the instance when the lease expires (its TTL later).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use etcd_client::{Client, ConnectOptions, PutOptions};
+use tracing::{info, warn};
+
+use super::layout::{InstanceRecord, ServiceId, instance_key, valid_segment};
+
+/// What to register, and where.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub user: Option<(String, String)>,
+    pub service: ServiceId,
+    pub id: String,
+    pub instance: InstanceRecord,
+    /// The lease's time to live: how long a crashed instance stays listed.
+    pub ttl: Duration,
+}
+
+/// Registers, keeps the lease alive until `stop` completes, then revokes
+/// it. Errors name what failed.
+pub async fn run(
+    reg: Registration,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    for (what, value) in [
+        ("--tenant", reg.service.tenant.as_str()),
+        ("--service", &reg.service.name),
+        ("--id", &reg.id),
+    ] {
+        if !valid_segment(value) {
+            bail!("{what} {value:?}: must be one non-empty path segment (no '/')");
+        }
+    }
+    let ttl = i64::try_from(reg.ttl.as_secs()).unwrap_or(i64::MAX);
+    if ttl < 2 {
+        bail!("--ttl: at least 2s (keep-alives go every third of it)");
+    }
+    let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+    if let Some((user, password)) = &reg.user {
+        options = options.with_user(user, password);
+    }
+    let mut client = Client::connect(&reg.endpoints, Some(options))
+        .await
+        .with_context(|| format!("connecting to the registry at {:?}", reg.endpoints))?;
+    let lease = client
+        .lease_grant(ttl, None)
+        .await
+        .context("granting a lease")?
+        .id();
+    let key = instance_key(&reg.prefix, &reg.service, &reg.id);
+    let value = serde_json::to_string(&reg.instance).context("encoding the instance")?;
+    client
+        .put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .with_context(|| format!("writing {key} (does this user may write under it?)"))?;
+    info!(%key, lease, ttl_s = ttl, "registered");
+    println!("registered {key} (lease {lease:x}, ttl {ttl}s)");
+
+    let period = reg.ttl / 3;
+    let mut renewer = client.clone();
+    let keep_alive = async {
+        let mut tick = tokio::time::interval(period);
+        let mut stream = None;
+        loop {
+            tick.tick().await;
+            // A keep-alive stream that failed (its member died) is opened
+            // again, on a member that answers: the lease survives as long
+            // as one does within the TTL.
+            if stream.is_none() {
+                match renewer.lease_keep_alive(lease).await {
+                    Ok(opened) => stream = Some(opened),
+                    Err(err) => {
+                        warn!(%err, "lease keep-alive stream not opened");
+                        continue;
+                    }
+                }
+            }
+            let Some((keeper, responses)) = stream.as_mut() else {
+                continue;
+            };
+            let answer = match keeper.keep_alive().await {
+                Ok(()) => tokio::time::timeout(period, responses.message())
+                    .await
+                    .unwrap_or_else(|_| Ok(None)),
+                Err(err) => Err(err),
+            };
+            match answer {
+                Ok(Some(answer)) if answer.ttl() <= 0 => {
+                    return format!("lease {lease:x} expired");
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => stream = None,
+                Err(err) => {
+                    warn!(%err, "lease keep-alive failed");
+                    stream = None;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        reason = keep_alive => bail!("{key}: {reason}; the instance is no longer registered"),
+        () = stop => {}
+    }
+    client
+        .lease_revoke(lease)
+        .await
+        .with_context(|| format!("revoking lease {lease:x} ({key} stays until its TTL)"))?;
+    info!(%key, "deregistered");
+    println!("deregistered {key}");
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The last good registry state on disk, so that an agent started while
+//! every registry member is down still routes. Written atomically (a
+//! temporary file in the same directory, fsync, rename, fsync of the
+//! directory), so a crash leaves the old snapshot or the new one, never
+//! half of one. Read defensively: an unknown format, a wrong length or
+//! checksum (a torn or corrupted file), unparsable content or an age
+//! beyond the limit is an error that says which, and the agent starts
+//! without it.
+//!
+//! Format: one header line of JSON, then the body (JSON, the services):
+//! `{"format":1,"writtenAtMs":<unix ms>,"length":<body bytes>,"fnv1a64":"<hex>"}`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config;
+
+/// The format this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("snapshot {path}: {why}; ignored")]
+    Invalid { path: PathBuf, why: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Header {
+    format: u32,
+    written_at_ms: u64,
+    length: usize,
+    fnv1a64: String,
+}
+
+/// A snapshot read back.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub services: Vec<config::Service>,
+    /// How old it is.
+    pub age: Duration,
+}
+
+/// FNV-1a, 64 bits: detects torn and corrupted files (not tampering: the
+/// file is the agent's own, on the node).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Writes `services` to `path` atomically.
+pub fn write(path: &Path, services: &[config::Service]) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let body = serde_json::to_vec(services).map_err(|e| io(std::io::Error::other(e)))?;
+    let header = Header {
+        format: FORMAT,
+        written_at_ms: unix_ms(SystemTime::now()),
+        length: body.len(),
+        fnv1a64: format!("{:016x}", fnv1a64(&body)),
+    };
+    let mut text = serde_json::to_vec(&header).map_err(|e| io(std::io::Error::other(e)))?;
+    text.push(b'\n');
+    text.extend_from_slice(&body);
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&text).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    // The rename itself reaches the disk with the directory.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
+}
+
+/// Reads the snapshot at `path`; older than `max_age`: an error.
+pub fn read(path: &Path, max_age: Duration) -> Result<Snapshot, SnapshotError> {
+    let text = std::fs::read(path).map_err(|source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let invalid = |why: String| SnapshotError::Invalid {
+        path: path.to_path_buf(),
+        why,
+    };
+    let newline = text
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| invalid("no header line (truncated?)".into()))?;
+    let (head, body) = (&text[..newline], &text[newline + 1..]);
+    let header: Header =
+        serde_json::from_slice(head).map_err(|e| invalid(format!("unreadable header: {e}")))?;
+    if header.format != FORMAT {
+        return Err(invalid(format!(
+            "format {} (this agent reads {FORMAT})",
+            header.format
+        )));
+    }
+    if body.len() != header.length {
+        return Err(invalid(format!(
+            "{} bytes of body where the header says {} (truncated?)",
+            body.len(),
+            header.length
+        )));
+    }
+    let sum = format!("{:016x}", fnv1a64(body));
+    if sum != header.fnv1a64 {
+        return Err(invalid(format!(
+            "checksum {sum} where the header says {} (corrupted)",
+            header.fnv1a64
+        )));
+    }
+    let written = UNIX_EPOCH + Duration::from_millis(header.written_at_ms);
+    let age = SystemTime::now()
+        .duration_since(written)
+        .unwrap_or(Duration::ZERO);
+    if age > max_age {
+        return Err(invalid(format!(
+            "written {}s ago, more than the {}s trusted",
+            age.as_secs(),
+            max_age.as_secs()
+        )));
+    }
+    let services: Vec<config::Service> =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("unreadable body: {e}")))?;
+    Ok(Snapshot { services, age })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services() -> Vec<config::Service> {
+        let yaml = "services:\n  - name: cart\n    namespace: shop\n    vip: 198.19.0.30:80\n    protocol: http\n    endpoints: [{address: 10.1.0.1:8080, zone: a}]\n    trafficPolicy: {retries: {attempts: 1}}\n";
+        config::MeshConfig::parse(yaml, Path::new("t"))
+            .unwrap()
+            .services
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dp-snapshot-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("registry.snapshot")
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn round_trips() {
+        let path = tmp("ok");
+        write(&path, &services()).unwrap();
+        let snap = read(&path, DAY).unwrap();
+        assert_eq!(snap.services, services());
+        assert!(snap.age < Duration::from_secs(60));
+        assert!(!path.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn damaged_snapshots_are_refused_with_the_reason() {
+        let path = tmp("bad");
+        write(&path, &services()).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated", good[..good.len() - 7].to_vec()),
+            ("corrupted", {
+                let mut b = good.clone();
+                let last = b.len() - 3;
+                b[last] ^= 0x20;
+                b
+            }),
+            (
+                "format 2",
+                String::from_utf8(good.clone())
+                    .unwrap()
+                    .replacen("\"format\":1", "\"format\":2", 1)
+                    .into_bytes(),
+            ),
+            ("no header line", b"garbage".to_vec()),
+            ("unreadable header", b"{\"format\n{}".to_vec()),
+        ];
+        for (want, bytes) in cases {
+            std::fs::write(&path, bytes).unwrap();
+            let err = read(&path, DAY).expect_err(want).to_string();
+            assert!(err.contains(want), "{want}: {err}");
+            assert!(err.contains("ignored"), "{err}");
+        }
+        // Written in 1970: far older than any limit.
+        let text = String::from_utf8(good).unwrap();
+        let at = text.find("\"writtenAtMs\":").unwrap() + "\"writtenAtMs\":".len();
+        let end = at + text[at..].find(',').unwrap();
+        std::fs::write(&path, format!("{}1000{}", &text[..at], &text[end..])).unwrap();
+        let err = read(&path, DAY).expect_err("too old").to_string();
+        assert!(err.contains("trusted"), "{err}");
+    }
+}

@@ -1,0 +1,274 @@
+//! A real etcd cluster on a simulated node: each member a process of
+//! Debian's `etcd` in its own pod (network namespace) on the node's
+//! bridge, so a member can be killed, paused, or cut off from its peers by
+//! nftables rules in its namespace, and `etcdctl` (outside the mesh, on
+//! the node) reads and writes the registry as an SDK client would.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::{Pod, Proc, SimNode, eventually};
+
+/// Heartbeat and election timeout (ms): the values DESIGN.md's measured
+/// facts were taken with.
+const HEARTBEAT_MS: &str = "100";
+const ELECTION_MS: &str = "1000";
+
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+    data: PathBuf,
+}
+
+pub struct Member {
+    pub name: String,
+    pub pod: Pod,
+    /// Behind a lock so that a test can kill and restart members while
+    /// another thread uses the cluster.
+    proc: Mutex<Option<Proc>>,
+}
+
+impl Member {
+    pub fn ip(&self) -> Ipv4Addr {
+        self.pod.ip
+    }
+
+    pub fn client_url(&self) -> String {
+        format!("http://{}:2379", self.ip())
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://{}:2380", self.ip())
+    }
+}
+
+impl EtcdCluster {
+    /// Starts `size` members (pods `etcd1`...) and waits for a leader.
+    pub fn start(node: &mut SimNode, size: usize) -> anyhow::Result<EtcdCluster> {
+        let data = std::env::temp_dir().join(format!("dataplane-etcd-{}", node.id()));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data)?;
+        let mut members = Vec::new();
+        for i in 1..=size {
+            let name = format!("etcd{i}");
+            let pod = node.add_pod(&name)?;
+            members.push(Member {
+                name,
+                pod,
+                proc: Mutex::new(None),
+            });
+        }
+        let cluster = EtcdCluster { members, data };
+        for i in 0..size {
+            cluster.spawn(node, i, "new")?;
+        }
+        cluster.wait_healthy(node)?;
+        Ok(cluster)
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&self, node: &SimNode, i: usize, state: &str) -> anyhow::Result<()> {
+        let initial = self.initial_cluster();
+        let member = &self.members[i];
+        let dir = self.data.join(&member.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.join(format!("{}.log", member.name)))?;
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            &member.name,
+            "--data-dir",
+            &dir.to_string_lossy(),
+            "--listen-client-urls",
+            &member.client_url(),
+            "--advertise-client-urls",
+            &member.client_url(),
+            "--listen-peer-urls",
+            &member.peer_url(),
+            "--initial-advertise-peer-urls",
+            &member.peer_url(),
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-state",
+            state,
+            "--initial-cluster-token",
+            "dataplane-test",
+            "--heartbeat-interval",
+            HEARTBEAT_MS,
+            "--election-timeout",
+            ELECTION_MS,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+        let proc = node
+            .spawn_in_pod(&member.pod, cmd)
+            .with_context(|| format!("starting {} (is etcd-server installed?)", member.name))?;
+        *self.members[i]
+            .proc
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(proc);
+        Ok(())
+    }
+
+    /// `--etcd-endpoints` for the agent.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(Member::client_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs `etcdctl` on the node against every member; its stdout.
+    pub fn etcdctl(&self, node: &SimNode, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints()))
+            .args(["--dial-timeout=1s", "--command-timeout=3s"])
+            .args(args);
+        let out = node.run_on_node(cmd, Duration::from_secs(10))?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until a majority answers a write.
+    pub fn wait_healthy(&self, node: &SimNode) -> anyhow::Result<()> {
+        eventually("an etcd leader", Duration::from_secs(20), || {
+            self.etcdctl(node, &["put", "/health-check", "ok"])
+                .map(|_| ())
+        })
+    }
+
+    /// The index of the current leader.
+    pub fn leader(&self, node: &SimNode) -> anyhow::Result<usize> {
+        let text = self.etcdctl(node, &["endpoint", "status", "-w", "json"])?;
+        let statuses: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+        for status in statuses {
+            let endpoint = status["Endpoint"].as_str().unwrap_or_default();
+            let member = status["Status"]["header"]["member_id"].as_u64();
+            let leader = status["Status"]["leader"].as_u64();
+            if member.is_some() && member == leader {
+                return self
+                    .members
+                    .iter()
+                    .position(|m| m.client_url() == endpoint)
+                    .context("leader endpoint not a member");
+            }
+        }
+        bail!("no member reports itself as leader")
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&self, i: usize) -> anyhow::Result<()> {
+        let taken = self.members[i]
+            .proc
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut proc) = taken {
+            proc.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts member `i` again with its data (it rejoins).
+    pub fn restart(&self, node: &SimNode, i: usize) -> anyhow::Result<()> {
+        self.kill(i)?;
+        self.spawn(node, i, "existing")
+    }
+
+    /// Cuts member `i` off from the other members (its peers' traffic
+    /// dropped in its namespace); clients still reach it.
+    pub fn partition(&self, node: &SimNode, i: usize) -> anyhow::Result<()> {
+        let peers: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, m)| m.ip().to_string())
+            .collect();
+        let peers = peers.join(", ");
+        let rules = format!(
+            "table inet partition {{\n\
+             chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {peers} }} drop; }}\n\
+             chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {peers} }} drop; }}\n\
+             }}\n"
+        );
+        self.nft(node, i, &["-f", "-"], Some(&rules))
+    }
+
+    /// Undoes [`EtcdCluster::partition`].
+    pub fn heal(&self, node: &SimNode, i: usize) -> anyhow::Result<()> {
+        self.nft(node, i, &["delete", "table", "inet", "partition"], None)
+    }
+
+    fn nft(
+        &self,
+        node: &SimNode,
+        i: usize,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let mut cmd = Command::new("nft");
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut proc = node.spawn_in_pod(&self.members[i].pod, cmd)?;
+        if let Some(text) = stdin {
+            let mut child = proc.child_mut();
+            if let Some(mut input) = child.stdin.take() {
+                input.write_all(text.as_bytes())?;
+            }
+        } else {
+            drop(proc.child_mut().stdin.take());
+        }
+        let out = proc.output_timeout(Duration::from_secs(10))?;
+        if !out.status.success() {
+            bail!("nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// The members' logs, for a failing test's message.
+    pub fn logs(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let log = std::fs::read_to_string(self.data.join(format!("{}.log", m.name)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                format!("{}: {}", m.name, tail.join(" | "))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            let _ = self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}

@@ -1,0 +1,448 @@
+//! End-to-end: discovery from a real 3-member etcd cluster (Debian's
+//! etcd 3.4, each member in its own network namespace), through the real
+//! agent with eBPF capture, while members die, get cut off, or all go
+//! away. Services and instances are written as an application outside the
+//! mesh would: `etcdctl` and `dataplane-agent register`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dataplane_tests::agent::Agent;
+use dataplane_tests::etcd::EtcdCluster;
+use dataplane_tests::http_peers::{self, LoadReport};
+use dataplane_tests::scenario::{ECHO_VIP, backend_addr};
+use dataplane_tests::{Pod, Proc, SimNode, binaries, eventually, require_privileges};
+
+const SERVICE_KEY: &str = "/dataplane/v1/services/shop/web";
+const INSTANCES: &str = "/dataplane/v1/instances/shop/web/";
+
+/// A node whose one service (`shop/web` at [`ECHO_VIP`]) comes from the
+/// registry; the config file only enrolls the client pod.
+struct RegistryNode {
+    agent: Agent,
+    backends: Vec<(Pod, Proc)>,
+    client: Pod,
+    etcd: EtcdCluster,
+    snapshot: PathBuf,
+    node: SimNode,
+}
+
+impl RegistryNode {
+    fn start(hint: &str, backends: &[&str], agent_args: &[&str]) -> RegistryNode {
+        let mut node = SimNode::new(hint).expect("node");
+        let etcd = EtcdCluster::start(&mut node, 3).expect("etcd cluster");
+        let client = node.add_pod("client").expect("pod");
+        let backends = backends
+            .iter()
+            .map(|name| {
+                let pod = node.add_pod(name).expect("pod");
+                let proc = http_peers::serve(&node, &pod, name).expect("backend");
+                (pod, proc)
+            })
+            .collect();
+        etcd.etcdctl(
+            &node,
+            &[
+                "put",
+                SERVICE_KEY,
+                &format!(r#"{{"vip": "{ECHO_VIP}", "protocol": "http"}}"#),
+            ],
+        )
+        .expect("service record");
+        let snapshot = Agent::work_dir_of(&node).join("registry.snapshot");
+        let config = format!(
+            "pods:\n  - uid: {}\n    name: client\n    ip: {}\n",
+            client.uid, client.ip
+        );
+        let mut args = vec![
+            format!("--etcd-endpoints={}", etcd.endpoints()),
+            format!("--registry-snapshot={}", snapshot.display()),
+        ];
+        // Removals apply at once unless the test is about holding them.
+        if !agent_args.iter().any(|a| a.starts_with("--registry-hold=")) {
+            args.push("--registry-hold=0s".to_string());
+        }
+        args.extend(agent_args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start_with(&node, &config, &args).expect("agent");
+        RegistryNode {
+            agent,
+            backends,
+            client,
+            etcd,
+            snapshot,
+            node,
+        }
+    }
+
+    fn backend(&self, name: &str) -> &Pod {
+        &self
+            .backends
+            .iter()
+            .find(|(pod, _)| pod.name == name)
+            .expect("backend")
+            .0
+    }
+
+    /// Writes an instance record for backend `name` (no lease).
+    fn put_instance(&self, name: &str) {
+        let value = format!(r#"{{"address": "{}"}}"#, backend_addr(self.backend(name)));
+        self.etcdctl(&["put", &format!("{INSTANCES}{name}"), &value]);
+    }
+
+    fn etcdctl(&self, args: &[&str]) -> String {
+        self.etcd
+            .etcdctl(&self.node, args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.etcd.logs()))
+    }
+
+    /// The endpoints of `shop/web` the agent has in force.
+    fn endpoints_in_force(&self) -> Vec<String> {
+        let dump: serde_json::Value = self
+            .agent
+            .get("/config_dump")
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        dump["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == "web" && s["namespace"] == "shop")
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["address"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Waits until the endpoints in force are exactly `names`; how long.
+    fn wait_endpoints(&self, names: &[&str], within: Duration) -> Duration {
+        let mut want: Vec<String> = names
+            .iter()
+            .map(|n| backend_addr(self.backend(n)).to_string())
+            .collect();
+        want.sort();
+        let started = Instant::now();
+        eventually(&format!("endpoints {names:?}"), within, || {
+            let mut now = self.endpoints_in_force();
+            now.sort();
+            anyhow::ensure!(now == want, "in force: {now:?}");
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.agent.log()));
+        started.elapsed()
+    }
+
+    fn load(&self, args: &[&str]) -> anyhow::Result<LoadReport> {
+        let url = format!("http://{ECHO_VIP}/");
+        let mut all = vec!["--url", url.as_str()];
+        all.extend_from_slice(args);
+        http_peers::load(&self.node, &self.client, &all)
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        self.agent.metrics().map_or(f64::NAN, |m| m.sum(name))
+    }
+}
+
+/// `dataplane-agent register` for backend `name`, on the node.
+fn register(mesh: &RegistryNode, name: &str, ttl: &str) -> Proc {
+    let mut cmd = Command::new(binaries::agent().expect("agent binary"));
+    cmd.args([
+        "register",
+        &format!("--etcd-endpoints={}", mesh.etcd.endpoints()),
+        "--tenant=shop",
+        "--service=web",
+        &format!("--id={name}"),
+        &format!("--address={}", backend_addr(mesh.backend(name))),
+        &format!("--ttl={ttl}"),
+        "--metadata=version=2",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut proc = mesh.node.spawn_on_node(cmd).expect("register");
+    proc.wait_for_line(Duration::from_secs(10), |l| l.starts_with("registered"))
+        .expect("registered");
+    proc
+}
+
+fn sigterm(proc: &mut Proc) {
+    let pid = libc::pid_t::try_from(proc.pid()).expect("pid");
+    // SAFETY: kill(2) on a child this test spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = proc.wait_timeout(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "deregistered cleanly: {status:?}");
+}
+
+fn steady(rate: u32, seconds: u32) -> Vec<String> {
+    vec![
+        "--rate".into(),
+        rate.to_string(),
+        "--requests".into(),
+        (rate * seconds).to_string(),
+        "--max-duration".into(),
+        format!("{}s", seconds + 5),
+        "--timeout-ms".into(),
+        "10000".into(),
+    ]
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn registered_instances_come_and_go_with_their_leases() {
+    if !require_privileges("registered_instances_come_and_go_with_their_leases") {
+        return;
+    }
+    let mesh = RegistryNode::start("leases", &["b1", "b2"], &[]);
+    let mut b1 = register(&mesh, "b1", "3s");
+    let used = mesh.wait_endpoints(&["b1"], Duration::from_secs(1));
+    eprintln!("registered instance in force after {used:?}");
+    let mut b2 = register(&mesh, "b2", "3s");
+    mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(1));
+    let report = mesh
+        .load(&["--requests", "40", "--concurrency", "2"])
+        .expect("load");
+    assert_eq!(report.ok, 40, "{report:?}");
+    assert_eq!(report.backends.len(), 2, "both instances serve: {report:?}");
+
+    // A crashed registrant: its lease expires, its instance goes.
+    b2.kill().expect("SIGKILL b2's registrant");
+    let expired = mesh.wait_endpoints(&["b1"], Duration::from_secs(4));
+    eprintln!("crashed instance gone after {expired:?} (TTL 3 s)");
+    // A graceful stop deregisters at once.
+    sigterm(&mut b1);
+    let gone = mesh.wait_endpoints(&[], Duration::from_secs(1));
+    eprintln!("deregistered instance gone after {gone:?}");
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn member_failures_under_load_fail_no_request() {
+    if !require_privileges("member_failures_under_load_fail_no_request") {
+        return;
+    }
+    let mesh = RegistryNode::start("members", &["b1", "b2", "b3"], &[]);
+    mesh.put_instance("b1");
+    mesh.put_instance("b2");
+    mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(2));
+    let started = Instant::now();
+    let at = |second: u64| {
+        let due = started + Duration::from_secs(second);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    };
+    let args = steady(100, 20);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = std::thread::scope(|scope| {
+        let running = scope.spawn(|| mesh.load(&args));
+        let leader = mesh.etcd.leader(&mesh.node).expect("leader");
+        let follower = (leader + 1) % 3;
+        at(2);
+        mesh.etcd.kill(follower).expect("kill a follower");
+        at(4);
+        mesh.etcd
+            .restart(&mesh.node, follower)
+            .expect("follower back");
+        at(6);
+        mesh.etcd.kill(leader).expect("kill the leader");
+        at(9);
+        mesh.etcd
+            .restart(&mesh.node, leader)
+            .expect("old leader back");
+        mesh.etcd.wait_healthy(&mesh.node).expect("quorum");
+        // Every member cut off from its peers in turn: the agent's watch
+        // must move off whichever one it was on.
+        for member in 0..3 {
+            mesh.etcd.partition(&mesh.node, member).expect("partition");
+            std::thread::sleep(Duration::from_millis(1500));
+            mesh.etcd.heal(&mesh.node, member).expect("heal");
+        }
+        mesh.etcd.wait_healthy(&mesh.node).expect("quorum");
+        // Changes still arrive after all that.
+        mesh.put_instance("b3");
+        running.join().expect("load thread").expect("load")
+    });
+    eprintln!("under member failures: {report:?}");
+    assert!(report.sent >= 1900, "the load ran: {report:?}");
+    assert_eq!(report.ok, report.sent, "no request failed: {report:?}");
+    mesh.wait_endpoints(&["b1", "b2", "b3"], Duration::from_secs(3));
+    assert!(
+        report.backends.contains_key("b3"),
+        "the instance added at the end was used: {report:?}\nagent log:\n{}",
+        mesh.agent.log()
+    );
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn with_every_member_down_traffic_flows_and_the_agent_resyncs_after() {
+    if !require_privileges("with_every_member_down_traffic_flows_and_the_agent_resyncs_after") {
+        return;
+    }
+    let mesh = RegistryNode::start("alldown", &["b1", "b2", "b3"], &[]);
+    mesh.put_instance("b1");
+    mesh.put_instance("b2");
+    mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(2));
+    assert_eq!(mesh.metric("dataplane_registry_up"), 1.0);
+    let started = Instant::now();
+    let at = |second: u64| {
+        let due = started + Duration::from_secs(second);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    };
+    let args = steady(50, 42);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (report, stale) = std::thread::scope(|scope| {
+        let running = scope.spawn(|| mesh.load(&args));
+        at(2);
+        for member in 0..3 {
+            mesh.etcd.kill(member).expect("kill");
+        }
+        at(27);
+        let stale = (
+            mesh.metric("dataplane_registry_up"),
+            mesh.metric("dataplane_registry_stale_seconds"),
+        );
+        at(32);
+        for member in 0..3 {
+            mesh.etcd.restart(&mesh.node, member).expect("member back");
+        }
+        mesh.etcd.wait_healthy(&mesh.node).expect("quorum");
+        // Made after the outage: must arrive.
+        mesh.put_instance("b3");
+        let resync = mesh.wait_endpoints(&["b1", "b2", "b3"], Duration::from_secs(5));
+        eprintln!("change after the outage in force {resync:?} after the write");
+        (running.join().expect("load thread").expect("load"), stale)
+    });
+    eprintln!("30 s without any member: {report:?}; up, stale seconds at 25 s: {stale:?}");
+    assert!(report.sent >= 2000, "the load ran: {report:?}");
+    assert_eq!(report.ok, report.sent, "no request failed: {report:?}");
+    assert_eq!(stale.0, 0.0, "down while every member was");
+    assert!(stale.1 >= 20.0, "staleness grows: {stale:?}");
+    assert_eq!(mesh.metric("dataplane_registry_up"), 1.0);
+    assert_eq!(mesh.metric("dataplane_registry_stale_seconds"), 0.0);
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn a_restart_while_the_registry_is_down_routes_from_the_snapshot() {
+    if !require_privileges("a_restart_while_the_registry_is_down_routes_from_the_snapshot") {
+        return;
+    }
+    let mut mesh = RegistryNode::start("snapshot", &["b1", "b2"], &[]);
+    mesh.put_instance("b1");
+    mesh.put_instance("b2");
+    mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(2));
+    eventually("snapshot written", Duration::from_secs(5), || {
+        anyhow::ensure!(mesh.snapshot.exists());
+        Ok(())
+    })
+    .expect("snapshot");
+    for member in 0..3 {
+        mesh.etcd.kill(member).expect("kill");
+    }
+    mesh.agent.kill().expect("stop the agent");
+    let node = &mesh.node;
+    mesh.agent
+        .spawn(node)
+        .expect("agent restarts with no registry");
+    mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(2));
+    assert_eq!(mesh.metric("dataplane_registry_from_snapshot"), 1.0);
+    let report = mesh.load(&["--requests", "20"]).expect("load");
+    assert_eq!(report.ok, 20, "routed from the snapshot: {report:?}");
+
+    // A torn snapshot: refused with a clear line, the agent starts empty,
+    // and recovers when the registry returns.
+    let text = std::fs::read(&mesh.snapshot).expect("snapshot");
+    std::fs::write(&mesh.snapshot, &text[..text.len() / 2]).expect("truncate");
+    mesh.agent.kill().expect("stop the agent");
+    mesh.agent.spawn(node).expect("agent restarts");
+    let log = mesh.agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("truncated") && l.contains("ignored")),
+        "{log}"
+    );
+    assert!(mesh.endpoints_in_force().is_empty());
+    for member in 0..3 {
+        mesh.etcd.restart(&mesh.node, member).expect("member back");
+    }
+    mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(15));
+    let report = mesh.load(&["--requests", "20"]).expect("load");
+    assert_eq!(report.ok, 20, "{report:?}");
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn a_bad_push_removing_every_instance_is_held_before_it_applies() {
+    if !require_privileges("a_bad_push_removing_every_instance_is_held_before_it_applies") {
+        return;
+    }
+    let mesh = RegistryNode::start("badpush", &["b1", "b2", "b3"], &["--registry-hold=3s"]);
+    for name in ["b1", "b2", "b3"] {
+        mesh.put_instance(name);
+    }
+    mesh.wait_endpoints(&["b1", "b2", "b3"], Duration::from_secs(2));
+    let deleted = Instant::now();
+    mesh.etcdctl(&["del", "--prefix", INSTANCES]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(mesh.endpoints_in_force().len(), 3, "held");
+    assert_eq!(mesh.metric("dataplane_registry_held_removals_total"), 1.0);
+    let report = mesh.load(&["--requests", "20"]).expect("load");
+    assert_eq!(report.ok, 20, "still routed while held: {report:?}");
+    mesh.wait_endpoints(&[], Duration::from_secs(4));
+    let applied = deleted.elapsed();
+    assert!(
+        applied >= Duration::from_secs(3),
+        "applied after the hold: {applied:?}"
+    );
+    let log = mesh.agent.log();
+    assert!(log.contains("held before it applies"), "{log}");
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn bad_records_are_skipped_by_name_and_other_tenants_are_not_read() {
+    if !require_privileges("bad_records_are_skipped_by_name_and_other_tenants_are_not_read") {
+        return;
+    }
+    let mesh = RegistryNode::start("badrec", &["b1"], &["--tenant=shop"]);
+    mesh.put_instance("b1");
+    let bad = [
+        (format!("{INSTANCES}garbage"), "not json".to_string()),
+        (
+            format!("{INSTANCES}badaddr"),
+            r#"{"address": "198.18.0.300:8080"}"#.to_string(),
+        ),
+        (
+            "/dataplane/v1/services/shop/web/extra".to_string(),
+            "{}".to_string(),
+        ),
+    ];
+    for (key, value) in &bad {
+        mesh.etcdctl(&["put", key, value]);
+    }
+    // Another tenant's service: not read by this node.
+    mesh.etcdctl(&[
+        "put",
+        "/dataplane/v1/services/other/web",
+        r#"{"vip": "198.19.0.11:80"}"#,
+    ]);
+    mesh.put_instance("b1");
+    mesh.wait_endpoints(&["b1"], Duration::from_secs(2));
+    eventually("skips counted", Duration::from_secs(3), || {
+        let skipped = mesh.metric("dataplane_registry_skipped_records_total");
+        anyhow::ensure!(skipped == 3.0, "skipped {skipped}");
+        Ok(())
+    })
+    .expect("three records skipped");
+    let log = mesh.agent.log();
+    for (key, _) in &bad {
+        assert!(log.contains(key.as_str()), "{key} named in:\n{log}");
+    }
+    let dump = mesh.agent.get("/config_dump").expect("config dump");
+    assert!(
+        !dump.contains("198.19.0.11"),
+        "tenant other not read: {dump}"
+    );
+    let report = mesh.load(&["--requests", "20"]).expect("load");
+    assert_eq!(report.ok, 20, "{report:?}");
+}
