@@ -106,6 +106,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     if let Some(cfg) = settings.registry.clone() {
         info!(endpoints = ?cfg.endpoints, prefix = %cfg.prefix, "reading the service registry");
+        if cfg.publish {
+            crate::registry::publish::start(
+                cfg.endpoints.clone(),
+                cfg.prefix.clone(),
+                cfg.user.clone(),
+                rt.watch_file(),
+            );
+        }
         rt.attach_registry(crate::registry::source::start(cfg, registry_metrics));
         // The registry's services (from the snapshot, at first) are
         // captured from the start.

@@ -1,9 +1,9 @@
 //! The mesh state of the node as read from a YAML file: the services the
 //! proxy serves and the pods enrolled in the mesh.
 //!
-//! This is what a discovery source (Kubernetes, etcd) will later provide;
-//! the file is the first such source. Node wiring (addresses, cgroups, pin
-//! paths) is not here but in the command line, like a DaemonSet's args.
+//! The file is one discovery source; the registry (`crate::registry`)
+//! adds services to it. Node wiring (addresses, cgroups, pin paths) is not
+//! here but in the command line, like a DaemonSet's args.
 //!
 //! Parsing is strict: unknown fields, wrong types and invalid addresses are
 //! errors that name the field and line, because a silently ignored typo in

@@ -247,6 +247,11 @@ struct RegistryArgs {
     /// Percent of a service's endpoints whose removal at once is held.
     #[arg(long, env = "DATAPLANE_REGISTRY_HOLD_SHARE", default_value = "50")]
     registry_hold_share: f64,
+    /// Also write the config file's services and endpoints into the
+    /// registry (under this agent's lease), so that applications outside
+    /// the mesh find them there.
+    #[arg(long, env = "DATAPLANE_PUBLISH")]
+    publish: bool,
 }
 
 impl RegistryArgs {
@@ -261,6 +266,7 @@ impl RegistryArgs {
             user: self.etcd.user(),
             snapshot: Some(self.registry_snapshot.clone()),
             snapshot_max_age: self.registry_snapshot_max_age,
+            publish: self.publish,
             guard: registry::guard::GuardConfig {
                 hold: self.registry_hold,
                 max_share: self.registry_hold_share,

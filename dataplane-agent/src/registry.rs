@@ -19,6 +19,7 @@
 pub mod guard;
 pub mod layout;
 pub mod metrics;
+pub mod publish;
 pub mod register;
 pub mod snapshot;
 pub mod source;
@@ -31,11 +32,25 @@ use tracing::warn;
 use crate::config::{MeshConfig, Service};
 
 /// The config in force: the file's, plus the registry's services whose
-/// VIP the file does not use (the file wins a conflict, with a warning).
+/// VIP the file does not use (the file wins a conflict, with a warning;
+/// the file's own services read back from the registry, as `--publish`
+/// writes them, are no conflict).
 pub fn merge(file: &MeshConfig, registry: &[Service]) -> MeshConfig {
     let taken: HashSet<_> = file.services.iter().map(|s| s.vip).collect();
+    let own: HashSet<_> = file
+        .services
+        .iter()
+        .map(|s| (s.namespace.as_str(), s.name.as_str(), s.vip))
+        .collect();
     let mut merged = file.clone();
     for service in registry {
+        if own.contains(&(
+            service.namespace.as_str(),
+            service.name.as_str(),
+            service.vip,
+        )) {
+            continue;
+        }
         if taken.contains(&service.vip) {
             warn!(
                 service = %format!("{}/{}", service.namespace, service.name),
@@ -47,4 +62,46 @@ pub fn merge(file: &MeshConfig, registry: &[Service]) -> MeshConfig {
         merged.services.push(service.clone());
     }
     merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(yaml: &str) -> Vec<Service> {
+        MeshConfig::parse(yaml, std::path::Path::new("t"))
+            .unwrap()
+            .services
+    }
+
+    #[test]
+    fn the_file_wins_a_vip_and_its_own_published_services_are_no_conflict() {
+        let file = MeshConfig::parse(
+            "services:\n  - {name: a, vip: 198.19.0.1:80}\n",
+            std::path::Path::new("f"),
+        )
+        .unwrap();
+        // Registry services are checked one by one, not as one file.
+        let mut registry = services("services:\n  - {name: a, vip: 198.19.0.1:80}\n");
+        registry.extend(services(
+            "services:\n  - {name: x, namespace: t, vip: 198.19.0.1:80}\n  - {name: b, namespace: t, vip: 198.19.0.2:80}\n",
+        ));
+        let merged = merge(&file, &registry);
+        let names: Vec<&str> = merged.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn published_records_read_back_as_the_same_services() {
+        let file = services(
+            "services:\n  - name: a\n    namespace: t\n    vip: 198.19.0.1:80\n    protocol: http\n    endpoints: [{address: 10.0.0.1:80, zone: z}, {address: 10.0.0.2:80}]\n",
+        );
+        let records = publish::records(layout::DEFAULT_PREFIX, &file);
+        let mut state = state::RegistryState::new(layout::DEFAULT_PREFIX);
+        for (key, value) in &records {
+            state.put(key, value.as_bytes()).unwrap();
+        }
+        assert_eq!(state.services(), file);
+        assert!(records.contains_key("/dataplane/v1/instances/t/a/10.0.0.1-80"));
+    }
 }

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use dataplane_tests::agent::Agent;
 use dataplane_tests::etcd::EtcdCluster;
 use dataplane_tests::http_peers::{self, LoadReport};
@@ -445,4 +447,53 @@ fn bad_records_are_skipped_by_name_and_other_tenants_are_not_read() {
     );
     let report = mesh.load(&["--requests", "20"]).expect("load");
     assert_eq!(report.ok, 20, "{report:?}");
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn published_mesh_services_are_readable_by_a_client_outside_the_mesh() {
+    if !require_privileges("published_mesh_services_are_readable_by_a_client_outside_the_mesh") {
+        return;
+    }
+    let mut mesh = RegistryNode::start("publish", &["b1"], &["--publish"]);
+    // A service of the config file, published for applications outside
+    // the mesh.
+    let b1 = backend_addr(mesh.backend("b1"));
+    let config = format!(
+        "services:\n  - name: echo\n    vip: 198.19.0.20:80\n    protocol: http\n    endpoints: [{{address: {b1}, zone: a}}]\npods:\n  - uid: {}\n    ip: {}\n",
+        mesh.client.uid, mesh.client.ip
+    );
+    mesh.agent.write_config(&config).expect("config");
+    let (etcd, node) = (&mesh.etcd, &mesh.node);
+    let read = |key: &str| -> Option<serde_json::Value> {
+        let out = etcd
+            .etcdctl(node, &["get", key, "--print-value-only"])
+            .ok()?;
+        serde_json::from_str(out.trim()).ok()
+    };
+    let instance_key = format!(
+        "/dataplane/v1/instances/default/echo/{}",
+        b1.to_string().replace(':', "-")
+    );
+    eventually("published", Duration::from_secs(10), || {
+        let service = read("/dataplane/v1/services/default/echo").context("no service yet")?;
+        anyhow::ensure!(service["vip"] == "198.19.0.20:80", "{service}");
+        let instance = read(&instance_key).context("no instance yet")?;
+        anyhow::ensure!(instance["address"] == b1.to_string() && instance["zone"] == "a");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", mesh.agent.log()));
+    // Read back by the agent itself, the published service is no conflict.
+    assert!(
+        !mesh.agent.log().contains("left out"),
+        "{}",
+        mesh.agent.log()
+    );
+    // The agent gone, what it published goes with its lease (TTL 10 s).
+    mesh.agent.kill().expect("stop the agent");
+    eventually("unpublished", Duration::from_secs(12), || {
+        anyhow::ensure!(read(&instance_key).is_none(), "still there");
+        Ok(())
+    })
+    .expect("the lease took the keys");
 }

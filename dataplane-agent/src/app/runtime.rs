@@ -25,8 +25,10 @@ use crate::state::{NodeContext, ServiceTable};
 pub struct Runtime {
     /// The config in force: the file's, plus the registry's services.
     pub config: MeshConfig,
-    /// The last good config file.
+    /// The last good config file, and its watchers (the registry
+    /// publisher).
     file: MeshConfig,
+    file_watch: tokio::sync::watch::Sender<MeshConfig>,
     /// What the registry provides, when one is configured.
     registry: Option<tokio::sync::watch::Receiver<crate::registry::source::Published>>,
     /// Shared with the blocking thread that reads the file.
@@ -104,6 +106,7 @@ impl Runtime {
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
         Self {
             file: config.clone(),
+            file_watch: tokio::sync::watch::Sender::new(config.clone()),
             registry: None,
             config,
             watcher: Arc::new(Mutex::new(watcher)),
@@ -121,6 +124,11 @@ impl Runtime {
     ) {
         self.registry = Some(registry);
         self.apply_merged("registry attached");
+    }
+
+    /// The last good config file, now and after each change.
+    pub fn watch_file(&self) -> tokio::sync::watch::Receiver<MeshConfig> {
+        self.file_watch.subscribe()
     }
 
     /// The file's config plus the registry's current services, applied.
@@ -237,6 +245,7 @@ impl Runtime {
             }
             Change::Valid(config) => {
                 self.file = *config;
+                self.file_watch.send_replace(self.file.clone());
                 self.apply_merged("config reloaded");
                 self.proxy.metrics.reload(true);
                 true

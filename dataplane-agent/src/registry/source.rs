@@ -38,6 +38,8 @@ pub struct RegistryConfig {
     pub snapshot: Option<std::path::PathBuf>,
     /// A snapshot older than this is not used.
     pub snapshot_max_age: Duration,
+    /// Write the config file's services into the registry too.
+    pub publish: bool,
     pub guard: GuardConfig,
 }
 
