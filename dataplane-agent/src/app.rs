@@ -80,11 +80,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .register_listener(&listener)
         .context("registering the proxy's listener for the connect hooks")?;
     let stats = tables.stats();
+    // The registry first (its snapshot is read at once): the services map
+    // the programs share with a running agent is then never synced to the
+    // file's services alone, which would drop the registry's VIPs from
+    // capture for a moment.
+    let registry_metrics = crate::registry::metrics::RegistryMetrics::default();
+    let registry = settings.registry.clone().map(|cfg| {
+        info!(endpoints = ?cfg.endpoints, prefix = %cfg.prefix, "reading the service registry");
+        crate::registry::source::start(cfg, registry_metrics.clone())
+    });
+    let initial = match &registry {
+        Some(rx) => crate::registry::merge(&config, &rx.borrow()),
+        None => config.clone(),
+    };
     // Tables first, links second: the programs capture from the instant
     // they are attached, even when their tables are new, empty maps (a new
     // maps directory, or a pinned map of another layout replaced); until
     // then a previous agent's programs keep capturing with their own.
-    let mut reconciler = Reconciler::start(tables, pods_cgroup, proxy_cgroup, &config);
+    let mut reconciler = Reconciler::start(tables, pods_cgroup, proxy_cgroup, &initial);
     programs
         .attach()
         .context("attaching the capture programs")?;
@@ -92,7 +105,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(pump_ebpf_logs(logger));
     }
 
-    let registry_metrics = crate::registry::metrics::RegistryMetrics::default();
     let mut rt = Runtime::start(
         (config, watcher),
         settings.node.clone(),
@@ -104,20 +116,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
         },
     );
-    if let Some(cfg) = settings.registry.clone() {
-        info!(endpoints = ?cfg.endpoints, prefix = %cfg.prefix, "reading the service registry");
-        if cfg.publish {
-            crate::registry::publish::start(
-                cfg.endpoints.clone(),
-                cfg.prefix.clone(),
-                cfg.user.clone(),
-                rt.watch_file(),
-            );
-        }
-        rt.attach_registry(crate::registry::source::start(cfg, registry_metrics));
-        // The registry's services (from the snapshot, at first) are
-        // captured from the start.
+    if let Some(rx) = registry {
+        rt.attach_registry(rx);
         reconciler.services(&rt.config);
+    }
+    if let Some(cfg) = settings.registry.as_ref().filter(|c| c.publish) {
+        crate::registry::publish::start(
+            cfg.endpoints.clone(),
+            cfg.prefix.clone(),
+            cfg.user.clone(),
+            rt.watch_file(),
+        );
     }
     tokio::spawn(Arc::clone(&rt.proxy).serve(listener));
     rt.proxy

@@ -255,11 +255,24 @@ struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    fn config(&self) -> Option<registry::source::RegistryConfig> {
+    fn config(&self) -> anyhow::Result<Option<registry::source::RegistryConfig>> {
         if self.etcd.etcd_endpoints.is_empty() {
-            return None;
+            return Ok(None);
         }
-        Some(registry::source::RegistryConfig {
+        if let Some(bad) = self
+            .tenants
+            .iter()
+            .find(|t| !registry::layout::valid_segment(t))
+        {
+            anyhow::bail!("--tenant {bad:?}: must be one non-empty path segment (no '/')");
+        }
+        if !(0.0..=100.0).contains(&self.registry_hold_share) {
+            anyhow::bail!(
+                "--registry-hold-share {}: a percentage, 0 to 100",
+                self.registry_hold_share
+            );
+        }
+        Ok(Some(registry::source::RegistryConfig {
             endpoints: self.etcd.etcd_endpoints.clone(),
             prefix: self.etcd.etcd_prefix.trim_end_matches('/').to_string(),
             tenants: self.tenants.clone(),
@@ -271,7 +284,7 @@ impl RegistryArgs {
                 hold: self.registry_hold,
                 max_share: self.registry_hold_share,
             },
-        })
+        }))
     }
 }
 
@@ -381,7 +394,7 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout: args.drain_timeout,
                 access_log: args.access_log,
                 fail_mode: args.fail_mode,
-                registry: args.registry.config(),
+                registry: args.registry.config()?,
             };
             runtime()?.block_on(app::run(settings))
         }

@@ -16,6 +16,7 @@
 //! The registry's services join the config file's in the proxy's state
 //! (see [`merge`]); the file keeps the enrolled pods.
 
+pub mod client;
 pub mod guard;
 pub mod layout;
 pub mod metrics;

@@ -266,3 +266,29 @@ async fn auto_detects_http1_http2_and_opaque_tcp() {
     })
     .await
 }
+
+/// The default per-try timeout (request / (attempts + 1)) only cuts tries
+/// that a retry can follow: a slow POST keeps the whole request timeout,
+/// a GET as slow is cut and retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_derived_per_try_timeout_spares_requests_that_cannot_be_retried() {
+    bounded(async {
+        // request 1.5 s, 2 retries: each try of a GET gets 500 ms.
+        let slow = Backend::start("slow", Mode::Delay(Duration::from_millis(800))).await;
+        let yaml = config(&[&slow], &policy(&["timeouts: {request: 1500ms}"]));
+        let proxy = TestProxy::start(&yaml).await;
+        let client = client(false);
+        let post = http::Request::post(proxy.url())
+            .body(Full::new(bytes::Bytes::from_static(b"once")))
+            .unwrap();
+        let reply = support::send(&client, post).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.error());
+        assert_eq!(slow.arrivals().len(), 1, "the POST was sent once");
+        let reply = get_with(&client, &proxy, &[]).await;
+        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+        // Cut at 500 ms and retried: the request deadline ends the last try.
+        let tries = slow.arrivals().len() - 1;
+        assert!(tries >= 2, "tries of the GET: {tries}");
+    })
+    .await
+}

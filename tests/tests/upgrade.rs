@@ -124,6 +124,10 @@ fn a_second_agent_takes_over_while_the_first_drains_and_no_request_fails() {
         stream.matched && stream.received == 6 << 20,
         "the stream was not cut: {stream:?}"
     );
+    assert!(
+        stream.elapsed_ms >= 3000,
+        "the stream spanned the handover (new agent at 1 s, old stopped at 1.5 s): {stream:?}"
+    );
     for (name, report) in &reports {
         assert!(report.sent >= 400, "{name}: the load ran: {report:?}");
         assert_eq!(

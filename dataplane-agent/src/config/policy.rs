@@ -62,6 +62,7 @@ impl TrafficPolicy {
     /// none), otherwise the request timeout shared by the first try and
     /// every retry (`request / (attempts + 1)`), so a hanging endpoint is
     /// left in time for the retries to run before the request times out.
+    /// The proxy applies the derived one only to requests it may retry.
     pub fn per_try_timeout(&self) -> Option<Duration> {
         match self.retries.per_try_timeout {
             Some(t) if t.is_zero() => None,

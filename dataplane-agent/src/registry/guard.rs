@@ -1,6 +1,9 @@
 //! Protection against bad pushes: a registry change that removes all of a
-//! service's endpoints, or more than `maxShare` of them, at once is held
-//! for `hold` before it applies. A botched deploy script or a broken
+//! service's endpoints, or more than `maxShare` of them, within `hold`
+//! (in one transaction or key by key) is held for `hold` before it
+//! applies; meanwhile the service keeps its old endpoints and gets the new
+//! ones too (a blue/green swap in one push routes to both, and outlier
+//! detection sorts out the dead). A botched deploy script or a broken
 //! registrar that wipes a service would otherwise take its traffic down at
 //! the speed of a watch event; held, it gives an operator (or the
 //! registrar's own retry) time, and the proxy keeps routing to endpoints
@@ -30,6 +33,11 @@ pub struct RemovalGuard {
     cfg: Option<GuardConfig>,
     /// Per service (`namespace/name`): when its held removal started.
     held_since: HashMap<String, Instant>,
+    /// Per service: the endpoints removals are measured against, and
+    /// since when (renewed once older than `hold`, grown by what is added
+    /// meanwhile, never changed while held), so that deleting keys one by
+    /// one counts as one removal.
+    reference: HashMap<String, (BTreeSet<SocketAddrV4>, Instant)>,
 }
 
 /// What [`RemovalGuard::apply`] decided.
@@ -47,6 +55,18 @@ fn id(s: &config::Service) -> String {
     format!("{}/{}", s.namespace, s.name)
 }
 
+/// `new` with the endpoints of `old` it lacks added back.
+fn union(old: &config::Service, mut new: config::Service) -> config::Service {
+    let have = addresses(&new);
+    new.endpoints.extend(
+        old.endpoints
+            .iter()
+            .filter(|e| !have.contains(&e.address))
+            .cloned(),
+    );
+    new
+}
+
 fn addresses(s: &config::Service) -> BTreeSet<SocketAddrV4> {
     s.endpoints.iter().map(|e| e.address).collect()
 }
@@ -56,6 +76,7 @@ impl RemovalGuard {
         Self {
             cfg: Some(cfg),
             held_since: HashMap::new(),
+            reference: HashMap::new(),
         }
     }
 
@@ -106,16 +127,33 @@ impl RemovalGuard {
                 services.push(new);
                 continue;
             };
-            let old_set = addresses(old);
+            let held_now = self.held_since.contains_key(&key);
+            let reference = self
+                .reference
+                .entry(key.clone())
+                .or_insert_with(|| (addresses(old), now));
+            // Endpoints added within the window join the reference: a
+            // removal is measured against everything the service had then.
+            if !held_now {
+                if now.saturating_duration_since(reference.1) >= cfg.hold {
+                    *reference = (addresses(old), now);
+                } else {
+                    reference.0.extend(addresses(old));
+                }
+            }
             let new_set = addresses(&new);
-            let removed = old_set.difference(&new_set).count();
-            let too_many = !old_set.is_empty()
+            let removed = reference.0.difference(&new_set).count();
+            let too_many = !reference.0.is_empty()
                 && removed > 0
                 && (new_set.is_empty()
-                    || removed as f64 * 100.0 > cfg.max_share * old_set.len() as f64);
+                    || removed as f64 * 100.0 > cfg.max_share * reference.0.len() as f64);
             if too_many && hold(old, "most endpoints removed") {
-                services.push((*old).clone());
+                services.push(union(old, new));
             } else {
+                if too_many {
+                    // Applied after its hold: measure from here on.
+                    self.reference.insert(key, (new_set, now));
+                }
                 services.push(new);
             }
         }
@@ -126,6 +164,7 @@ impl RemovalGuard {
             }
         }
         self.held_since = still_held;
+        self.reference.retain(|key, _| seen.contains(key));
         Guarded {
             services,
             next_deadline,
@@ -188,7 +227,9 @@ mod tests {
         );
         assert_eq!(endpoints(&out, "a"), 4);
         assert_eq!(out.services[0].endpoints[3].address.ip().octets()[3], 5);
-        let out = g.apply(&out.services, vec![svc("a", &[1, 2])], t0);
+        // A window later, measured against what it has then.
+        let later = t0 + Duration::from_secs(30);
+        let out = g.apply(&out.services, vec![svc("a", &[1, 2])], later);
         assert_eq!(endpoints(&out, "a"), 2, "half is not more than 50 %");
         assert_eq!(out.newly_held, 0);
     }
@@ -241,6 +282,67 @@ mod tests {
             t0 + Duration::from_secs(31),
         );
         assert_eq!(endpoints(&out, "a"), usize::MAX, "gone after the hold");
+    }
+
+    #[test]
+    fn keys_deleted_one_by_one_are_one_removal() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let mut published = vec![svc("a", &[1, 2, 3, 4])];
+        let mut held = 0;
+        for (i, left) in [&[1u8, 2, 3][..], &[1, 2], &[1], &[]].iter().enumerate() {
+            let out = g.apply(
+                &published,
+                vec![svc("a", left)],
+                t0 + Duration::from_millis(10 * i as u64),
+            );
+            held += out.newly_held;
+            published = out.services;
+        }
+        assert_eq!(held, 1);
+        assert_eq!(
+            endpoints(
+                &Guarded {
+                    services: published,
+                    next_deadline: None,
+                    newly_held: 0
+                },
+                "a"
+            ),
+            2,
+            "held at the third deletion: 3 of 4 gone"
+        );
+    }
+
+    #[test]
+    fn a_swap_in_one_push_routes_to_old_and_new_while_held() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let out = g.apply(&[svc("a", &[1, 2])], vec![svc("a", &[7, 8])], t0);
+        assert_eq!(out.newly_held, 1);
+        assert_eq!(
+            endpoints(&out, "a"),
+            4,
+            "new ones in at once, old ones kept"
+        );
+        let out = g.apply(
+            &out.services,
+            vec![svc("a", &[7, 8])],
+            t0 + Duration::from_secs(30),
+        );
+        assert_eq!(endpoints(&out, "a"), 2);
+    }
+
+    #[test]
+    fn endpoints_added_just_before_a_removal_count() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let mut published = vec![svc("a", &[])];
+        for left in [&[1u8][..], &[1, 2], &[1, 2, 3]] {
+            published = g.apply(&published, vec![svc("a", left)], t0).services;
+        }
+        let out = g.apply(&published, vec![svc("a", &[])], t0 + Duration::from_secs(1));
+        assert_eq!((endpoints(&out, "a"), out.newly_held), (3, 1));
     }
 
     #[test]

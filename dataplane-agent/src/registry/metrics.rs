@@ -19,6 +19,9 @@ pub struct RegistryMetrics {
     pub instances: Gauge,
     /// Records skipped (outside the layout, unparsable, invalid).
     pub skipped: Counter,
+    /// Listings of a watched prefix: one each at start and after each
+    /// reconnection (a steady count means the watches hold).
+    pub listings: Counter,
     /// Large removals held (bad-push protection), and held right now.
     pub held: Counter,
     pub held_now: Gauge,
@@ -52,6 +55,11 @@ impl RegistryMetrics {
             "skipped_records",
             "Registry records skipped (bad key or value)",
             self.skipped.clone(),
+        );
+        r.register(
+            "listings",
+            "Listings of a watched prefix (at start and after each reconnection)",
+            self.listings.clone(),
         );
         r.register(
             "held_removals",

@@ -5,13 +5,14 @@
 //! goes with the lease, and what another agent of the mesh publishes too
 //! is written again by that agent within one period.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use etcd_client::{Client, GetOptions, PutOptions};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::client;
 use super::layout::{InstanceRecord, ServiceId, ServiceRecord, instance_key, service_key};
 use crate::config::{MeshConfig, Service};
 
@@ -79,30 +80,57 @@ async fn publish(
     endpoints: &[String],
     prefix: &str,
     user: &Option<(String, String)>,
+    files: watch::Receiver<MeshConfig>,
+) -> String {
+    let mut client = match client::connect(endpoints, user).await {
+        Ok(client) => client,
+        Err(err) => return err,
+    };
+    let lease = match client::timed("granting a lease", client.lease_grant(TTL, None)).await {
+        Ok(granted) => granted.id(),
+        Err(err) => return err,
+    };
+    // The lease is kept alive beside the writes, never behind them: a slow
+    // write must not let it expire.
+    tokio::select! {
+        err = keep_alive(client.clone(), lease) => err,
+        err = keep_published(client, prefix, lease, files) => err,
+    }
+}
+
+async fn keep_alive(mut client: Client, lease: i64) -> String {
+    let (mut keeper, mut acks) = match client::timed(
+        "opening the lease keep-alive",
+        client.lease_keep_alive(lease),
+    )
+    .await
+    {
+        Ok(stream) => stream,
+        Err(err) => return err,
+    };
+    let mut tick = tokio::time::interval(PERIOD);
+    loop {
+        tick.tick().await;
+        if let Err(err) = client::timed("keep-alive", keeper.keep_alive()).await {
+            return err;
+        }
+        match client::timed("keep-alive answer", acks.message()).await {
+            Ok(Some(ack)) if ack.ttl() > 0 => {}
+            Ok(Some(_)) => return format!("lease {lease:x} expired"),
+            Ok(None) => return "the keep-alive stream ended".into(),
+            Err(err) => return err,
+        }
+    }
+}
+
+/// Keeps the keys of the config's services equal to what they should be,
+/// reading only the prefixes of the tenants this agent publishes.
+async fn keep_published(
+    mut client: Client,
+    prefix: &str,
+    lease: i64,
     mut files: watch::Receiver<MeshConfig>,
 ) -> String {
-    let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1));
-    if let Some((name, password)) = user {
-        options = options.with_user(name, password);
-    }
-    let connected = tokio::time::timeout(
-        Duration::from_secs(3),
-        Client::connect(endpoints, Some(options)),
-    )
-    .await;
-    let mut client = match connected {
-        Ok(Ok(client)) => client,
-        Ok(Err(err)) => return format!("connecting: {err}"),
-        Err(_) => return "connecting: no member answered".into(),
-    };
-    let lease = match client.lease_grant(TTL, None).await {
-        Ok(granted) => granted.id(),
-        Err(err) => return format!("granting a lease: {err}"),
-    };
-    let (mut keeper, mut acks) = match client.lease_keep_alive(lease).await {
-        Ok(stream) => stream,
-        Err(err) => return format!("keeping the lease alive: {err}"),
-    };
     let mut written: BTreeMap<String, String> = BTreeMap::new();
     let mut tick = tokio::time::interval(PERIOD);
     loop {
@@ -110,51 +138,51 @@ async fn publish(
             _ = tick.tick() => {}
             changed = files.changed() => if changed.is_err() { return "stopping".into() },
         }
-        if let Err(err) = keeper.keep_alive().await {
-            return format!("keep-alive: {err}");
-        }
-        match tokio::time::timeout(PERIOD, acks.message()).await {
-            Ok(Ok(Some(ack))) if ack.ttl() > 0 => {}
-            Ok(Ok(Some(_))) => return format!("lease {lease:x} expired"),
-            Ok(Ok(None)) => return "the keep-alive stream ended".into(),
-            Ok(Err(err)) => return format!("keep-alive: {err}"),
-            Err(_) => return "no keep-alive answer".into(),
-        }
-        let want = records(prefix, &files.borrow().services);
-        // What another agent's lease took away is written again.
-        let current = match client
-            .get(format!("{prefix}/"), Some(GetOptions::new().with_prefix()))
-            .await
-        {
-            Ok(listing) => listing
-                .kvs()
-                .iter()
-                .map(|kv| {
+        let services = files.borrow().services.clone();
+        let want = records(prefix, &services);
+        let tenants: BTreeSet<&str> = services.iter().map(|s| s.namespace.as_str()).collect();
+        let mut current = BTreeMap::new();
+        for tenant in tenants {
+            for kind in ["services", "instances"] {
+                let under = format!("{prefix}/{kind}/{tenant}/");
+                let listing = client::timed(
+                    &format!("reading {under}"),
+                    client.get(under.as_str(), Some(GetOptions::new().with_prefix())),
+                )
+                .await;
+                let listing = match listing {
+                    Ok(listing) => listing,
+                    Err(err) => return err,
+                };
+                current.extend(listing.kvs().iter().map(|kv| {
                     (
                         String::from_utf8_lossy(kv.key()).into_owned(),
                         String::from_utf8_lossy(kv.value()).into_owned(),
                     )
-                })
-                .collect::<BTreeMap<_, _>>(),
-            Err(err) => return format!("reading what is published: {err}"),
-        };
+                }));
+            }
+        }
+        // What another agent's lease took away is written again.
         for (key, value) in &want {
             if current.get(key) != Some(value) {
-                let put = client
-                    .put(
-                        key.as_str(),
-                        value.as_str(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )
-                    .await;
-                if let Err(err) = put {
-                    return format!("writing {key}: {err}");
+                let put = client.put(
+                    key.as_str(),
+                    value.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                );
+                if let Err(err) = client::timed(&format!("writing {key}"), put).await {
+                    return err;
                 }
             }
         }
         for key in written.keys().filter(|k| !want.contains_key(*k)) {
-            if let Err(err) = client.delete(key.as_str(), None).await {
-                return format!("deleting {key}: {err}");
+            if let Err(err) = client::timed(
+                &format!("deleting {key}"),
+                client.delete(key.as_str(), None),
+            )
+            .await
+            {
+                return err;
             }
         }
         if written != want {

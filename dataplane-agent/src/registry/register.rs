@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::PutOptions;
 use tracing::{info, warn};
 
+use super::client;
 use super::layout::{InstanceRecord, ServiceId, instance_key, valid_segment};
 
 /// What to register, and where.
@@ -43,28 +44,25 @@ pub async fn run(
     if ttl < 2 {
         bail!("--ttl: at least 2s (keep-alives go every third of it)");
     }
-    let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
-    if let Some((user, password)) = &reg.user {
-        options = options.with_user(user, password);
-    }
-    let mut client = Client::connect(&reg.endpoints, Some(options))
+    let mut client = client::connect(&reg.endpoints, &reg.user)
         .await
-        .with_context(|| format!("connecting to the registry at {:?}", reg.endpoints))?;
-    let lease = client
-        .lease_grant(ttl, None)
+        .map_err(anyhow::Error::msg)?;
+    let lease = client::timed("granting a lease", client.lease_grant(ttl, None))
         .await
-        .context("granting a lease")?
+        .map_err(anyhow::Error::msg)?
         .id();
     let key = instance_key(&reg.prefix, &reg.service, &reg.id);
     let value = serde_json::to_string(&reg.instance).context("encoding the instance")?;
-    client
-        .put(
+    client::timed(
+        &format!("writing {key} (may this etcd user write under it?)"),
+        client.put(
             key.as_str(),
             value,
             Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .with_context(|| format!("writing {key} (does this user may write under it?)"))?;
+        ),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     info!(%key, lease, ttl_s = ttl, "registered");
     println!("registered {key} (lease {lease:x}, ttl {ttl}s)");
 
@@ -79,7 +77,11 @@ pub async fn run(
             // again, on a member that answers: the lease survives as long
             // as one does within the TTL.
             if stream.is_none() {
-                match renewer.lease_keep_alive(lease).await {
+                let opened = client::timed(
+                    "opening a lease keep-alive",
+                    renewer.lease_keep_alive(lease),
+                );
+                match opened.await {
                     Ok(opened) => stream = Some(opened),
                     Err(err) => {
                         warn!(%err, "lease keep-alive stream not opened");
@@ -90,7 +92,10 @@ pub async fn run(
             let Some((keeper, responses)) = stream.as_mut() else {
                 continue;
             };
-            let answer = match keeper.keep_alive().await {
+            let answer = match tokio::time::timeout(period, keeper.keep_alive())
+                .await
+                .unwrap_or(Ok(()))
+            {
                 Ok(()) => tokio::time::timeout(period, responses.message())
                     .await
                     .unwrap_or_else(|_| Ok(None)),
@@ -113,10 +118,12 @@ pub async fn run(
         reason = keep_alive => bail!("{key}: {reason}; the instance is no longer registered"),
         () = stop => {}
     }
-    client
-        .lease_revoke(lease)
-        .await
-        .with_context(|| format!("revoking lease {lease:x} ({key} stays until its TTL)"))?;
+    client::timed(
+        &format!("revoking lease {lease:x} ({key} stays until its TTL)"),
+        client.lease_revoke(lease),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     info!(%key, "deregistered");
     println!("deregistered {key}");
     Ok(())

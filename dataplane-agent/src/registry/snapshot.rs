@@ -83,7 +83,8 @@ pub fn write(path: &Path, services: &[config::Service]) -> Result<(), SnapshotEr
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = path.with_extension("tmp");
+    // Per process: an old and a new agent may write at once in an upgrade.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {
         let mut file = std::fs::File::create(&tmp).map_err(io)?;
         file.write_all(&text).map_err(io)?;
@@ -175,7 +176,8 @@ mod tests {
         let snap = read(&path, DAY).unwrap();
         assert_eq!(snap.services, services());
         assert!(snap.age < Duration::from_secs(60));
-        assert!(!path.with_extension("tmp").exists());
+        let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary file left");
     }
 
     #[test]

@@ -13,10 +13,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
-use tokio::sync::{mpsc, watch};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{info, warn};
 
+use super::client;
 use super::guard::{GuardConfig, RemovalGuard};
 use super::layout::read_prefixes;
 use super::metrics::RegistryMetrics;
@@ -73,8 +74,12 @@ pub fn start(cfg: RegistryConfig, metrics: RegistryMetrics) -> watch::Receiver<P
     let (tx, rx) = watch::channel(Arc::new(initial));
     let (updates, inbox) = mpsc::channel(1024);
     let prefixes = read_prefixes(&cfg.prefix, &cfg.tenants);
+    let listed = Arc::new(Notify::new());
+    if let Some(path) = cfg.snapshot.clone() {
+        tokio::spawn(write_snapshots(path, rx.clone(), Arc::clone(&listed)));
+    }
     tokio::spawn(connect_and_watch(cfg.clone(), prefixes.clone(), updates));
-    tokio::spawn(own_state(cfg, prefixes, inbox, tx, metrics));
+    tokio::spawn(own_state(cfg, prefixes, inbox, tx, metrics, listed));
     rx
 }
 
@@ -106,14 +111,57 @@ fn initial_state(cfg: &RegistryConfig, metrics: &RegistryMetrics) -> Vec<config:
     }
 }
 
-/// Applies updates to the state, guards removals, publishes, snapshots,
-/// and keeps the health metrics.
+/// How often a snapshot is written again while nothing changes, so that
+/// its age says when the registry was last read, not last changed.
+const SNAPSHOT_REFRESH: Duration = Duration::from_secs(3600);
+
+/// Writes the published state to the snapshot after each change and each
+/// complete listing (and hourly), never before the registry was read
+/// once. A task of its own: a slow disk delays no routing update.
+async fn write_snapshots(
+    path: std::path::PathBuf,
+    mut published: watch::Receiver<Published>,
+    listed: Arc<Notify>,
+) {
+    // What the receiver holds now came from the snapshot itself.
+    published.borrow_and_update();
+    let mut read_once = false;
+    loop {
+        // A change or a listing means the registry was read; the hourly
+        // refresh alone does not.
+        let read = tokio::select! {
+            changed = published.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                true
+            }
+            () = listed.notified() => true,
+            () = tokio::time::sleep(SNAPSHOT_REFRESH) => false,
+        };
+        read_once |= read;
+        if !read_once {
+            continue;
+        }
+        let services = Arc::clone(&published.borrow_and_update());
+        let path = path.clone();
+        match tokio::task::spawn_blocking(move || snapshot::write(&path, &services)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(%err, "registry: snapshot not written"),
+            Err(err) => warn!(%err, "registry: snapshot not written"),
+        }
+    }
+}
+
+/// Applies updates to the state, guards removals, publishes, and keeps
+/// the health metrics.
 async fn own_state(
     cfg: RegistryConfig,
     prefixes: Vec<String>,
     mut inbox: mpsc::Receiver<Update>,
     tx: watch::Sender<Published>,
     metrics: RegistryMetrics,
+    complete_listing: Arc<Notify>,
 ) {
     let mut state = RegistryState::new(&cfg.prefix);
     let mut guard = RemovalGuard::new(cfg.guard);
@@ -147,7 +195,11 @@ async fn own_state(
                     }
                 }
                 listed.insert(prefix);
+                metrics.listings.inc();
                 changed = true;
+                if listed.len() == prefixes.len() {
+                    complete_listing.notify_one();
+                }
             }
             Some(Update::Changes(changes)) => {
                 for change in changes {
@@ -199,17 +251,7 @@ async fn own_state(
         if *published == guarded.services {
             continue;
         }
-        let services = Arc::new(guarded.services);
-        if let Some(path) = &cfg.snapshot {
-            let (path, copy) = (path.clone(), Arc::clone(&services));
-            let written = tokio::task::spawn_blocking(move || snapshot::write(&path, &copy)).await;
-            match written {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => warn!(%err, "registry: snapshot not written"),
-                Err(err) => warn!(%err, "registry: snapshot not written"),
-            }
-        }
-        let _ = tx.send(services);
+        let _ = tx.send(Arc::new(guarded.services));
     }
 }
 
@@ -261,7 +303,7 @@ async fn round(
     prefixes: &[String],
     updates: &mpsc::Sender<Update>,
 ) -> String {
-    let client = match connect(cfg).await {
+    let client = match client::connect(&cfg.endpoints, &cfg.user).await {
         Ok(client) => client,
         Err(err) => return err,
     };
@@ -283,27 +325,6 @@ async fn round(
     }
 }
 
-async fn connect(cfg: &RegistryConfig) -> Result<Client, String> {
-    let mut options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(1))
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
-    if let Some((user, password)) = &cfg.user {
-        options = options.with_user(user, password);
-    }
-    tokio::time::timeout(
-        Duration::from_secs(3),
-        Client::connect(&cfg.endpoints, Some(options)),
-    )
-    .await
-    .map_err(|_| "connecting: no member answered within 3 s".to_string())?
-    .map_err(|e| format!("connecting: {e}"))
-}
-
-/// How long one listing may take.
-const LIST_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Lists `prefix`, then streams its changes until something fails.
 /// Returns only with the reason it stopped.
 async fn list_and_watch(
@@ -312,13 +333,11 @@ async fn list_and_watch(
     updates: mpsc::Sender<Update>,
 ) -> Result<(), String> {
     let closed = || "the registry's state owner is gone".to_string();
-    let listing = tokio::time::timeout(
-        LIST_TIMEOUT,
+    let listing = client::timed(
+        &format!("listing {prefix}"),
         client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
     )
-    .await
-    .map_err(|_| format!("listing {prefix}: timed out"))?
-    .map_err(|e| format!("listing {prefix}: {e}"))?;
+    .await?;
     let revision = listing
         .header()
         .map(|h| h.revision())
@@ -344,10 +363,11 @@ async fn list_and_watch(
         .with_prefix()
         .with_start_revision(revision + 1)
         .with_progress_notify();
-    let mut stream = client
-        .watch(prefix.as_str(), Some(options))
-        .await
-        .map_err(|e| format!("watching {prefix}: {e}"))?;
+    let mut stream = client::timed(
+        &format!("watching {prefix}"),
+        client.watch(prefix.as_str(), Some(options)),
+    )
+    .await?;
     updates
         .send(Update::Health {
             prefix: prefix.clone(),

@@ -34,6 +34,12 @@ impl RegistryState {
         match Key::parse(&self.prefix, key)? {
             Key::Service(id) => {
                 let record: ServiceRecord = parse_value(key, value)?;
+                if record.vip.port() == 0 {
+                    return Err(RecordError::Value {
+                        key: key.to_string(),
+                        why: "vip: port 0".into(),
+                    });
+                }
                 self.services.insert(id, record);
             }
             Key::Instance(service, id) => {
@@ -170,6 +176,13 @@ mod tests {
         assert!(s.put(key, b"{not json").is_err());
         assert!(s.put(key, br#"{"address": "10.1.0.1:0"}"#).is_err());
         assert!(s.put("/dataplane/v1/elsewhere/x", b"{}").is_err());
+        assert!(
+            s.put(
+                "/dataplane/v1/services/shop/cart",
+                br#"{"vip": "198.19.0.30:0"}"#
+            )
+            .is_err()
+        );
         assert_eq!(s.services()[0].endpoints.len(), 2, "nothing lost");
     }
 

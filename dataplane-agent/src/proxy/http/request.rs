@@ -312,10 +312,17 @@ async fn send_once(
     let protocol = translate::protocol_for(service.config.upstream_protocol, parts.version);
     let request = translate::upstream_request(parts, endpoint.addr, protocol, attempt_body)
         .map_err(|_| AttemptError::local(Failure::Reset, LocalFailure::Other))?;
-    let per_try = service
-        .policy()
-        .per_try_timeout()
-        .map(|t| Deadline::now() + t);
+    // A derived per-try timeout is there to leave time for a retry: a
+    // request that cannot be retried after a timeout keeps the whole
+    // request timeout (a set one always applies).
+    let policy = service.policy();
+    let may_retry =
+        policy.retries.attempts > 0 && (idempotent(parts) || policy.retries.retry_non_idempotent);
+    let per_try = match policy.retries.per_try_timeout {
+        None if !may_retry => None,
+        _ => policy.per_try_timeout(),
+    }
+    .map(|t| Deadline::now() + t);
     // Which limit applies, and whether running into it blames the
     // endpoint: its per-try timeout always does; the request deadline only
     // if the attempt was given at least half the request timeout (not a
