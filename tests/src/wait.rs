@@ -39,3 +39,14 @@ pub fn eventually<T>(
         std::thread::sleep(POLL_INTERVAL.min(deadline - now));
     }
 }
+
+/// A test's timeline from now: `at(s)` sleeps until `s` seconds after
+/// this call (at once if that has passed), so that scripted events keep
+/// their schedule however long each step took.
+pub fn timeline() -> impl Fn(u64) {
+    let started = Instant::now();
+    move |second| {
+        let due = started + Duration::from_secs(second);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+}

@@ -227,11 +227,7 @@ fn member_failures_under_load_fail_no_request() {
     mesh.put_instance("b1");
     mesh.put_instance("b2");
     mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(2));
-    let started = Instant::now();
-    let at = |second: u64| {
-        let due = started + Duration::from_secs(second);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-    };
+    let at = dataplane_tests::wait::timeline();
     let args = steady(100, 32);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let report = std::thread::scope(|scope| {
@@ -295,11 +291,7 @@ fn with_every_member_down_traffic_flows_and_the_agent_resyncs_after() {
         .expect("registry up");
     };
     healthy();
-    let started = Instant::now();
-    let at = |second: u64| {
-        let due = started + Duration::from_secs(second);
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-    };
+    let at = dataplane_tests::wait::timeline();
     let args = steady(50, 42);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (report, stale) = std::thread::scope(|scope| {

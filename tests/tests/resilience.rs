@@ -543,11 +543,7 @@ fn overlapping_failures_under_steady_load_fail_nothing_with_the_readme_example()
     let mut mesh =
         HttpMesh::start_as("trial", &backends(&["b1", "b2", "b3"]), "auto", "", &[]).expect("mesh");
     let url = format!("http://{ECHO_VIP}/");
-    let started = std::time::Instant::now();
-    let at = |second: u64| {
-        let due = started + Duration::from_secs(second);
-        std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
-    };
+    let at = dataplane_tests::wait::timeline();
     let report = std::thread::scope(|scope| {
         let HttpMesh {
             node,

@@ -117,11 +117,7 @@ fn ensure_protoc() -> anyhow::Result<()> {
         );
     }
     eprintln!("setup: installing protobuf-compiler (protoc, for the etcd client's build)");
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .arg("protobuf-compiler"))?;
+    apt_install(&["protobuf-compiler"])?;
     if !works() {
         bail!("protobuf-compiler was installed but protoc does not run");
     }
@@ -324,11 +320,17 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing {}", missing.join(" "));
+    apt_install(&missing)
+}
+
+/// `apt-get install` of `packages` (after an update of the lists), with
+/// no prompt and no recommended extras.
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing))
+        .args(packages))
 }
 
 /// `kubectl kustomize` renders deploy/ for the manifests test. Any kubectl
@@ -342,11 +344,7 @@ fn ensure_kubectl() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing kubernetes-client (kubectl, for the manifests test)");
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .arg("kubernetes-client"))?;
+    apt_install(&["kubernetes-client"])?;
     if !works() {
         bail!("kubernetes-client was installed but `kubectl kustomize` does not run");
     }
