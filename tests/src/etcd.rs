@@ -22,6 +22,16 @@ const ELECTION_MS: &str = "1000";
 pub struct EtcdCluster {
     pub members: Vec<Member>,
     data: PathBuf,
+    /// `root:<password>` once authentication is on: what `etcdctl` uses.
+    root: Mutex<Option<String>>,
+}
+
+/// An etcd user for [`EtcdCluster::enable_auth`]: name, password, and the
+/// key prefixes it may read (`read`) or read and write (`readwrite`).
+pub struct EtcdUser<'a> {
+    pub name: &'a str,
+    pub password: &'a str,
+    pub grants: &'a [(&'a str, &'a str)],
 }
 
 pub struct Member {
@@ -62,7 +72,11 @@ impl EtcdCluster {
                 proc: Mutex::new(None),
             });
         }
-        let cluster = EtcdCluster { members, data };
+        let cluster = EtcdCluster {
+            members,
+            data,
+            root: Mutex::new(None),
+        };
         for i in 0..size {
             cluster.spawn(node, i, "new")?;
         }
@@ -134,11 +148,67 @@ impl EtcdCluster {
 
     /// Runs `etcdctl` on the node against every member; its stdout.
     pub fn etcdctl(&self, node: &SimNode, args: &[&str]) -> anyhow::Result<String> {
+        let root = self
+            .root
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        self.run_etcdctl(node, root.as_deref(), args)
+    }
+
+    /// Runs `etcdctl` as `user:password`; its stdout.
+    pub fn etcdctl_as(&self, node: &SimNode, user: &str, args: &[&str]) -> anyhow::Result<String> {
+        self.run_etcdctl(node, Some(user), args)
+    }
+
+    /// Turns authentication on with a root user and `users`, each with a
+    /// role of its own holding its grants. `etcdctl` acts as root after.
+    pub fn enable_auth(&self, node: &SimNode, users: &[EtcdUser<'_>]) -> anyhow::Result<()> {
+        let root_password = "root-secret";
+        self.etcdctl(node, &["user", "add", &format!("root:{root_password}")])?;
+        self.etcdctl(node, &["user", "grant-role", "root", "root"])?;
+        for user in users {
+            let role = format!("role-{}", user.name);
+            self.etcdctl(node, &["role", "add", &role])?;
+            for (permission, prefix) in user.grants {
+                self.etcdctl(
+                    node,
+                    &[
+                        "role",
+                        "grant-permission",
+                        &role,
+                        permission,
+                        "--prefix=true",
+                        prefix,
+                    ],
+                )?;
+            }
+            self.etcdctl(
+                node,
+                &["user", "add", &format!("{}:{}", user.name, user.password)],
+            )?;
+            self.etcdctl(node, &["user", "grant-role", user.name, &role])?;
+        }
+        self.etcdctl(node, &["auth", "enable"])?;
+        *self.root.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(format!("root:{root_password}"));
+        Ok(())
+    }
+
+    fn run_etcdctl(
+        &self,
+        node: &SimNode,
+        user: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<String> {
         let mut cmd = Command::new("etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoints()))
-            .args(["--dial-timeout=1s", "--command-timeout=3s"])
-            .args(args);
+            .args(["--dial-timeout=1s", "--command-timeout=3s"]);
+        if let Some(user) = user {
+            cmd.arg(format!("--user={user}"));
+        }
+        cmd.args(args);
         let out = node.run_on_node(cmd, Duration::from_secs(10))?;
         if !out.status.success() {
             bail!(

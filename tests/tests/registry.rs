@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use dataplane_tests::agent::Agent;
-use dataplane_tests::etcd::EtcdCluster;
+use dataplane_tests::etcd::{EtcdCluster, EtcdUser};
 use dataplane_tests::http_peers::{self, LoadReport};
 use dataplane_tests::scenario::{ECHO_VIP, backend_addr};
 use dataplane_tests::{Pod, Proc, SimNode, binaries, eventually, require_privileges};
@@ -32,6 +32,17 @@ struct RegistryNode {
 
 impl RegistryNode {
     fn start(hint: &str, backends: &[&str], agent_args: &[&str]) -> RegistryNode {
+        Self::start_with(hint, backends, agent_args, |_, _| {})
+    }
+
+    /// [`RegistryNode::start`], with `prepare` run on the registry before
+    /// the agent starts.
+    fn start_with(
+        hint: &str,
+        backends: &[&str],
+        agent_args: &[&str],
+        prepare: impl FnOnce(&SimNode, &EtcdCluster),
+    ) -> RegistryNode {
         let mut node = SimNode::new(hint).expect("node");
         let etcd = EtcdCluster::start(&mut node, 3).expect("etcd cluster");
         let client = node.add_pod("client").expect("pod");
@@ -52,6 +63,7 @@ impl RegistryNode {
             ],
         )
         .expect("service record");
+        prepare(&node, &etcd);
         let snapshot = Agent::work_dir_of(&node).join("registry.snapshot");
         let config = format!(
             "pods:\n  - uid: {}\n    name: client\n    ip: {}\n",
@@ -508,4 +520,87 @@ fn published_mesh_services_are_readable_by_a_client_outside_the_mesh() {
         Ok(())
     })
     .expect("the lease took the keys");
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn with_etcd_auth_a_tenant_registers_only_under_its_own_prefix() {
+    if !require_privileges("with_etcd_auth_a_tenant_registers_only_under_its_own_prefix") {
+        return;
+    }
+    let roles = |node: &SimNode, etcd: &EtcdCluster| {
+        let users = [
+            // The node agent reads its tenant's services and instances.
+            EtcdUser {
+                name: "agent",
+                password: "agent-secret",
+                grants: &[
+                    ("read", "/dataplane/v1/services/shop/"),
+                    ("read", "/dataplane/v1/instances/shop/"),
+                ],
+            },
+            // A tenant's registrants write its instances, nothing else.
+            EtcdUser {
+                name: "shop-registrar",
+                password: "shop-secret",
+                grants: &[("readwrite", "/dataplane/v1/instances/shop/")],
+            },
+        ];
+        etcd.enable_auth(node, &users).expect("etcd auth");
+    };
+    let mesh = RegistryNode::start_with(
+        "auth",
+        &["b1"],
+        &[
+            "--tenant=shop",
+            "--etcd-user=agent",
+            "--etcd-password=agent-secret",
+        ],
+        roles,
+    );
+    let register_as = |tenant: &str| {
+        let mut cmd = Command::new(binaries::agent().expect("agent binary"));
+        cmd.args([
+            "register",
+            &format!("--etcd-endpoints={}", mesh.etcd.endpoints()),
+            "--etcd-user=shop-registrar",
+            &format!("--tenant={tenant}"),
+            "--service=web",
+            "--id=b1",
+            &format!("--address={}", backend_addr(mesh.backend("b1"))),
+        ])
+        .env("DATAPLANE_ETCD_PASSWORD", "shop-secret")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        mesh.node.spawn_on_node(cmd).expect("register")
+    };
+    // Into another tenant's service: refused, and said so.
+    let out = register_as("other")
+        .output_timeout(Duration::from_secs(15))
+        .expect("register exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("/dataplane/v1/instances/other/web/b1")
+            && stderr.contains("permission denied"),
+        "{stderr}"
+    );
+    // Into its own: registered, and the agent (reading as its own user)
+    // routes to it.
+    let mut own = register_as("shop");
+    own.wait_for_line(Duration::from_secs(10), |l| l.starts_with("registered"))
+        .expect("registered");
+    mesh.wait_endpoints(&["b1"], Duration::from_secs(2));
+    let report = mesh.load(&["--requests", "20"]).expect("load");
+    assert_eq!(report.ok, 20, "{report:?}");
+    let pid = libc::pid_t::try_from(own.pid()).expect("pid");
+    // SAFETY: kill(2) on a child this test spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = own.output_timeout(Duration::from_secs(10)).expect("exits");
+    assert!(
+        out.status.success(),
+        "deregistered: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    mesh.wait_endpoints(&[], Duration::from_secs(1));
 }

@@ -1,6 +1,6 @@
 //! `dataplane-agent register`: keeps one instance registered under a lease
-//! until the process is stopped. A graceful stop revokes the lease (the
-//! instance is gone at once); a crash stops the keep-alives and etcd
+//! until the process is stopped. A graceful stop deletes the instance and
+//! revokes the lease; a crash stops the keep-alives and etcd
 //! deletes the instance when the lease expires (its TTL later).
 
 use std::time::Duration;
@@ -118,12 +118,19 @@ pub async fn run(
         reason = keep_alive => bail!("{key}: {reason}; the instance is no longer registered"),
         () = stop => {}
     }
+    // The key first, then the lease: a delete needs only the write
+    // permission the registrant has anyway, while etcd 3.4 refuses some
+    // authenticated lease revocations ("user name is empty"); the lease,
+    // if it survives, expires with nothing attached.
     client::timed(
-        &format!("revoking lease {lease:x} ({key} stays until its TTL)"),
-        client.lease_revoke(lease),
+        &format!("deleting {key} (it stays until its lease expires)"),
+        client.delete(key.as_str(), None),
     )
     .await
     .map_err(anyhow::Error::msg)?;
+    if let Err(err) = client::timed("revoking the lease", client.lease_revoke(lease)).await {
+        warn!(%err, "the lease expires on its own");
+    }
     info!(%key, "deregistered");
     println!("deregistered {key}");
     Ok(())
