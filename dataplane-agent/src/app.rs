@@ -86,7 +86,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // capture for a moment.
     let registry_metrics = crate::registry::metrics::RegistryMetrics::default();
     let registry = settings.registry.clone().map(|cfg| {
-        info!(endpoints = ?cfg.endpoints, prefix = %cfg.prefix, "reading the service registry");
+        info!(endpoints = ?cfg.access.endpoints, prefix = %cfg.prefix, "reading the service registry");
         crate::registry::source::start(cfg, registry_metrics.clone())
     });
     let initial = match &registry {
@@ -121,12 +121,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         reconciler.services(&rt.config);
     }
     if let Some(cfg) = settings.registry.as_ref().filter(|c| c.publish) {
-        crate::registry::publish::start(
-            cfg.endpoints.clone(),
-            cfg.prefix.clone(),
-            cfg.user.clone(),
-            rt.watch_file(),
-        );
+        crate::registry::publish::start(cfg.access.clone(), cfg.prefix.clone(), rt.watch_file());
     }
     tokio::spawn(Arc::clone(&rt.proxy).serve(listener));
     rt.proxy

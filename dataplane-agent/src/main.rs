@@ -211,11 +211,27 @@ struct EtcdArgs {
     /// Prefer the environment variable: a flag shows in `ps`.
     #[arg(long, env = "DATAPLANE_ETCD_PASSWORD", hide_env_values = true)]
     etcd_password: Option<String>,
+    /// PEM file of the CA that signed the members' certificates: TLS to
+    /// `https://` endpoints.
+    #[arg(long, env = "DATAPLANE_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate and key, for members that require one.
+    #[arg(long, env = "DATAPLANE_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "DATAPLANE_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
 }
 
 impl EtcdArgs {
-    fn user(&self) -> Option<(String, String)> {
-        Some((self.etcd_user.clone()?, self.etcd_password.clone()?))
+    fn access(&self) -> registry::client::Access {
+        registry::client::Access {
+            endpoints: self.etcd_endpoints.clone(),
+            user: self.etcd_user.clone().zip(self.etcd_password.clone()),
+            tls: self.etcd_ca.clone().map(|ca| registry::client::TlsFiles {
+                ca,
+                identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+            }),
+        }
     }
 }
 
@@ -273,10 +289,9 @@ impl RegistryArgs {
             );
         }
         Ok(Some(registry::source::RegistryConfig {
-            endpoints: self.etcd.etcd_endpoints.clone(),
+            access: self.etcd.access(),
             prefix: self.etcd.etcd_prefix.trim_end_matches('/').to_string(),
             tenants: self.tenants.clone(),
-            user: self.etcd.user(),
             snapshot: Some(self.registry_snapshot.clone()),
             snapshot_max_age: self.registry_snapshot_max_age,
             publish: self.publish,
@@ -421,9 +436,8 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("--etcd-endpoints: give at least one etcd member");
             }
             let registration = registry::register::Registration {
-                endpoints: args.etcd.etcd_endpoints.clone(),
+                access: args.etcd.access(),
                 prefix: args.etcd.etcd_prefix.trim_end_matches('/').to_string(),
-                user: args.etcd.user(),
                 service: registry::layout::ServiceId {
                     tenant: args.tenant,
                     name: args.service,

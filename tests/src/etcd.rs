@@ -40,6 +40,8 @@ pub struct Member {
     /// Behind a lock so that a test can kill and restart members while
     /// another thread uses the cluster.
     proc: Mutex<Option<Proc>>,
+    /// Clients speak TLS to it (`https://`).
+    tls: bool,
 }
 
 impl Member {
@@ -48,7 +50,8 @@ impl Member {
     }
 
     pub fn client_url(&self) -> String {
-        format!("http://{}:2379", self.ip())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}:2379", self.ip())
     }
 
     fn peer_url(&self) -> String {
@@ -59,6 +62,16 @@ impl Member {
 impl EtcdCluster {
     /// Starts `size` members (pods `etcd1`...) and waits for a leader.
     pub fn start(node: &mut SimNode, size: usize) -> anyhow::Result<EtcdCluster> {
+        Self::start_with(node, size, false)
+    }
+
+    /// [`EtcdCluster::start`] with TLS for clients: a CA made for the test
+    /// ([`EtcdCluster::ca`]) signs each member's certificate for its IP.
+    pub fn start_tls(node: &mut SimNode, size: usize) -> anyhow::Result<EtcdCluster> {
+        Self::start_with(node, size, true)
+    }
+
+    fn start_with(node: &mut SimNode, size: usize, tls: bool) -> anyhow::Result<EtcdCluster> {
         let data = std::env::temp_dir().join(format!("dataplane-etcd-{}", node.id()));
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data)?;
@@ -70,7 +83,11 @@ impl EtcdCluster {
                 name,
                 pod,
                 proc: Mutex::new(None),
+                tls,
             });
+        }
+        if tls {
+            make_certificates(&data, &members)?;
         }
         let cluster = EtcdCluster {
             members,
@@ -127,6 +144,13 @@ impl EtcdCluster {
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
+        if member.tls {
+            let pem = |ext: &str| self.data.join(format!("{}.{ext}", member.name));
+            cmd.arg("--cert-file")
+                .arg(pem("pem"))
+                .arg("--key-file")
+                .arg(pem("key"));
+        }
         let proc = node
             .spawn_in_pod(&member.pod, cmd)
             .with_context(|| format!("starting {} (is etcd-server installed?)", member.name))?;
@@ -207,6 +231,9 @@ impl EtcdCluster {
             .args(["--dial-timeout=1s", "--command-timeout=3s"]);
         if let Some(user) = user {
             cmd.arg(format!("--user={user}"));
+        }
+        if self.members.iter().any(|m| m.tls) {
+            cmd.arg(format!("--cacert={}", self.ca().display()));
         }
         cmd.args(args);
         let out = node.run_on_node(cmd, Duration::from_secs(10))?;
@@ -332,6 +359,82 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+impl EtcdCluster {
+    /// The CA of a TLS cluster (PEM), for `--etcd-ca`.
+    pub fn ca(&self) -> PathBuf {
+        self.data.join("ca.pem")
+    }
+}
+
+/// A CA, and per member a key and a certificate for its IP signed by it
+/// (`<name>.key`, `<name>.pem`), with the `openssl` command line.
+fn make_certificates(dir: &std::path::Path, members: &[Member]) -> anyhow::Result<()> {
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running openssl")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dataplane-test-ca",
+    ]);
+    openssl(&ca)?;
+    for m in members {
+        let (key, csr, pem, ext) = (
+            format!("{}.key", m.name),
+            format!("{}.csr", m.name),
+            format!("{}.pem", m.name),
+            format!("{}.ext", m.name),
+        );
+        std::fs::write(dir.join(&ext), format!("subjectAltName=IP:{}\n", m.ip()))?;
+        let subject = format!("/CN={}", m.name);
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+        openssl(&req)?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ])?;
+    }
+    Ok(())
 }
 
 impl Drop for EtcdCluster {

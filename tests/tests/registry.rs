@@ -23,6 +23,9 @@ const INSTANCES: &str = "/dataplane/v1/instances/shop/web/";
 /// registry; the config file only enrolls the client pod.
 struct RegistryNode {
     agent: Agent,
+    /// What every registry client of the test needs besides the endpoints
+    /// (the CA, for TLS).
+    client_args: Vec<String>,
     backends: Vec<(Pod, Proc)>,
     client: Pod,
     etcd: EtcdCluster,
@@ -43,8 +46,25 @@ impl RegistryNode {
         agent_args: &[&str],
         prepare: impl FnOnce(&SimNode, &EtcdCluster),
     ) -> RegistryNode {
+        Self::start_opts(hint, backends, agent_args, false, prepare)
+    }
+
+    /// `tls`: the members speak TLS to clients (the agent and `register`
+    /// are given the test CA).
+    fn start_opts(
+        hint: &str,
+        backends: &[&str],
+        agent_args: &[&str],
+        tls: bool,
+        prepare: impl FnOnce(&SimNode, &EtcdCluster),
+    ) -> RegistryNode {
         let mut node = SimNode::new(hint).expect("node");
-        let etcd = EtcdCluster::start(&mut node, 3).expect("etcd cluster");
+        let etcd = if tls {
+            EtcdCluster::start_tls(&mut node, 3)
+        } else {
+            EtcdCluster::start(&mut node, 3)
+        }
+        .expect("etcd cluster");
         let client = node.add_pod("client").expect("pod");
         let backends = backends
             .iter()
@@ -69,10 +89,16 @@ impl RegistryNode {
             "pods:\n  - uid: {}\n    name: client\n    ip: {}\n",
             client.uid, client.ip
         );
+        let client_args = if tls {
+            vec![format!("--etcd-ca={}", etcd.ca().display())]
+        } else {
+            Vec::new()
+        };
         let mut args = vec![
             format!("--etcd-endpoints={}", etcd.endpoints()),
             format!("--registry-snapshot={}", snapshot.display()),
         ];
+        args.extend(client_args.iter().cloned());
         // Removals apply at once unless the test is about holding them.
         if !agent_args.iter().any(|a| a.starts_with("--registry-hold=")) {
             args.push("--registry-hold=0s".to_string());
@@ -82,6 +108,7 @@ impl RegistryNode {
         let agent = Agent::start_with(&node, &config, &args).expect("agent");
         RegistryNode {
             agent,
+            client_args,
             backends,
             client,
             etcd,
@@ -172,6 +199,7 @@ fn register(mesh: &RegistryNode, name: &str, ttl: &str) -> Proc {
         &format!("--ttl={ttl}"),
         "--metadata=version=2",
     ])
+    .args(&mesh.client_args)
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
     let mut proc = mesh.node.spawn_on_node(cmd).expect("register");
@@ -603,4 +631,35 @@ fn with_etcd_auth_a_tenant_registers_only_under_its_own_prefix() {
         String::from_utf8_lossy(&out.stderr)
     );
     mesh.wait_endpoints(&[], Duration::from_secs(1));
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn the_registry_over_tls() {
+    if !require_privileges("the_registry_over_tls") {
+        return;
+    }
+    let mesh = RegistryNode::start_opts("tls", &["b1", "b2"], &[], true, |_, _| {});
+    let mut b1 = register(&mesh, "b1", "5s");
+    mesh.put_instance("b2");
+    mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(2));
+    let report = mesh.load(&["--requests", "20"]).expect("load");
+    assert_eq!(report.ok, 20, "{report:?}");
+    sigterm(&mut b1);
+    mesh.wait_endpoints(&["b2"], Duration::from_secs(1));
+    // Without the CA, the members' certificates are not trusted: said so.
+    let mut cmd = Command::new(binaries::agent().expect("agent binary"));
+    cmd.args([
+        "register",
+        &format!("--etcd-endpoints={}", mesh.etcd.endpoints()),
+        "--tenant=shop",
+        "--service=web",
+        "--id=b1",
+        &format!("--address={}", backend_addr(mesh.backend("b1"))),
+    ]);
+    let out = mesh
+        .node
+        .run_on_node(cmd, Duration::from_secs(15))
+        .expect("register exits");
+    assert!(!out.status.success());
 }

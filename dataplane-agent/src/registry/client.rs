@@ -3,10 +3,48 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use std::path::PathBuf;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 /// Bound on one request (a listing, a put, a lease call) to a member.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How to reach and log in to the registry.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Member client URLs (`http://` or, with `tls`, `https://`).
+    pub endpoints: Vec<String>,
+    /// User and password, when etcd authentication is on.
+    pub user: Option<(String, String)>,
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for TLS to the members.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the members' certificates.
+    pub ca: PathBuf,
+    /// A client certificate and key, when the members require one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsFiles {
+    fn options(&self) -> Result<TlsOptions, String> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+        };
+        let mut tls =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(read(&self.ca, "--etcd-ca")?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(
+                read(cert, "--etcd-cert")?,
+                read(key, "--etcd-key")?,
+            ));
+        }
+        Ok(tls)
+    }
+}
 
 /// Connects to the cluster (the client balances over every member).
 ///
@@ -16,17 +54,18 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// `too_many_pings`, and grpc-go's own clients never ping more than every
 /// 10 s. Watches require a leader: a member cut off from the others ends
 /// them (instead of leaving them silent), so they move to another member.
-pub async fn connect(
-    endpoints: &[String],
-    user: &Option<(String, String)>,
-) -> Result<Client, String> {
+pub async fn connect(access: &Access) -> Result<Client, String> {
+    let endpoints = &access.endpoints;
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(1))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
-    if let Some((name, password)) = user {
+    if let Some((name, password)) = &access.user {
         options = options.with_user(name, password);
+    }
+    if let Some(tls) = &access.tls {
+        options = options.with_tls(tls.options()?);
     }
     tokio::time::timeout(CALL_TIMEOUT, Client::connect(endpoints, Some(options)))
         .await

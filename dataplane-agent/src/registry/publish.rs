@@ -57,16 +57,11 @@ pub fn records(prefix: &str, services: &[Service]) -> BTreeMap<String, String> {
 
 /// Publishes the config file's services from `files` (the latest file
 /// config) until the process ends.
-pub fn start(
-    endpoints: Vec<String>,
-    prefix: String,
-    user: Option<(String, String)>,
-    files: watch::Receiver<MeshConfig>,
-) {
+pub fn start(access: client::Access, prefix: String, files: watch::Receiver<MeshConfig>) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
-            let err = publish(&endpoints, &prefix, &user, files.clone()).await;
+            let err = publish(&access, &prefix, files.clone()).await;
             warn!(error = %err, retry_in = ?backoff, "registry: publishing interrupted");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -77,12 +72,11 @@ pub fn start(
 /// One session: a lease, kept alive, and the keys kept equal to the
 /// config under it. Returns why it ended.
 async fn publish(
-    endpoints: &[String],
+    access: &client::Access,
     prefix: &str,
-    user: &Option<(String, String)>,
     files: watch::Receiver<MeshConfig>,
 ) -> String {
-    let mut client = match client::connect(endpoints, user).await {
+    let mut client = match client::connect(access).await {
         Ok(client) => client,
         Err(err) => return err,
     };

@@ -15,9 +15,8 @@ use super::layout::{InstanceRecord, ServiceId, instance_key, valid_segment};
 /// What to register, and where.
 #[derive(Debug, Clone)]
 pub struct Registration {
-    pub endpoints: Vec<String>,
+    pub access: client::Access,
     pub prefix: String,
-    pub user: Option<(String, String)>,
     pub service: ServiceId,
     pub id: String,
     pub instance: InstanceRecord,
@@ -44,7 +43,7 @@ pub async fn run(
     if ttl < 2 {
         bail!("--ttl: at least 2s (keep-alives go every third of it)");
     }
-    let mut client = client::connect(&reg.endpoints, &reg.user)
+    let mut client = client::connect(&reg.access)
         .await
         .map_err(anyhow::Error::msg)?;
     let lease = client::timed("granting a lease", client.lease_grant(ttl, None))

@@ -28,13 +28,12 @@ use crate::config;
 /// How to reach the registry and what to do with it.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
-    /// Member client URLs, e.g. `http://10.0.0.1:2379`.
-    pub endpoints: Vec<String>,
+    /// The members, and how to log in.
+    pub access: client::Access,
     /// Key prefix of the layout, e.g. `/dataplane/v1`.
     pub prefix: String,
     /// Tenants read; empty: all.
     pub tenants: Vec<String>,
-    pub user: Option<(String, String)>,
     /// Where the last good state is kept; `None`: nowhere.
     pub snapshot: Option<std::path::PathBuf>,
     /// A snapshot older than this is not used.
@@ -303,7 +302,7 @@ async fn round(
     prefixes: &[String],
     updates: &mpsc::Sender<Update>,
 ) -> String {
-    let client = match client::connect(&cfg.endpoints, &cfg.user).await {
+    let client = match client::connect(&cfg.access).await {
         Ok(client) => client,
         Err(err) => return err,
     };
