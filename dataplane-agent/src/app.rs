@@ -97,7 +97,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // they are attached, even when their tables are new, empty maps (a new
     // maps directory, or a pinned map of another layout replaced); until
     // then a previous agent's programs keep capturing with their own.
-    let mut reconciler = Reconciler::start(tables, pods_cgroup, proxy_cgroup, &initial);
+    let node_seed = u32::from(*settings.proxy_addr.ip()) as usize;
+    let mut reconciler = Reconciler::start(tables, pods_cgroup, proxy_cgroup, node_seed, &initial);
     programs
         .attach()
         .context("attaching the capture programs")?;

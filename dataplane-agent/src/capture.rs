@@ -98,8 +98,8 @@ pub struct CaptureConfig {
 /// listens on the node (the agent crashed, or stopped with no successor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum FailMode {
-    /// Straight to one of the service's endpoints (the first eight, picked
-    /// at random), without the proxy's policies, until a proxy listens
+    /// Straight to one of the service's endpoints (eight kept per node, one
+    /// picked at random), without the proxy's policies, until a proxy listens
     /// again: the node's traffic survives the agent.
     #[default]
     Open,

@@ -180,6 +180,44 @@ impl EtcdCluster {
         self.run_etcdctl(node, root.as_deref(), args)
     }
 
+    /// Writes many keys: transactions of 100 puts (etcd's default limit of
+    /// operations per transaction is 128).
+    pub fn put_many(&self, node: &SimNode, pairs: &[(String, String)]) -> anyhow::Result<()> {
+        for chunk in pairs.chunks(100) {
+            let mut script = String::from("\n");
+            for (key, value) in chunk {
+                // etcdctl's transaction syntax: a double-quoted,
+                // backslash-escaped value.
+                let quoted = value.replace('\\', "\\\\").replace('"', "\\\"");
+                script.push_str(&format!("put {key} \"{quoted}\"\n"));
+            }
+            script.push_str("\n\n");
+            let path = self.data.join("txn.txt");
+            std::fs::write(&path, script)?;
+            let root = self
+                .root
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c").arg(format!(
+                "ETCDCTL_API=3 etcdctl --endpoints={} {} txn < {}",
+                self.endpoints(),
+                root.map(|r| format!("--user={r}")).unwrap_or_default(),
+                path.display()
+            ));
+            let out = node.run_on_node(cmd, Duration::from_secs(20))?;
+            if !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("SUCCESS") {
+                bail!(
+                    "etcdctl txn: {} {}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `etcdctl` as `user:password`; its stdout.
     pub fn etcdctl_as(&self, node: &SimNode, user: &str, args: &[&str]) -> anyhow::Result<String> {
         self.run_etcdctl(node, Some(user), args)

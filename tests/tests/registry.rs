@@ -663,3 +663,43 @@ fn the_registry_over_tls() {
         .expect("register exits");
     assert!(!out.status.success());
 }
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn a_large_registry_is_read_in_pages() {
+    if !require_privileges("a_large_registry_is_read_in_pages") {
+        return;
+    }
+    // 1,050 instances of one service, written before the agent starts:
+    // its first listing takes three pages (500 keys each).
+    let bulk = |node: &SimNode, etcd: &EtcdCluster| {
+        let mut pairs = vec![(
+            "/dataplane/v1/services/shop/bulk".to_string(),
+            r#"{"vip": "198.19.0.12:80"}"#.to_string(),
+        )];
+        pairs.extend((0..1050).map(|i| {
+            (
+                format!("/dataplane/v1/instances/shop/bulk/i{i:04}"),
+                format!(
+                    r#"{{"address": "10.200.{}.{}:8080"}}"#,
+                    i / 200,
+                    i % 200 + 1
+                ),
+            )
+        }));
+        etcd.put_many(node, &pairs).expect("bulk write");
+    };
+    let mesh = RegistryNode::start_with("pages", &["b1"], &[], bulk);
+    eventually("every instance", Duration::from_secs(10), || {
+        let dump: serde_json::Value = serde_json::from_str(&mesh.agent.get("/config_dump")?)?;
+        let bulk = dump["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == "bulk")
+            .map_or(0, |s| s["endpoints"].as_array().map_or(0, Vec::len));
+        anyhow::ensure!(bulk == 1050, "{bulk} endpoints");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", mesh.agent.log()));
+}

@@ -29,6 +29,10 @@ pub struct Reconciler {
     last_absent: BTreeSet<String>,
     last_enrolled: usize,
     last_stats: CaptureStats,
+    /// Which of a service's endpoints this node keeps for fail-open (a
+    /// different slice on each node, so that an outage of every agent
+    /// does not send the whole mesh to a service's first eight).
+    node_seed: usize,
     /// None when inotify is unavailable: then only the periodic pass
     /// enrolls new pods.
     _watcher: Option<PodCgroupWatcher>,
@@ -52,13 +56,17 @@ impl Reconciler {
     /// fills the tables from `cfg` (services, then the enrolled pods found
     /// now). Once this returns, programs reading the tables capture what
     /// `cfg` says: attach them only then.
+    /// `node_seed`: anything that differs between nodes (the node's
+    /// address).
     pub fn start(
         tables: Tables,
         pods_root: PathBuf,
         proxy_cgroup: PathBuf,
+        node_seed: usize,
         cfg: &MeshConfig,
     ) -> Self {
         let mut reconciler = Self::new(tables, pods_root, proxy_cgroup);
+        reconciler.node_seed = node_seed;
         reconciler.services(cfg);
         reconciler.enrollment(cfg);
         reconciler
@@ -91,6 +99,7 @@ impl Reconciler {
             last_absent: BTreeSet::new(),
             last_enrolled: usize::MAX,
             last_stats: CaptureStats::default(),
+            node_seed: 0,
             _watcher: watcher,
         }
     }
@@ -106,7 +115,7 @@ impl Reconciler {
                     port: svc.vip.port(),
                     _pad: 0,
                 };
-                (key, service_value(svc))
+                (key, service_value(svc, self.node_seed))
             })
             .collect();
         let report = lock(&self.shared).tables.sync_services(&desired);
@@ -191,11 +200,14 @@ fn log_report(table: &str, report: &SyncReport) {
     }
 }
 
-/// What the connect hooks know of a service: its first endpoints, where a
-/// connect goes when no proxy listens and the agent fails open.
-fn service_value(svc: &crate::config::Service) -> ServiceValue {
+/// What the connect hooks know of a service: up to eight of its endpoints,
+/// from the `seed`-th on (wrapping), where a connect goes when no proxy
+/// listens and the agent fails open.
+fn service_value(svc: &crate::config::Service, seed: usize) -> ServiceValue {
     let mut value = ServiceValue::default();
-    for (slot, ep) in value.endpoints.iter_mut().zip(&svc.endpoints) {
+    let n = svc.endpoints.len();
+    let rotated = svc.endpoints.iter().cycle().skip(seed % n.max(1)).take(n);
+    for (slot, ep) in value.endpoints.iter_mut().zip(rotated) {
         *slot = Endpoint {
             ip4: u32::from_ne_bytes(ep.address.ip().octets()),
             port: ep.address.port(),
@@ -219,7 +231,7 @@ mod tests {
             "services:\n  - name: s\n    vip: 198.19.0.1:80\n    endpoints: [{endpoints}]\n"
         );
         let cfg = MeshConfig::parse(&yaml, std::path::Path::new("t.yaml")).expect("valid");
-        let value = service_value(&cfg.services[0]);
+        let value = service_value(&cfg.services[0], 0);
         assert_eq!(
             value.count as usize,
             dataplane_common::capacity::FALLBACK_ENDPOINTS
@@ -238,6 +250,10 @@ mod tests {
             std::path::Path::new("t.yaml"),
         )
         .expect("valid");
-        assert_eq!(service_value(&none.services[0]).count, 0);
+        assert_eq!(service_value(&none.services[0], 3).count, 0);
+        // Another node keeps another slice, wrapping round.
+        let value = service_value(&cfg.services[0], 5);
+        let ports: Vec<u16> = value.endpoints.iter().map(|e| e.port).collect();
+        assert_eq!(ports, [8006, 8007, 8008, 8009, 8010, 8001, 8002, 8003]);
     }
 }

@@ -8,7 +8,9 @@
 //! without it.
 //!
 //! Format: one header line of JSON, then the body (JSON, the services):
-//! `{"format":1,"writtenAtMs":<unix ms>,"length":<body bytes>,"fnv1a64":"<hex>"}`.
+//! `{"format":1,"writtenAtMs":<unix ms>,"scope":"<prefixes read>","length":<body bytes>,"fnv1a64":"<hex>"}`.
+//! `scope` names what was read (prefix and tenants): an agent that reads
+//! something else does not route from it.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,7 @@ pub enum SnapshotError {
 struct Header {
     format: u32,
     written_at_ms: u64,
+    scope: String,
     length: usize,
     fnv1a64: String,
 }
@@ -62,8 +65,8 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Writes `services` to `path` atomically.
-pub fn write(path: &Path, services: &[config::Service]) -> Result<(), SnapshotError> {
+/// Writes `services`, read from `scope`, to `path` atomically.
+pub fn write(path: &Path, scope: &str, services: &[config::Service]) -> Result<(), SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
@@ -72,6 +75,7 @@ pub fn write(path: &Path, services: &[config::Service]) -> Result<(), SnapshotEr
     let header = Header {
         format: FORMAT,
         written_at_ms: unix_ms(SystemTime::now()),
+        scope: scope.to_string(),
         length: body.len(),
         fnv1a64: format!("{:016x}", fnv1a64(&body)),
     };
@@ -97,8 +101,9 @@ pub fn write(path: &Path, services: &[config::Service]) -> Result<(), SnapshotEr
         .map_err(io)
 }
 
-/// Reads the snapshot at `path`; older than `max_age`: an error.
-pub fn read(path: &Path, max_age: Duration) -> Result<Snapshot, SnapshotError> {
+/// Reads the snapshot at `path`; written for another `scope` or older than
+/// `max_age`: an error.
+pub fn read(path: &Path, scope: &str, max_age: Duration) -> Result<Snapshot, SnapshotError> {
     let text = std::fs::read(path).map_err(|source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
@@ -118,6 +123,12 @@ pub fn read(path: &Path, max_age: Duration) -> Result<Snapshot, SnapshotError> {
         return Err(invalid(format!(
             "format {} (this agent reads {FORMAT})",
             header.format
+        )));
+    }
+    if header.scope != scope {
+        return Err(invalid(format!(
+            "written for {:?}, this agent reads {scope:?}",
+            header.scope
         )));
     }
     if body.len() != header.length {
@@ -168,12 +179,13 @@ mod tests {
     }
 
     const DAY: Duration = Duration::from_secs(86_400);
+    const S: &str = "/dataplane/v1/";
 
     #[test]
     fn round_trips() {
         let path = tmp("ok");
-        write(&path, &services()).unwrap();
-        let snap = read(&path, DAY).unwrap();
+        write(&path, S, &services()).unwrap();
+        let snap = read(&path, S, DAY).unwrap();
         assert_eq!(snap.services, services());
         assert!(snap.age < Duration::from_secs(60));
         let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
@@ -183,7 +195,7 @@ mod tests {
     #[test]
     fn damaged_snapshots_are_refused_with_the_reason() {
         let path = tmp("bad");
-        write(&path, &services()).unwrap();
+        write(&path, S, &services()).unwrap();
         let good = std::fs::read(&path).unwrap();
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("truncated", good[..good.len() - 7].to_vec()),
@@ -205,7 +217,7 @@ mod tests {
         ];
         for (want, bytes) in cases {
             std::fs::write(&path, bytes).unwrap();
-            let err = read(&path, DAY).expect_err(want).to_string();
+            let err = read(&path, S, DAY).expect_err(want).to_string();
             assert!(err.contains(want), "{want}: {err}");
             assert!(err.contains("ignored"), "{err}");
         }
@@ -214,7 +226,13 @@ mod tests {
         let at = text.find("\"writtenAtMs\":").unwrap() + "\"writtenAtMs\":".len();
         let end = at + text[at..].find(',').unwrap();
         std::fs::write(&path, format!("{}1000{}", &text[..at], &text[end..])).unwrap();
-        let err = read(&path, DAY).expect_err("too old").to_string();
+        let err = read(&path, S, DAY).expect_err("too old").to_string();
         assert!(err.contains("trusted"), "{err}");
+        // Another agent's scope (other tenants): not used.
+        write(&path, S, &services()).unwrap();
+        let err = read(&path, "/dataplane/v1/services/b/", DAY)
+            .expect_err("scope")
+            .to_string();
+        assert!(err.contains("written for"), "{err}");
     }
 }

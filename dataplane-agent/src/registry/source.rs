@@ -75,7 +75,13 @@ pub fn start(cfg: RegistryConfig, metrics: RegistryMetrics) -> watch::Receiver<P
     let prefixes = read_prefixes(&cfg.prefix, &cfg.tenants);
     let listed = Arc::new(Notify::new());
     if let Some(path) = cfg.snapshot.clone() {
-        tokio::spawn(write_snapshots(path, rx.clone(), Arc::clone(&listed)));
+        let scope = prefixes.join(",");
+        tokio::spawn(write_snapshots(
+            path,
+            scope,
+            rx.clone(),
+            Arc::clone(&listed),
+        ));
     }
     tokio::spawn(connect_and_watch(cfg.clone(), prefixes.clone(), updates));
     tokio::spawn(own_state(cfg, prefixes, inbox, tx, metrics, listed));
@@ -87,7 +93,8 @@ fn initial_state(cfg: &RegistryConfig, metrics: &RegistryMetrics) -> Vec<config:
     let Some(path) = &cfg.snapshot else {
         return Vec::new();
     };
-    match snapshot::read(path, cfg.snapshot_max_age) {
+    let scope = read_prefixes(&cfg.prefix, &cfg.tenants).join(",");
+    match snapshot::read(path, &scope, cfg.snapshot_max_age) {
         Ok(snap) => {
             info!(
                 path = %path.display(),
@@ -119,6 +126,7 @@ const SNAPSHOT_REFRESH: Duration = Duration::from_secs(3600);
 /// once. A task of its own: a slow disk delays no routing update.
 async fn write_snapshots(
     path: std::path::PathBuf,
+    scope: String,
     mut published: watch::Receiver<Published>,
     listed: Arc<Notify>,
 ) {
@@ -143,8 +151,8 @@ async fn write_snapshots(
             continue;
         }
         let services = Arc::clone(&published.borrow_and_update());
-        let path = path.clone();
-        match tokio::task::spawn_blocking(move || snapshot::write(&path, &services)).await {
+        let (path, scope) = (path.clone(), scope.clone());
+        match tokio::task::spawn_blocking(move || snapshot::write(&path, &scope, &services)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => warn!(%err, "registry: snapshot not written"),
             Err(err) => warn!(%err, "registry: snapshot not written"),
@@ -324,6 +332,53 @@ async fn round(
     }
 }
 
+/// Keys per listing request: a large registry is read in pages (one
+/// answer must stay under gRPC's 4 MiB), all at the first page's revision.
+const PAGE: i64 = 500;
+
+/// Every key under `prefix` at one revision, and that revision.
+async fn list(client: &mut Client, prefix: &str) -> Result<(i64, Vec<(String, Vec<u8>)>), String> {
+    // The end of the range `prefix` covers: its last byte plus one (the
+    // prefixes end with '/').
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last = last.saturating_add(1);
+    }
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let page = client::timed(
+            &format!("listing {prefix}"),
+            client.get(from.clone(), Some(options)),
+        )
+        .await?;
+        if revision == 0 {
+            revision = page
+                .header()
+                .map(|h| h.revision())
+                .ok_or_else(|| format!("listing {prefix}: no revision in the answer"))?;
+        }
+        kvs.extend(page.kvs().iter().map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        }));
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((revision, kvs)),
+        }
+    }
+}
+
 /// Lists `prefix`, then streams its changes until something fails.
 /// Returns only with the reason it stopped.
 async fn list_and_watch(
@@ -332,25 +387,7 @@ async fn list_and_watch(
     updates: mpsc::Sender<Update>,
 ) -> Result<(), String> {
     let closed = || "the registry's state owner is gone".to_string();
-    let listing = client::timed(
-        &format!("listing {prefix}"),
-        client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-    )
-    .await?;
-    let revision = listing
-        .header()
-        .map(|h| h.revision())
-        .ok_or_else(|| format!("listing {prefix}: no revision in the answer"))?;
-    let kvs = listing
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            )
-        })
-        .collect();
+    let (revision, kvs) = list(&mut client, &prefix).await?;
     updates
         .send(Update::Listed {
             prefix: prefix.clone(),
