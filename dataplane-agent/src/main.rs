@@ -282,6 +282,16 @@ impl RegistryArgs {
         {
             anyhow::bail!("--tenant {bad:?}: must be one non-empty path segment (no '/')");
         }
+        for (flag, path) in [
+            ("--etcd-ca", &self.etcd.etcd_ca),
+            ("--etcd-cert", &self.etcd.etcd_cert),
+            ("--etcd-key", &self.etcd.etcd_key),
+        ] {
+            if let Some(path) = path {
+                std::fs::metadata(path)
+                    .with_context(|| format!("{flag} {}: cannot be read", path.display()))?;
+            }
+        }
         if !(0.0..=100.0).contains(&self.registry_hold_share) {
             anyhow::bail!(
                 "--registry-hold-share {}: a percentage, 0 to 100",

@@ -183,6 +183,7 @@ impl EtcdCluster {
     /// Writes many keys: transactions of 100 puts (etcd's default limit of
     /// operations per transaction is 128).
     pub fn put_many(&self, node: &SimNode, pairs: &[(String, String)]) -> anyhow::Result<()> {
+        // Under etcd's 1.5 MiB request limit with values of a few KiB.
         for chunk in pairs.chunks(100) {
             let mut script = String::from("\n");
             for (key, value) in chunk {

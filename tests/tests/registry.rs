@@ -374,10 +374,19 @@ fn a_restart_while_the_registry_is_down_routes_from_the_snapshot() {
     mesh.put_instance("b1");
     mesh.put_instance("b2");
     mesh.wait_endpoints(&["b1", "b2"], Duration::from_secs(2));
-    eventually("snapshot written", Duration::from_secs(5), || {
-        anyhow::ensure!(mesh.snapshot.exists());
-        Ok(())
-    })
+    let (b1, b2) = (
+        backend_addr(mesh.backend("b1")).to_string(),
+        backend_addr(mesh.backend("b2")).to_string(),
+    );
+    eventually(
+        "both endpoints in the snapshot",
+        Duration::from_secs(5),
+        || {
+            let text = std::fs::read_to_string(&mesh.snapshot)?;
+            anyhow::ensure!(text.contains(&b1) && text.contains(&b2), "{text}");
+            Ok(())
+        },
+    )
     .expect("snapshot");
     for member in 0..3 {
         mesh.etcd.kill(member).expect("kill");
@@ -661,7 +670,12 @@ fn the_registry_over_tls() {
         .node
         .run_on_node(cmd, Duration::from_secs(15))
         .expect("register exits");
-    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("invalid peer certificate"),
+        "the members' certificates are not trusted: {stderr}"
+    );
 }
 
 #[test]
@@ -670,8 +684,9 @@ fn a_large_registry_is_read_in_pages() {
     if !require_privileges("a_large_registry_is_read_in_pages") {
         return;
     }
-    // 1,050 instances of one service, written before the agent starts:
-    // its first listing takes three pages (500 keys each).
+    // 1,050 instances of one service with 5 KiB of metadata each, written
+    // before the agent starts: over 5 MiB, more than one gRPC answer may
+    // carry (4 MiB), so only a paged listing (500 keys a page) reads it.
     let bulk = |node: &SimNode, etcd: &EtcdCluster| {
         let mut pairs = vec![(
             "/dataplane/v1/services/shop/bulk".to_string(),
@@ -681,9 +696,10 @@ fn a_large_registry_is_read_in_pages() {
             (
                 format!("/dataplane/v1/instances/shop/bulk/i{i:04}"),
                 format!(
-                    r#"{{"address": "10.200.{}.{}:8080"}}"#,
+                    r#"{{"address": "10.200.{}.{}:8080", "metadata": {{"blob": "{}"}}}}"#,
                     i / 200,
-                    i % 200 + 1
+                    i % 200 + 1,
+                    "x".repeat(5 * 1024)
                 ),
             )
         }));

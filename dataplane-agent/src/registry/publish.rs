@@ -126,6 +126,10 @@ async fn keep_published(
     mut files: watch::Receiver<MeshConfig>,
 ) -> String {
     let mut written: BTreeMap<String, String> = BTreeMap::new();
+    // The first pass writes every key: keys an earlier session left under
+    // its own lease (still alive for a while) move to this one, instead of
+    // vanishing when that lease expires.
+    let mut first_pass = true;
     let mut tick = tokio::time::interval(PERIOD);
     loop {
         tokio::select! {
@@ -158,7 +162,7 @@ async fn keep_published(
         }
         // What another agent's lease took away is written again.
         for (key, value) in &want {
-            if current.get(key) != Some(value) {
+            if first_pass || current.get(key) != Some(value) {
                 let put = client.put(
                     key.as_str(),
                     value.as_str(),
@@ -183,5 +187,6 @@ async fn keep_published(
             info!(keys = want.len(), "registry: published the mesh's services");
         }
         written = want;
+        first_pass = false;
     }
 }

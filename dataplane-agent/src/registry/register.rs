@@ -121,6 +121,11 @@ pub async fn run(
     // permission the registrant has anyway, while etcd 3.4 refuses some
     // authenticated lease revocations ("user name is empty"); the lease,
     // if it survives, expires with nothing attached.
+    // With etcd authentication the token may have expired while only
+    // keep-alives were sent: a fresh one first (no-op without a user).
+    if let Err(err) = client::timed("refreshing the auth token", client.refresh_token()).await {
+        warn!(%err, "deregistering with the old token");
+    }
     client::timed(
         &format!("deleting {key} (it stays until its lease expires)"),
         client.delete(key.as_str(), None),

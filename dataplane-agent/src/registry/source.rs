@@ -11,6 +11,7 @@
 //! a member that stopped answering.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
@@ -74,17 +75,16 @@ pub fn start(cfg: RegistryConfig, metrics: RegistryMetrics) -> watch::Receiver<P
     let (updates, inbox) = mpsc::channel(1024);
     let prefixes = read_prefixes(&cfg.prefix, &cfg.tenants);
     let listed = Arc::new(Notify::new());
+    let watching = Arc::new(AtomicBool::new(false));
     if let Some(path) = cfg.snapshot.clone() {
-        let scope = prefixes.join(",");
-        tokio::spawn(write_snapshots(
-            path,
-            scope,
-            rx.clone(),
-            Arc::clone(&listed),
-        ));
+        let scope = snapshot_scope(&prefixes);
+        let (rx, listed, watching) = (rx.clone(), Arc::clone(&listed), Arc::clone(&watching));
+        tokio::spawn(write_snapshots(path, scope, rx, listed, watching));
     }
     tokio::spawn(connect_and_watch(cfg.clone(), prefixes.clone(), updates));
-    tokio::spawn(own_state(cfg, prefixes, inbox, tx, metrics, listed));
+    tokio::spawn(own_state(
+        cfg, prefixes, inbox, tx, metrics, listed, watching,
+    ));
     rx
 }
 
@@ -93,7 +93,7 @@ fn initial_state(cfg: &RegistryConfig, metrics: &RegistryMetrics) -> Vec<config:
     let Some(path) = &cfg.snapshot else {
         return Vec::new();
     };
-    let scope = read_prefixes(&cfg.prefix, &cfg.tenants).join(",");
+    let scope = snapshot_scope(&read_prefixes(&cfg.prefix, &cfg.tenants));
     match snapshot::read(path, &scope, cfg.snapshot_max_age) {
         Ok(snap) => {
             info!(
@@ -117,18 +117,29 @@ fn initial_state(cfg: &RegistryConfig, metrics: &RegistryMetrics) -> Vec<config:
     }
 }
 
-/// How often a snapshot is written again while nothing changes, so that
-/// its age says when the registry was last read, not last changed.
+/// How often a snapshot is written again while nothing changes but every
+/// watch holds, so that its age says when the registry was last known
+/// current, not when it last changed.
 const SNAPSHOT_REFRESH: Duration = Duration::from_secs(3600);
 
+/// What a snapshot says it holds: the prefixes read, in a stable order.
+fn snapshot_scope(prefixes: &[String]) -> String {
+    let mut sorted: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted.join(",")
+}
+
 /// Writes the published state to the snapshot after each change and each
-/// complete listing (and hourly), never before the registry was read
-/// once. A task of its own: a slow disk delays no routing update.
+/// complete listing, and hourly while every watch holds; never before the
+/// registry was read once, and never on the clock alone while it is
+/// unreachable. A task of its own: a slow disk delays no routing update.
 async fn write_snapshots(
     path: std::path::PathBuf,
     scope: String,
     mut published: watch::Receiver<Published>,
     listed: Arc<Notify>,
+    watching: Arc<AtomicBool>,
 ) {
     // What the receiver holds now came from the snapshot itself.
     published.borrow_and_update();
@@ -147,7 +158,7 @@ async fn write_snapshots(
             () = tokio::time::sleep(SNAPSHOT_REFRESH) => false,
         };
         read_once |= read;
-        if !read_once {
+        if !read_once || !(read || watching.load(Ordering::Acquire)) {
             continue;
         }
         let services = Arc::clone(&published.borrow_and_update());
@@ -169,6 +180,7 @@ async fn own_state(
     tx: watch::Sender<Published>,
     metrics: RegistryMetrics,
     complete_listing: Arc<Notify>,
+    watching: Arc<AtomicBool>,
 ) {
     let mut state = RegistryState::new(&cfg.prefix);
     let mut guard = RemovalGuard::new(cfg.guard);
@@ -192,6 +204,7 @@ async fn own_state(
             }
         };
         let mut changed = update.is_none();
+        let mut listing_done = false;
         match update {
             Some(Update::Listed { prefix, kvs }) => {
                 state.clear_under(&prefix);
@@ -204,9 +217,8 @@ async fn own_state(
                 listed.insert(prefix);
                 metrics.listings.inc();
                 changed = true;
-                if listed.len() == prefixes.len() {
-                    complete_listing.notify_one();
-                }
+                // Told once this listing's state is published (below).
+                listing_done = listed.len() == prefixes.len();
             }
             Some(Update::Changes(changes)) => {
                 for change in changes {
@@ -234,6 +246,7 @@ async fn own_state(
                     });
                 }
                 metrics.up.set(i64::from(down.is_empty()));
+                watching.store(down.is_empty(), Ordering::Release);
                 metrics.set_stale(down.values().min().copied());
             }
             None => {}
@@ -255,10 +268,13 @@ async fn own_state(
             .instances
             .set(i64::try_from(state.instance_count()).unwrap_or(i64::MAX));
         metrics.from_snapshot.set(0);
-        if *published == guarded.services {
-            continue;
+        if *published != guarded.services {
+            let _ = tx.send(Arc::new(guarded.services));
         }
-        let _ = tx.send(Arc::new(guarded.services));
+        if listing_done {
+            // After the send: the snapshot writer saves this very state.
+            complete_listing.notify_one();
+        }
     }
 }
 

@@ -316,8 +316,9 @@ async fn send_once(
     // request that cannot be retried after a timeout keeps the whole
     // request timeout (a set one always applies).
     let policy = service.policy();
-    let may_retry =
-        policy.retries.attempts > 0 && (idempotent(parts) || policy.retries.retry_non_idempotent);
+    let may_retry = policy.retries.attempts > 0
+        && policy.retries.is_retriable(&Failure::Timeout)
+        && (idempotent(parts) || policy.retries.retry_non_idempotent);
     let per_try = match policy.retries.per_try_timeout {
         None if !may_retry => None,
         _ => policy.per_try_timeout(),
