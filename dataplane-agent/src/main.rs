@@ -223,9 +223,19 @@ struct EtcdArgs {
 }
 
 impl EtcdArgs {
+    /// The endpoints given, blanks dropped (an empty
+    /// DATAPLANE_ETCD_ENDPOINTS, as the DaemonSet ships it, means none).
+    fn endpoints(&self) -> Vec<String> {
+        self.etcd_endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect()
+    }
+
     fn access(&self) -> registry::client::Access {
         registry::client::Access {
-            endpoints: self.etcd_endpoints.clone(),
+            endpoints: self.endpoints(),
             user: self.etcd_user.clone().zip(self.etcd_password.clone()),
             tls: self.etcd_ca.clone().map(|ca| registry::client::TlsFiles {
                 ca,
@@ -272,7 +282,7 @@ struct RegistryArgs {
 
 impl RegistryArgs {
     fn config(&self) -> anyhow::Result<Option<registry::source::RegistryConfig>> {
-        if self.etcd.etcd_endpoints.is_empty() {
+        if self.etcd.endpoints().is_empty() {
             return Ok(None);
         }
         if let Some(bad) = self
@@ -442,7 +452,7 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(app::sidecar::run(settings))
         }
         Command::Register(args) => {
-            if args.etcd.etcd_endpoints.is_empty() {
+            if args.etcd.endpoints().is_empty() {
                 anyhow::bail!("--etcd-endpoints: give at least one etcd member");
             }
             let registration = registry::register::Registration {

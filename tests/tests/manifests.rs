@@ -452,6 +452,15 @@ fn daemonset_runs_on_every_node_and_upgrades_by_surge() {
         env(agent, "POD_UID")["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.uid"
     );
+    // The registry snapshot's default directory is the node's, so that it
+    // outlives the container (a restart during a registry outage).
+    assert_eq!(mount("state")["mountPath"], "/var/lib/dataplane");
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let state = volumes
+        .iter()
+        .find(|v| v["name"] == "state")
+        .expect("state volume");
+    assert_eq!(state["hostPath"]["path"], "/var/lib/dataplane");
 }
 
 #[test]
