@@ -92,3 +92,36 @@ fn check_config_accepts_the_good_one() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 services, 1 enrolled pods)"));
 }
+
+/// The README's "Running the agent" example is what a new user copies
+/// first: `check-config` accepts it as printed.
+#[test]
+fn the_readme_example_config_is_valid() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("## Running the agent")
+        .nth(1)
+        .expect("a Running the agent section");
+    let example = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml example");
+    let dir = std::env::temp_dir().join(format!("dp-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("mesh.yaml");
+    std::fs::write(&path, example).expect("write");
+    let out = Command::new(binaries::agent().expect("agent binary"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("check-config");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}\n{example}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 services, 1 enrolled pods)"));
+}
