@@ -94,6 +94,8 @@ async fn clusters_shows_each_endpoints_health_and_each_breakers_use() {
         let extra = policy(&[
             "outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 30s, maxEjectionPercent: 50}",
             "connectionPool: {maxRequests: 100}",
+            // Round robin: the bad endpoint's turn comes within the four.
+            "loadBalancer: {algorithm: roundRobin}",
         ]);
         let proxy = TestProxy::start_agent(&config(&[&good, &bad], &extra), NodeContext::default())
             .await;

@@ -30,7 +30,11 @@ async fn per_try_timeout_moves_a_hanging_request_to_another_endpoint() {
     bounded(async {
         let hang = Backend::start("hang", Mode::Hang).await;
         let ok = Backend::start("ok", Mode::Ok).await;
-        let extra = policy(&["retries: {perTryTimeout: 100ms}"]);
+        // Round robin: the hanging endpoint's turn comes for sure.
+        let extra = policy(&[
+            "retries: {perTryTimeout: 100ms}",
+            "loadBalancer: {algorithm: roundRobin}",
+        ]);
         let proxy = TestProxy::start(&config(&[&hang, &ok], &extra)).await;
         let client = client(false);
         for _ in 0..4 {

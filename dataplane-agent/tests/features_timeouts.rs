@@ -27,8 +27,11 @@ async fn a_connect_that_never_completes_times_out_and_fails_over() {
         let hole = Blackhole::start().await;
         let ok = Backend::start("ok", Mode::Ok).await;
         let timeouts = "timeouts: {connect: 100ms}";
+        // Round robin: the black hole's turn comes for sure.
+        let lb = "loadBalancer: {algorithm: roundRobin}";
         let endpoints = [endpoint_at(hole.addr, ""), endpoint(&ok, "")];
-        let proxy = TestProxy::start(&config_with("http", &endpoints, &policy(&[timeouts]))).await;
+        let proxy =
+            TestProxy::start(&config_with("http", &endpoints, &policy(&[timeouts, lb]))).await;
         let client = client(false);
         for _ in 0..4 {
             let reply = get_with(&client, &proxy, &[]).await;
@@ -40,7 +43,7 @@ async fn a_connect_that_never_completes_times_out_and_fails_over() {
         // Alone, every try times out after 100 ms (the request timeout,
         // 15 s, is not what ends it).
         let endpoints = [endpoint_at(hole.addr, "")];
-        let yaml = config_with("http", &endpoints, &policy(&[timeouts]));
+        let yaml = config_with("http", &endpoints, &policy(&[timeouts, lb]));
         let proxy = TestProxy::start(&yaml).await;
         let started = Instant::now();
         let reply = get_with(&client, &proxy, &[]).await;
@@ -52,7 +55,7 @@ async fn a_connect_that_never_completes_times_out_and_fails_over() {
         assert!(started.elapsed() >= Duration::from_millis(300), "3 tries");
         // Opaque TCP: the next endpoint is tried after the timeout.
         let endpoints = [endpoint_at(hole.addr, ""), endpoint(&ok, "")];
-        let yaml = config_with("tcp", &endpoints, &policy(&[timeouts]));
+        let yaml = config_with("tcp", &endpoints, &policy(&[timeouts, lb]));
         let proxy = TestProxy::start(&yaml).await;
         for _ in 0..2 {
             let mut s = TcpStream::connect(proxy.addr).await.unwrap();

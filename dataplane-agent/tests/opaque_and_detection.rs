@@ -85,9 +85,11 @@ async fn a_silent_http_connection_keeps_per_request_balancing_and_retries() {
         let bad = Backend::start("bad", Mode::Status(503)).await;
         let endpoints = [&bad, &a, &b].map(|x| x.addr.to_string());
         let yaml = service("auto", &endpoints, "{protocolDetection: 50ms}");
+        // Round robin: with six requests, least request's random draws
+        // could land them all on one of the two good endpoints.
         let yaml = yaml.replace(
             "    trafficPolicy:\n",
-            "    trafficPolicy:\n      retries: {retriableStatusCodes: [503]}\n",
+            "    trafficPolicy:\n      retries: {retriableStatusCodes: [503]}\n      loadBalancer: {algorithm: roundRobin}\n",
         );
         let proxy = TestProxy::start(&yaml).await;
         // Silent for four detection periods, as a pooled client's spare
