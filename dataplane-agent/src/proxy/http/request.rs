@@ -316,11 +316,15 @@ async fn send_once(
     // request that cannot be retried after a timeout keeps the whole
     // request timeout (a set one always applies).
     let policy = service.policy();
-    let may_retry = policy.retries.attempts > 0
-        && policy.retries.is_retriable(&Failure::Timeout)
-        && (idempotent(parts) || policy.retries.retry_non_idempotent);
+    // Judged only when the timeout is the derived one (a set one always
+    // applies): no scan of `retryOn` per try otherwise.
+    let may_retry = || {
+        policy.retries.attempts > 0
+            && (idempotent(parts) || policy.retries.retry_non_idempotent)
+            && policy.retries.is_retriable(&Failure::Timeout)
+    };
     let per_try = match policy.retries.per_try_timeout {
-        None if !may_retry => None,
+        None if !may_retry() => None,
         _ => policy.per_try_timeout(),
     }
     .map(|t| Deadline::now() + t);
