@@ -63,6 +63,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "`etcdctl`: a client outside the mesh writing and reading the registry (registry tests)",
     ),
     (
+        "openssl",
+        "`openssl`: the test CA and member certificates of the registry's TLS test",
+    ),
+    (
         "python3-venv",
         "the venv kubernetes-validate is installed in (manifests test): Debian's python is externally managed",
     ),
