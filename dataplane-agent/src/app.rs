@@ -2,11 +2,13 @@
 //! config, listeners, capture programs loaded, their tables filled from
 //! the config (the reconciler), programs attached, metrics, admin, proxy,
 //! then the reconcile loop. Sidecar mode is in [`sidecar`]; what both
-//! share in [`runtime`]; the `status` command in [`status`].
+//! share in [`runtime`]; the `status` command in [`status`]; the async
+//! runtime's threads in [`threads`].
 
 pub mod runtime;
 pub mod sidecar;
 pub mod status;
+pub mod threads;
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;

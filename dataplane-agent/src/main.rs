@@ -78,6 +78,17 @@ struct Cli {
         global = true
     )]
     log_format: LogFormat,
+    /// Threads of the proxy's async runtime: `auto` (one per CPU the agent
+    /// may use, from its CPU affinity and cgroup CPU quota; one CPU means a
+    /// single-threaded runtime) or a number. More threads than CPUs only
+    /// adds wake-ups between them.
+    #[arg(
+        long,
+        env = "DATAPLANE_WORKER_THREADS",
+        default_value = "auto",
+        global = true
+    )]
+    worker_threads: app::threads::Workers,
     #[command(subcommand)]
     command: Command,
 }
@@ -398,13 +409,6 @@ fn parse_mark(text: &str) -> Result<u32, String> {
     parsed.map_err(|err| format!("not a 32-bit number: {err}"))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -431,7 +435,7 @@ fn main() -> anyhow::Result<()> {
                 fail_mode: args.fail_mode,
                 registry: args.registry.config()?,
             };
-            runtime()?.block_on(app::run(settings))
+            cli.worker_threads.build()?.block_on(app::run(settings))
         }
         Command::Sidecar(args) => {
             let settings = app::sidecar::Settings {
@@ -449,7 +453,9 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout: args.drain_timeout,
                 access_log: args.access_log,
             };
-            runtime()?.block_on(app::sidecar::run(settings))
+            cli.worker_threads
+                .build()?
+                .block_on(app::sidecar::run(settings))
         }
         Command::Register(args) => {
             if args.etcd.endpoints().is_empty() {
@@ -472,10 +478,12 @@ fn main() -> anyhow::Result<()> {
                 },
                 ttl: args.ttl,
             };
-            runtime()?.block_on(registry::register::run(
-                registration,
-                app::runtime::shutdown_signal(),
-            ))
+            cli.worker_threads
+                .build()?
+                .block_on(registry::register::run(
+                    registration,
+                    app::runtime::shutdown_signal(),
+                ))
         }
         Command::CheckConfig { path } => {
             let cfg = config::MeshConfig::load(&path)?;

@@ -120,6 +120,9 @@ pub struct ProxyMetrics {
     pub connect_errors: Family<EndpointLabels, Counter>,
     pub active: Gauge,
     pub bytes: Family<DirectionLabels, Counter>,
+    /// Directions of opaque connections that moved from the buffer copy to
+    /// splice(2) because they carried a bulk transfer.
+    pub splice_switches: Counter,
     /// Connections and HTTP response streams ended because nothing was
     /// sent for the idle timeout, by what they were.
     pub idle_timeouts: Family<IdleLabels, Counter>,
@@ -217,6 +220,11 @@ impl ProxyMetrics {
             self.active.clone(),
         );
         r.register("bytes", "Bytes forwarded, by direction", self.bytes.clone());
+        r.register(
+            "splice_switches",
+            "Directions of opaque connections moved to splice(2) for a bulk transfer",
+            self.splice_switches.clone(),
+        );
         r.register(
             "idle_timeouts",
             "Opaque TCP connections, silent auto connections and HTTP response streams ended by the idle timeout",

@@ -6,8 +6,8 @@ pub mod drain;
 pub mod http;
 mod inbound;
 mod orig_dst;
+mod relay;
 mod silent;
-mod splice;
 mod tcp;
 
 use std::net::{SocketAddr, SocketAddrV4};
@@ -180,7 +180,7 @@ impl Proxy {
     /// Closes with a reset, so the client fails at once instead of waiting.
     pub fn refuse(&self, client: TcpStream, reason: RefuseReason) {
         self.metrics.refuse(reason);
-        splice::reset(client);
+        relay::reset(client);
     }
 }
 

@@ -11,6 +11,9 @@
 //! - `DATAPLANE_BENCH_ONLY`: comma-separated parts to run, of `latency`
 //!   (the latency, rate and bulk runs), `memory` (memory against pods)
 //!   and `churn` (memory under churn); default all.
+//! - `DATAPLANE_BENCH_MODES`: comma-separated modes for the latency part,
+//!   of `direct`, `node`, `sidecar`, `haproxy`; default all (keep
+//!   `direct`: the added latencies are measured against it).
 //! - `DATAPLANE_BENCH_SOAK`: the churn soak's length in seconds (default
 //!   600, `--quick` 15).
 
@@ -85,6 +88,27 @@ impl Parts {
     }
 }
 
+/// `DATAPLANE_BENCH_MODES`: the modes of the latency part.
+fn modes_from_env() -> anyhow::Result<Vec<Mode>> {
+    let Ok(list) = std::env::var("DATAPLANE_BENCH_MODES") else {
+        return Ok(Mode::ALL.to_vec());
+    };
+    let mut modes = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let mode = Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .with_context(|| {
+                format!(
+                    "DATAPLANE_BENCH_MODES: unknown mode {name:?} (direct, node, sidecar, haproxy)"
+                )
+            })?;
+        modes.push(mode);
+    }
+    ensure!(!modes.is_empty(), "DATAPLANE_BENCH_MODES names no mode");
+    Ok(modes)
+}
+
 /// `DATAPLANE_BENCH_SOAK`, in seconds (at most a day).
 fn soak_from_env() -> anyhow::Result<Option<Duration>> {
     let Ok(text) = std::env::var("DATAPLANE_BENCH_SOAK") else {
@@ -103,6 +127,7 @@ fn soak_from_env() -> anyhow::Result<Option<Duration>> {
 
 pub fn main(options: &Options) -> anyhow::Result<Report> {
     let parts = Parts::from_env()?;
+    let modes = modes_from_env()?;
     let plan = Plan {
         quick: options.quick,
     };
@@ -116,7 +141,7 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
     let runs = plan.runs(false) + plan.runs(true);
     let mut total = 0;
     if parts.latency {
-        total += runs * Mode::ALL.len() as u64;
+        total += runs * modes.len() as u64;
     }
     if parts.memory {
         total += (counts.len() * memory_modes.len()) as u64;
@@ -133,11 +158,13 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
         ..Report::default()
     };
     for spread in [false, true].into_iter().filter(|_| parts.latency) {
-        for mode in Mode::ALL {
+        for &mode in &modes {
             bar.set_message(format!("building the {} topology", mode.name()));
             let top = Topology::build(mode, spread)
                 .with_context(|| format!("{} topology (two nodes: {spread})", mode.name()))?;
-            report.results.extend(run::run_all(&top, plan, &bar)?);
+            let runs = run::run_all(&top, plan, &bar)?;
+            report.results.extend(runs.results);
+            report.repeats.extend(runs.repeats);
         }
     }
     for mode in memory_modes.into_iter().filter(|_| parts.memory) {
@@ -212,7 +239,7 @@ fn churn_summary(churn: &Churn) -> String {
 /// `--quick` is CI's check that every mode moves bytes correctly and
 /// that the memory parts ran.
 fn check_quick(report: &Report, parts: Parts) -> anyhow::Result<()> {
-    for result in &report.results {
+    for result in report.results.iter().chain(&report.repeats) {
         ensure!(
             result.errors == 0 && result.completed > 0,
             "{} {} {}: {} completed, {} errors",
@@ -229,7 +256,12 @@ fn check_quick(report: &Report, parts: Parts) -> anyhow::Result<()> {
     );
     ensure!(
         !parts.memory
-            || (!report.memory.is_empty() && report.memory.iter().all(|m| m.proxy_rss_bytes > 0)),
+            || (!report.memory.is_empty()
+                && report.memory.iter().all(|m| m.proxy_pss_bytes > 0)
+                && report
+                    .memory
+                    .iter()
+                    .all(|m| m.mode != "node" || m.bpf_map_bytes > 0)),
         "memory not measured"
     );
     if parts.churn {

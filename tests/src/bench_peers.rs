@@ -172,7 +172,7 @@ fn budget(args: &[&str]) -> anyhow::Result<Duration> {
     };
     let run = match args.first() {
         Some(&"bulk") => seconds("--duration", Some(DEFAULT_BULK_CAP))?,
-        Some(&("tcp-rr" | "http-rr")) => {
+        Some(&("tcp-rr" | "tcp-crr" | "http-rr")) => {
             seconds("--warmup", Some(DEFAULT_WARMUP))? + seconds("--duration", None)? + DRAIN
         }
         other => bail!("not a benchtool run: {other:?}"),

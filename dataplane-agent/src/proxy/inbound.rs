@@ -3,7 +3,7 @@
 //! were meant for. As in Istio's sidecar, a port that serves an HTTP
 //! service (the original destination is one of its endpoints) goes through
 //! the HTTP path, so a request is parsed by both proxies it crosses; other
-//! ports are spliced.
+//! ports are relayed as bytes.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use super::detect::Detected;
-use super::{Proxy, original_dst, splice};
+use super::{Proxy, original_dst, relay};
 use crate::config::{self, Protocol};
 use crate::metrics::RefuseReason;
 use crate::state::{NodeContext, Service};
@@ -105,7 +105,7 @@ impl Proxy {
             // The default idle timeout: a caller's own proxy applies its
             // service's (the same by default), and a caller from outside
             // the mesh must not hold the connection forever either.
-            Ok(upstream) => splice::forward(client, upstream, &self.metrics, DEFAULT_IDLE).await,
+            Ok(upstream) => relay::forward(client, upstream, &self.metrics, DEFAULT_IDLE).await,
             Err(err) => {
                 debug!(%peer, %app, %err, "application not reachable");
                 self.refuse(client, RefuseReason::UpstreamUnavailable);

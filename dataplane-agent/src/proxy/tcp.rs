@@ -1,7 +1,7 @@
 //! Opaque TCP services: connection-level policy (rate limit on new
 //! connections, `maxConnections`, balancing over healthy endpoints with
 //! failover on connect errors, local-origin outlier detection), then bytes
-//! forwarded with splice(2).
+//! forwarded both ways (`relay`).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{Proxy, splice};
+use super::{Proxy, relay};
 use crate::health::{LocalFailure, Outcome};
 use crate::metrics::RefuseReason;
 use crate::ratelimit::{Decision, Request};
@@ -70,7 +70,7 @@ pub async fn forward(
     // Active connections are the load that least-request balancing sees.
     service.balancer.on_start(index);
     let idle = service.policy().timeouts.idle;
-    splice::forward(client, upstream, &proxy.metrics, idle).await;
+    relay::forward(client, upstream, &proxy.metrics, idle).await;
     service.balancer.on_end(index, None, Instant::now());
 }
 

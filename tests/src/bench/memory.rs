@@ -1,13 +1,15 @@
 //! Proxy memory against the number of pods on the node: one node proxy
 //! for all of them, or one sidecar per pod (idle pods included), each
-//! holding the same 100-service config.
+//! holding the same 100-service config (HAProxy's too: a frontend and a
+//! backend per service). Read as PSS, so pages the processes share (the
+//! binary's) count once, and for node mode with the eBPF maps beside it.
 
 use std::time::Duration;
 
 use indicatif::ProgressBar;
 
 use super::report::MemoryPoint;
-use super::sched::rss_bytes;
+use super::sched::{bpf_map_bytes, pss_bytes, rss_bytes};
 use super::topology::{Mode, haproxy_sidecar, mesh_config};
 use crate::agent::Agent;
 use crate::sidecar::Sidecar;
@@ -42,6 +44,12 @@ pub fn measure(mode: Mode, counts: &[u32], bar: &ProgressBar) -> anyhow::Result<
             pods: count,
             proxies: pids.len() as u32,
             proxy_rss_bytes: pids.iter().map(|&pid| rss_bytes(pid)).sum(),
+            proxy_pss_bytes: pids.iter().map(|&pid| pss_bytes(pid)).sum(),
+            bpf_map_bytes: proxies
+                .agent
+                .as_ref()
+                .and_then(Agent::pid)
+                .map_or(0, bpf_map_bytes),
         });
         bar.inc(1);
     }
@@ -65,7 +73,10 @@ impl Proxies {
                 self.sidecars
                     .push(Sidecar::start(node, pod, &config, &[8080])?);
             }
-            Mode::Haproxy => self.haproxies.push(haproxy_sidecar(node, pod, server)?),
+            Mode::Haproxy => {
+                self.haproxies
+                    .push(haproxy_sidecar(node, pod, server, SERVICES - 2)?);
+            }
             Mode::Direct | Mode::Node => {}
         }
         Ok(())
@@ -78,9 +89,18 @@ impl Proxies {
         }
         match &self.agent {
             Some(agent) => {
+                let applied = || -> anyhow::Result<f64> {
+                    Ok(agent
+                        .metrics()?
+                        .sum("dataplane_config_reloads_total{result=\"applied\""))
+                };
+                let before = applied()?;
                 agent.write_config(config)?;
-                // The agent re-reads its config every resync (200 ms).
-                std::thread::sleep(Duration::from_millis(500));
+                // Memory is read only once the larger pod list is in force.
+                crate::eventually("the node proxy reloaded", Duration::from_secs(10), || {
+                    anyhow::ensure!(applied()? > before, "not reloaded yet");
+                    Ok(())
+                })?;
             }
             None => self.agent = Some(Agent::start(node, config)?),
         }

@@ -16,7 +16,7 @@ use super::report::{Churn, MemoryPoint, Report, RssSample, RunResult};
 /// test, then the reference sidecar. Unknown modes sort after, by name.
 const MODES: [&str; 4] = ["direct", "node", "sidecar", "haproxy"];
 /// Workloads in the order the report presents them.
-const WORKLOADS: [&str; 3] = ["tcp-rr", "http-rr", "bulk"];
+const WORKLOADS: [&str; 5] = ["tcp-rr", "tcp-rr-poll", "tcp-crr", "http-rr", "bulk"];
 /// Pinned first: every process on one CPU is the less noisy comparison.
 const PINNINGS: [&str; 2] = ["pinned", "unpinned"];
 /// The mode every "added" / "vs direct" column is relative to.
@@ -164,6 +164,7 @@ pub fn markdown(report: &Report) -> String {
             out.push_str(&section(report, workload, pinning));
         }
     }
+    out.push_str(&repeats_section(report));
     out.push_str(&memory_section(report));
     if let Some(churn) = &report.churn {
         out.push_str(&churn_section(churn));
@@ -360,6 +361,57 @@ fn bulk_row(mode: &str, run: Option<&RunResult>, base: Option<f64>) -> Vec<Strin
 
 /// Proxy memory by pod count, with the node proxy's share of what the
 /// sidecars need: the ratio is the headline of a sidecarless design.
+/// The repeated pinned ping-pong: each run's p50 and, per mode, the
+/// added p50 of each run against direct's run of the same index, with
+/// their spread (how much one number in the tables above can move).
+fn repeats_section(report: &Report) -> String {
+    let runs = &report.repeats;
+    let modes = ordered(&MODES, runs.iter().map(|r| r.mode.as_str()));
+    let of = |mode: &str| -> Vec<&RunResult> { runs.iter().filter(|r| r.mode == mode).collect() };
+    let base = of(BASELINE);
+    let count = modes.iter().map(|m| of(m).len()).max().unwrap_or(0);
+    let mut rows = Vec::new();
+    for mode in &modes {
+        let mine = of(mode);
+        let p50s: Vec<String> = (0..count)
+            .map(|i| num(mine.get(i).and_then(|r| r.p50_us), 0))
+            .collect();
+        let mut added: Vec<f64> = mine
+            .iter()
+            .zip(&base)
+            .filter_map(|(r, b)| Some(r.p50_us? - b.p50_us?))
+            .collect();
+        added.sort_by(f64::total_cmp);
+        let (median, spread) = if *mode == BASELINE || added.is_empty() {
+            (String::new(), String::new())
+        } else {
+            let median = added[added.len() / 2];
+            let spread = added[added.len() - 1] - added[0];
+            (format!("{median:+.0}"), format!("{spread:.0}"))
+        };
+        let mut row = vec![cell(mode)];
+        row.extend(p50s);
+        row.push(median);
+        row.push(spread);
+        rows.push(row);
+    }
+    let run_labels: Vec<String> = (1..=count).map(|i| format!("run {i} p50 µs")).collect();
+    let mut header = vec!["mode"];
+    header.extend(run_labels.iter().map(String::as_str));
+    header.extend(["added p50 µs (median)", "spread µs (max − min)"]);
+    let rate = runs.first().map_or(String::new(), |r| rate_label(r.rate));
+    let table = table(
+        &format!("Pinned 100-byte ping-pong at {rate} req/s, run again"),
+        &header,
+        &rows,
+    );
+    if table.is_empty() {
+        table
+    } else {
+        format!("## Run-to-run spread\n\n{table}")
+    }
+}
+
 fn memory_section(report: &Report) -> String {
     let points = &report.memory;
     let modes = ordered(&MODES, points.iter().map(|p| p.mode.as_str()));
@@ -369,8 +421,9 @@ fn memory_section(report: &Report) -> String {
         .collect();
     let mut header = vec!["pods"];
     header.extend(modes.iter().copied());
+    header.push("node's eBPF maps");
     header.push("node / sidecar");
-    let table = table("Total proxy memory (MiB)", &header, &rows);
+    let table = table("Total proxy memory, PSS (MiB)", &header, &rows);
     if table.is_empty() {
         table
     } else {
@@ -387,6 +440,11 @@ fn memory_row(points: &[MemoryPoint], modes: &[&str], pods: u32) -> Vec<String> 
             .iter()
             .map(|mode| num(memory_mib(points, mode, pods), 1)),
     );
+    let maps = points
+        .iter()
+        .find(|p| p.mode == "node" && p.pods == pods && p.bpf_map_bytes > 0)
+        .map(|p| p.bpf_map_bytes as f64 / MIB);
+    row.push(num(maps, 1));
     let (node, sidecar) = (
         memory_mib(points, "node", pods),
         memory_mib(points, "sidecar", pods),
@@ -405,10 +463,19 @@ fn pod_counts(points: &[MemoryPoint]) -> Vec<u32> {
     pods
 }
 
-/// Total proxy RSS of `mode` with `pods` pods, in MiB (first point wins).
+/// Total proxy memory of `mode` with `pods` pods, in MiB (first point
+/// wins): PSS, or RSS in reports from before PSS was measured.
 fn memory_mib(points: &[MemoryPoint], mode: &str, pods: u32) -> Option<f64> {
     let point = points.iter().find(|p| p.mode == mode && p.pods == pods)?;
-    Some(point.proxy_rss_bytes as f64 / MIB)
+    Some(point_bytes(point) as f64 / MIB)
+}
+
+fn point_bytes(point: &MemoryPoint) -> u64 {
+    if point.proxy_pss_bytes > 0 {
+        point.proxy_pss_bytes
+    } else {
+        point.proxy_rss_bytes
+    }
 }
 
 /// `n failed`, by kind when any did: `3 failed (reset: 2, timeout: 1)`.
@@ -785,12 +852,12 @@ pub fn memory_svg(report: &Report) -> Option<String> {
     let points = &report.memory;
     let max = points
         .iter()
-        .map(|p| p.proxy_rss_bytes as f64 / MIB)
+        .map(|p| point_bytes(p) as f64 / MIB)
         .reduce(f64::max)?;
     let top = axis_top(max);
     let modes = ordered(&MODES, points.iter().map(|p| p.mode.as_str()));
     let pods = pod_counts(points);
-    let mut svg = svg_open("Total proxy memory vs pods");
+    let mut svg = svg_open("Total proxy memory (PSS) vs pods");
     svg.push_str(&y_axis(top, "MiB"));
     let labels: Vec<String> = pods.iter().map(u32::to_string).collect();
     svg.push_str(&x_labels(&labels, "pods"));
@@ -873,7 +940,17 @@ mod tests {
             mode: mode.into(),
             pods,
             proxies,
-            proxy_rss_bytes: mib << 20,
+            // RSS counts the shared binary in every sidecar; PSS once.
+            proxy_rss_bytes: (mib + u64::from(proxies)) << 20,
+            proxy_pss_bytes: mib << 20,
+            bpf_map_bytes: if mode == "node" { 3 << 20 } else { 0 },
+        }
+    }
+
+    fn repeat(mode: &str, p50: f64) -> RunResult {
+        RunResult {
+            p50_us: Some(p50),
+            ..run(mode, "tcp-rr", "pinned", 1000.0)
         }
     }
 
@@ -929,6 +1006,14 @@ mod tests {
                 memory("sidecar", 1, 20),
                 memory("node", 8, 16),
                 memory("haproxy", 1, 8),
+            ],
+            repeats: vec![
+                repeat("node", 40.0),
+                repeat("direct", 20.0),
+                repeat("node", 35.0),
+                repeat("direct", 22.0),
+                repeat("node", 31.0),
+                repeat("direct", 19.0),
             ],
             churn: None,
         }
@@ -1025,11 +1110,38 @@ mod tests {
     fn memory_table_has_mode_columns_and_node_to_sidecar_ratio() {
         let md = markdown(&sample());
         assert!(
-            md.contains("| pods | node | sidecar | haproxy | node / sidecar |"),
+            md.contains("| pods | node | sidecar | haproxy | node's eBPF maps | node / sidecar |"),
             "{md}"
         );
-        assert!(md.contains("| 1 | 10.0 | 20.0 | 8.0 | 0.50 |"), "{md}");
-        assert!(md.contains("| 8 | 16.0 | 160.0 | – | 0.10 |"), "{md}");
+        assert!(
+            md.contains("| 1 | 10.0 | 20.0 | 8.0 | 3.0 | 0.50 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 8 | 16.0 | 160.0 | – | 3.0 | 0.10 |"), "{md}");
+        assert!(md.contains("Total proxy memory, PSS (MiB)"), "{md}");
+    }
+
+    #[test]
+    fn memory_falls_back_to_rss_for_reports_without_pss() {
+        let mut report = sample();
+        for point in &mut report.memory {
+            point.proxy_pss_bytes = 0;
+        }
+        let md = markdown(&report);
+        assert!(
+            md.contains("| 1 | 11.0 | 21.0 | 9.0 | 3.0 | 0.52 |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn repeats_show_each_run_and_the_spread_of_added_p50() {
+        let md = markdown(&sample());
+        assert!(md.contains("## Run-to-run spread"), "{md}");
+        assert!(md.contains("at 1000 req/s, run again"), "{md}");
+        // Added per run: 20, 13, 12 -> median 13, spread 8.
+        assert!(md.contains("| node | 40 | 35 | 31 | +13 | 8 |"), "{md}");
+        assert!(md.contains("| direct | 20 | 22 | 19 |  |  |"), "{md}");
     }
 
     #[test]
@@ -1115,7 +1227,7 @@ mod tests {
     fn memory_svg_draws_a_line_and_markers_per_mode() {
         let svg = memory_svg(&sample()).unwrap_or_default();
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
-        assert!(svg.contains("Total proxy memory vs pods") && svg.contains(">MiB</text>"));
+        assert!(svg.contains("Total proxy memory (PSS) vs pods") && svg.contains(">MiB</text>"));
         // Five points as markers; the legend adds one marker per mode.
         assert_eq!(svg.matches("<circle").count(), 5 + 3, "{svg}");
         for mode in ["node", "sidecar", "haproxy"] {

@@ -18,6 +18,10 @@ pub struct Report {
     pub results: Vec<RunResult>,
     /// Total proxy memory against the number of pods, per mode.
     pub memory: Vec<MemoryPoint>,
+    /// The pinned 100-byte ping-pong at its first rate, measured again
+    /// in separate runs, for the spread between runs of one benchmark.
+    #[serde(default)]
+    pub repeats: Vec<RunResult>,
     /// The agent's memory under connection bursts and churn (absent when
     /// that part did not run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -38,8 +42,10 @@ pub struct RunResult {
     /// `direct`, `sidecar` (ours), `haproxy` (HAProxy sidecars), `node`
     /// (the node proxy, captured by eBPF).
     pub mode: String,
-    /// `tcp-rr` (100-byte ping-pong), `http-rr` (HTTP/1.1 keep-alive GET),
-    /// `bulk` (bytes each way through an echo server).
+    /// `tcp-rr` (100-byte ping-pong), `tcp-rr-poll` (the same, the client
+    /// waiting in poll(2)), `tcp-crr` (a new connection per ping-pong),
+    /// `http-rr` (HTTP/1.1 keep-alive GET), `bulk` (bytes each way through
+    /// an echo server).
     pub workload: String,
     /// `unpinned`, or `pinned` (every process on CPU 0).
     pub pinning: String,
@@ -68,8 +74,17 @@ pub struct MemoryPoint {
     /// Number of proxy processes (1 for the node proxy, one per pod for
     /// sidecars).
     pub proxies: u32,
-    /// Sum of their resident set sizes.
+    /// Sum of their resident set sizes (pages shared between the
+    /// proxies, such as the binary's, counted once per process).
     pub proxy_rss_bytes: u64,
+    /// Sum of their proportional set sizes: a shared page counted once
+    /// over all of them, which is what the node pays.
+    #[serde(default)]
+    pub proxy_pss_bytes: u64,
+    /// Node mode: the kernel memory of the capture's eBPF maps (their
+    /// `memlock`), which the node pays beside the proxy's own.
+    #[serde(default)]
+    pub bpf_map_bytes: u64,
 }
 
 /// The agent's resident memory through bursts of connections, then a

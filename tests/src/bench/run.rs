@@ -1,6 +1,8 @@
 //! The latency and throughput runs on one topology: for each pinning, a
 //! closed-loop run (maximum rate) and open-loop runs at fixed rates for
-//! each request/response workload, then bulk throughput.
+//! each request/response workload, then bulk throughput; and the pinned
+//! ping-pong at its first rate [`REPEATS`] more times, for the spread
+//! between runs.
 
 use std::time::Duration;
 
@@ -27,12 +29,25 @@ impl Plan {
         }
     }
 
-    /// Open-loop rates (requests/s) below and up to saturation.
+    /// Open-loop rates (requests/s) below and up to saturation. New
+    /// connections stay below what the ephemeral ports allow in TIME_WAIT
+    /// (about 28,000 per destination for 60 s) over both pinnings.
     fn rates(self, workload: &str) -> &'static [f64] {
         match (self.quick, workload) {
             (true, _) => &[500.0],
             (false, "tcp-rr") => &[1000.0, 5000.0, 20000.0],
+            (false, "tcp-rr-poll") => &[1000.0, 5000.0],
+            (false, "tcp-crr") => &[500.0, 1500.0],
             (false, _) => &[500.0, 2000.0, 8000.0],
+        }
+    }
+
+    /// The request/response workloads of a topology.
+    fn workloads(spread: bool) -> &'static [&'static str] {
+        if spread {
+            &["tcp-rr", "http-rr"]
+        } else {
+            &["tcp-rr", "tcp-rr-poll", "tcp-crr", "http-rr"]
         }
     }
 
@@ -45,32 +60,52 @@ impl Plan {
         if spread {
             return 2 * 2 * 2;
         }
-        let rr: usize = ["tcp-rr", "http-rr"]
+        let rr: usize = Plan::workloads(false)
             .iter()
-            .map(|w| 1 + self.rates(w).len())
+            .map(|w| usize::from(has_max(w)) + self.rates(w).len())
             .sum();
-        2 * (rr as u64 + 1)
+        2 * (rr as u64 + 1) + REPEATS as u64
     }
+}
+
+/// Extra runs of the pinned ping-pong at its first rate.
+pub const REPEATS: usize = 3;
+
+/// Whether a workload gets a closed-loop (maximum rate) run: new
+/// connections as fast as possible would run out of ephemeral ports.
+fn has_max(workload: &str) -> bool {
+    workload != "tcp-crr"
+}
+
+/// What [`run_all`] measured.
+#[derive(Default)]
+pub struct Runs {
+    pub results: Vec<RunResult>,
+    pub repeats: Vec<RunResult>,
 }
 
 /// Runs every workload on `top` in both pinnings. On a two-node
 /// topology: the request/response workloads at the maximum and the first
 /// rate only (reported as `<workload>-2nodes`), no bulk.
-pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<Vec<RunResult>> {
+pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<Runs> {
     let mut results = Vec::new();
+    let mut repeats = Vec::new();
     for pinning in [Pinning::Pinned, Pinning::Unpinned] {
         set_affinity(&top.service_pids(), pinning)?;
-        for workload in ["tcp-rr", "http-rr"] {
+        for &workload in Plan::workloads(top.spread) {
             warm_up(top, workload, pinning)?;
-            bar.set_message(format!(
-                "{} {workload} {} max",
-                top.mode.name(),
-                pinning.name()
-            ));
-            let max = measure(top, workload, pinning, 0.0, plan)?;
-            let saturation = max.rps;
-            results.push(max);
-            bar.inc(1);
+            let mut saturation = f64::INFINITY;
+            if has_max(workload) {
+                bar.set_message(format!(
+                    "{} {workload} {} max",
+                    top.mode.name(),
+                    pinning.name()
+                ));
+                let max = measure(top, workload, pinning, 0.0, plan)?;
+                saturation = max.rps;
+                results.push(max);
+                bar.inc(1);
+            }
             let rates = plan.rates(workload);
             let rates = if top.spread { &rates[..1] } else { rates };
             for &rate in rates {
@@ -91,19 +126,42 @@ pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<
             results.push(bulk(top, pinning, plan)?);
             bar.inc(1);
         }
+        if !top.spread && pinning == Pinning::Pinned {
+            let rate = plan.rates("tcp-rr")[0];
+            for i in 0..REPEATS {
+                bar.set_message(format!(
+                    "{} tcp-rr pinned, repeat {}",
+                    top.mode.name(),
+                    i + 1
+                ));
+                repeats.push(measure(top, "tcp-rr", pinning, rate, plan)?);
+                bar.inc(1);
+            }
+        }
     }
-    Ok(results)
+    Ok(Runs { results, repeats })
 }
 
 fn workload_args(top: &Topology, workload: &str) -> Vec<String> {
     match workload {
-        "tcp-rr" => vec![
-            "tcp-rr".into(),
-            "--to".into(),
-            top.tcp_target().to_string(),
-            "--size".into(),
-            "100".into(),
-        ],
+        "tcp-rr" | "tcp-rr-poll" | "tcp-crr" => {
+            let mut args = vec![
+                if workload == "tcp-crr" {
+                    "tcp-crr"
+                } else {
+                    "tcp-rr"
+                }
+                .to_string(),
+                "--to".into(),
+                top.tcp_target().to_string(),
+                "--size".into(),
+                "100".into(),
+            ];
+            if workload == "tcp-rr-poll" {
+                args.extend(["--wait".into(), "poll".into()]);
+            }
+            args
+        }
         _ => vec!["http-rr".into(), "--url".into(), top.http_url()],
     }
 }
@@ -111,7 +169,9 @@ fn workload_args(top: &Topology, workload: &str) -> Vec<String> {
 /// Fills pools, caches and the proxies' lazily built state; not measured.
 fn warm_up(top: &Topology, workload: &str, pinning: Pinning) -> anyhow::Result<()> {
     let mut args = workload_args(top, workload);
-    args.extend(["--rate", "0", "--duration", "1", "--warmup", "0"].map(String::from));
+    // New connections warm up paced, to spare the ephemeral ports.
+    let rate = if has_max(workload) { "0" } else { "500" };
+    args.extend(["--rate", rate, "--duration", "1", "--warmup", "0"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     bench_peers::run_in_pod(&top.node, &top.client, &args, pinning.prefix())?;
     Ok(())

@@ -1,5 +1,6 @@
-//! Scheduling settings and process accounting: CPU pinning, CPU time and
-//! resident memory of the proxy processes, from /proc.
+//! Scheduling settings and process accounting: CPU pinning, CPU time,
+//! resident and proportional memory of the proxy processes and the memory
+//! of the eBPF maps they hold, from /proc.
 
 use std::process::Command;
 
@@ -77,4 +78,40 @@ pub fn rss_bytes(pid: u32) -> u64 {
             Some(kib * 1024)
         })
         .unwrap_or(0)
+}
+
+/// Proportional set size (bytes) of `pid`: each page shared with other
+/// processes counted as its share, from smaps_rollup.
+pub fn pss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|rollup| {
+            let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
+/// Kernel memory (bytes) of the eBPF maps `pid` holds open: the
+/// `memlock` of each map in its descriptors' fdinfo, each map once.
+pub fn bpf_map_bytes(pid: u32) -> u64 {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    let mut seen = std::collections::BTreeMap::new();
+    for entry in fds.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            seen.insert(id, memlock);
+        }
+    }
+    seen.values().sum()
 }

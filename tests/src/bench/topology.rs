@@ -99,8 +99,8 @@ impl Topology {
                 Sidecar::start(snode, &server, &config, &ports)?,
             ]),
             Mode::Haproxy => Proxies::Haproxy(vec![
-                haproxy_sidecar(&node, &client, &server)?,
-                haproxy_sidecar(snode, &server, &server)?,
+                haproxy_sidecar(&node, &client, &server, 0)?,
+                haproxy_sidecar(snode, &server, &server, 0)?,
             ]),
         };
         Ok(Topology {
@@ -180,13 +180,23 @@ pub fn mesh_config(server: &Pod, enrolled: &[&Pod], extra: u32) -> String {
 /// robin, 2 retries with redispatch, 1 s connect timeout): outbound
 /// frontends for the two services (TCP and HTTP mode), inbound frontends
 /// to the local servers, and nftables rules sending traffic to them.
-pub fn haproxy_sidecar(node: &SimNode, pod: &Pod, server: &Pod) -> anyhow::Result<Proc> {
+///
+/// `extra`: more HTTP services, as [`mesh_config`]'s, each with a
+/// frontend, a backend and a redirect rule of its own (HAProxy does not
+/// read the original destination), so memory is compared at equal
+/// config.
+pub fn haproxy_sidecar(
+    node: &SimNode,
+    pod: &Pod,
+    server: &Pod,
+    extra: u32,
+) -> anyhow::Result<Proc> {
     let dir = std::env::temp_dir().join(format!("dataplane-{}-{}", node.id(), pod.name));
     std::fs::create_dir_all(&dir)?;
     let cfg = dir.join("haproxy.cfg");
-    std::fs::write(&cfg, haproxy_config(server))?;
+    std::fs::write(&cfg, haproxy_config(server, extra))?;
     let rules = dir.join("rules.nft");
-    std::fs::write(&rules, haproxy_rules())?;
+    std::fs::write(&rules, haproxy_rules(extra))?;
     let mut nft = Command::new("nft");
     nft.arg("-f").arg(&rules);
     let out = node.run_in_pod(pod, nft, Duration::from_secs(5))?;
@@ -211,8 +221,15 @@ pub fn haproxy_sidecar(node: &SimNode, pod: &Pod, server: &Pod) -> anyhow::Resul
     Ok(proc)
 }
 
-fn haproxy_config(server: &Pod) -> String {
-    format!(
+/// The VIP of [`mesh_config`]'s extra service `i`, and the port its
+/// HAProxy frontend listens on.
+fn extra_service(i: u32) -> (Ipv4Addr, u16) {
+    let vip = Ipv4Addr::new(198, 19, (1 + i / 250) as u8, (1 + i % 250) as u8);
+    (vip, 16000 + i as u16)
+}
+
+fn haproxy_config(server: &Pod, extra: u32) -> String {
+    let mut config = format!(
         "global\n  maxconn 4096\n\
          defaults\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  retries 2\n  option redispatch\n\
          frontend out_tcp\n  mode tcp\n  bind 0.0.0.0:15001\n  default_backend echo\n\
@@ -224,16 +241,32 @@ fn haproxy_config(server: &Pod) -> String {
          frontend in_http\n  mode http\n  bind 0.0.0.0:15007\n  default_backend local_web\n\
          backend local_web\n  mode http\n  http-reuse always\n  server app 127.0.0.1:{HTTP_PORT}\n",
         ip = server.ip
-    )
+    );
+    for i in 0..extra {
+        let (_, port) = extra_service(i);
+        let _ = write!(
+            config,
+            "frontend out_svc{i}\n  mode http\n  bind 0.0.0.0:{port}\n  default_backend svc{i}\n\
+             backend svc{i}\n  mode http\n  balance roundrobin\n  http-reuse always\n  server s1 {ip}:{HTTP_PORT}\n",
+            ip = server.ip
+        );
+    }
+    config
 }
 
 /// Outbound VIPs to HAProxy's frontends (one port per service, since
 /// HAProxy does not read the original destination), inbound ports to the
 /// inbound frontends.
-fn haproxy_rules() -> String {
+fn haproxy_rules(extra: u32) -> String {
+    let extra_rules: String = (0..extra)
+        .map(|i| {
+            let (vip, port) = extra_service(i);
+            format!("    ip daddr {vip} tcp dport 80 redirect to :{port}\n")
+        })
+        .collect();
     format!(
         "table ip haproxy_sidecar {{\n  chain outbound {{\n    type nat hook output priority -100; policy accept;\n    \
-         ip daddr {} tcp dport {ECHO_PORT} redirect to :15001\n    ip daddr {} tcp dport 80 redirect to :15002\n  }}\n  \
+         ip daddr {} tcp dport {ECHO_PORT} redirect to :15001\n    ip daddr {} tcp dport 80 redirect to :15002\n{extra_rules}  }}\n  \
          chain inbound {{\n    type nat hook prerouting priority -100; policy accept;\n    \
          tcp dport {ECHO_PORT} redirect to :15006\n    tcp dport {HTTP_PORT} redirect to :15007\n  }}\n}}\n",
         TCP_VIP.ip(),

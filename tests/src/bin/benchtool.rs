@@ -9,7 +9,10 @@
 //! - `tcp-rr --to <ip:port> [--size <bytes>] --rate <req/s> --duration <s>
 //!   [--warmup <s>] [--connections <n>] [--max-in-flight <n>]`: request/
 //!   response ping-pong (`size` bytes each way) over persistent
-//!   connections with TCP_NODELAY.
+//!   connections with TCP_NODELAY; `--wait poll` waits for each answer in
+//!   poll(2) with a timeout instead of epoll.
+//! - `tcp-crr --to <ip:port> [--size <bytes>] --rate --duration [...]`:
+//!   a new connection per request (connect, ping-pong, close).
 //! - `http-rr --url http://<ip>[:port]/path --rate --duration [--warmup]
 //!   [--connections <n>] [--body-bytes <n>] [--max-in-flight <n>]`: the
 //!   same with HTTP/1.1 keep-alive GETs (POSTs with a body); non-2xx is an
@@ -68,6 +71,8 @@ const USAGE: &str = "usage:
   benchtool echo-serve --listen <ip:port> [--max-duration <s>]
   benchtool tcp-rr --to <ip:port> [--size <bytes>] --rate <req/s, 0 = closed loop>
                    --duration <s> [--warmup <s>] [--connections <n>] [--max-in-flight <n>]
+                   [--wait epoll|poll]
+  benchtool tcp-crr --to <ip:port> [--size <bytes>] --rate <req/s> --duration <s> [...]
   benchtool http-rr --url http://<ip>[:port]/path --rate <req/s> --duration <s>
                     [--warmup <s>] [--connections <n>] [--body-bytes <n>] [--max-in-flight <n>]
   benchtool bulk --to <ip:port> --bytes <n> [--duration <cap s>]
@@ -102,6 +107,7 @@ fn run(command: &str, opts: &Opts) -> Result<(), Failure> {
     match command {
         "echo-serve" => runtime.block_on(echo::run(opts)),
         "tcp-rr" => runtime.block_on(tcp::run(opts)),
+        "tcp-crr" => runtime.block_on(tcp::run_crr(opts)),
         "http-rr" => runtime.block_on(http::run(opts)),
         "bulk" => runtime.block_on(bulk::run(opts)),
         "burst" => runtime.block_on(burst::run(opts)),

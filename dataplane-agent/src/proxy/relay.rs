@@ -1,5 +1,8 @@
-//! Moving bytes between the client and the endpoint, and closing the pair
-//! when neither side has sent anything for the idle timeout.
+//! Moving bytes between the client and the endpoint ([`copy`]), and
+//! closing the pair when neither side has sent anything for the idle
+//! timeout.
+
+pub mod copy;
 
 use std::os::fd::{AsRawFd as _, RawFd};
 use std::time::Duration;
@@ -9,16 +12,16 @@ use tracing::debug;
 
 use crate::metrics::{Direction, DirectionLabels, IdleKind, ProxyMetrics};
 
-/// Copies both ways with splice(2) (the bytes never enter user space) until
-/// both directions are done. When one side finishes sending, its write
-/// half-close is passed on (shutdown(SHUT_WR)) and the other direction keeps
-/// going, so request/response protocols that half-close work.
+/// Copies both ways (see [`copy`]) until both directions are done. When
+/// one side finishes sending, its write half-close is passed on
+/// (shutdown(SHUT_WR)) and the other direction keeps going, so
+/// request/response protocols that half-close work.
 ///
 /// With a non-zero `idle`, the pair is closed (FIN both ways) once no data
 /// has arrived from either side for that long. The kernel keeps the time
-/// of the last data received on each socket (`TCP_INFO`), so the bytes
-/// still never pass through user space and nothing is counted per read:
-/// a watchdog looks at both sockets a few times per period.
+/// of the last data received on each socket (`TCP_INFO`), so nothing is
+/// counted per read: a watchdog looks at both sockets a few times per
+/// period.
 pub async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -26,8 +29,8 @@ pub async fn forward(
     idle: Duration,
 ) {
     let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
-    let copy = tokio_splice::zero_copy_bidirectional(&mut client, &mut upstream);
-    let result = tokio::select! {
+    let copy = copy::bidirectional(&mut client, &mut upstream);
+    let (result, stats) = tokio::select! {
         result = copy => result,
         () = idle_expired(fds, idle) => {
             debug!(idle = ?idle, "opaque connection idle: closing both sides");
@@ -40,10 +43,15 @@ pub async fn forward(
             return;
         }
     };
+    if stats.splice_switches > 0 {
+        metrics
+            .splice_switches
+            .inc_by(u64::from(stats.splice_switches));
+    }
     match result {
-        Ok((up, down)) => {
-            count_bytes(metrics, Direction::Upstream, up);
-            count_bytes(metrics, Direction::Downstream, down);
+        Ok(totals) => {
+            count_bytes(metrics, Direction::Upstream, totals.a_to_b);
+            count_bytes(metrics, Direction::Downstream, totals.b_to_a);
         }
         Err(err) => {
             // One side reset or failed: reset the other so it learns at once.
