@@ -52,7 +52,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (config, watcher) = runtime::load_config(&settings.config)?;
     raise_fd_limit();
     enable_listener_handover();
-    let listener = runtime::bind(settings.proxy_addr.into(), "--proxy-addr").await?;
+    let listener = runtime::bind_proxy(settings.proxy_addr.into(), "--proxy-addr").await?;
     let admin_listener = runtime::bind(settings.admin_addr, "--admin-addr").await?;
 
     let pods_cgroup = capture::resolve_cgroup(&settings.pods_cgroup)?;

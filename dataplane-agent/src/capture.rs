@@ -152,6 +152,7 @@ impl Capture {
             .override_global(globals::PROXY_PORT, &proxy_port, true)
             .override_global(globals::PROXY_MARK, &cfg.proxy_mark, true)
             .override_global(globals::PROXY_DOWN, &proxy_down, true)
+            .override_global(aya_log::LEVEL, &ebpf_log_level(), false)
             .load(EBPF_OBJECT)?;
         links::load_all(&mut ebpf)?;
         let tables = Tables::take_from(&mut ebpf)?;
@@ -162,6 +163,28 @@ impl Capture {
                 cfg: cfg.clone(),
             },
         })
+    }
+}
+
+/// The most verbose level the programs log at: the agent's own (from
+/// `RUST_LOG`). Records above it are never written, so the default level
+/// costs no ring-buffer write per captured connect in the kernel and no
+/// wake-up and formatting per connect in the agent.
+fn ebpf_log_level() -> u8 {
+    level_number(tracing::level_filters::LevelFilter::current())
+}
+
+/// aya-log's level numbering (0: nothing).
+fn level_number(filter: tracing::level_filters::LevelFilter) -> u8 {
+    use aya_log::Level;
+    use tracing::Level as T;
+    match filter.into_level() {
+        None => 0,
+        Some(T::ERROR) => Level::Error as u8,
+        Some(T::WARN) => Level::Warn as u8,
+        Some(T::INFO) => Level::Info as u8,
+        Some(T::DEBUG) => Level::Debug as u8,
+        Some(T::TRACE) => Level::Trace as u8,
     }
 }
 
@@ -194,4 +217,31 @@ pub fn resolve_cgroup(path: &Path) -> Result<PathBuf, CaptureError> {
         return Ok(path.to_path_buf());
     }
     Ok(cgroup::cgroup2_mount()?.join(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::level_filters::LevelFilter;
+
+    use super::level_number;
+
+    #[test]
+    fn the_programs_log_at_the_agents_level_and_no_further() {
+        assert_eq!(level_number(LevelFilter::OFF), 0);
+        assert_eq!(
+            level_number(LevelFilter::ERROR),
+            aya_log::Level::Error as u8
+        );
+        assert_eq!(level_number(LevelFilter::INFO), aya_log::Level::Info as u8);
+        // Debug records (one per captured connect) only when asked for.
+        assert!(level_number(LevelFilter::INFO) < aya_log::Level::Debug as u8);
+        assert_eq!(
+            level_number(LevelFilter::DEBUG),
+            aya_log::Level::Debug as u8
+        );
+        assert_eq!(
+            level_number(LevelFilter::TRACE),
+            aya_log::Level::Trace as u8
+        );
+    }
 }

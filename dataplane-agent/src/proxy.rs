@@ -77,9 +77,9 @@ impl Proxy {
         .await;
     }
 
-    /// The one accept loop of every listener: count, disable Nagle (small
-    /// request/response exchanges must not wait for it in the response
-    /// direction), spawn `handle`; stop when the proxy drains.
+    /// The one accept loop of every listener: count, spawn `handle`; stop
+    /// when the proxy drains. Accepted sockets come with Nagle off and
+    /// keep-alive on, from the listener (`app::runtime::bind_proxy`).
     async fn accept_loop<F, Fut>(self: Arc<Self>, listener: TcpListener, handle: F)
     where
         F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut,
@@ -95,7 +95,6 @@ impl Proxy {
             match accepted {
                 Ok((stream, peer)) => {
                     self.metrics.accepted.inc();
-                    let _ = stream.set_nodelay(true);
                     tokio::spawn(handle(Arc::clone(&self), stream, peer));
                 }
                 Err(err) => {

@@ -31,7 +31,12 @@ pub struct Agent {
     admin: std::net::SocketAddr,
     /// Leave the capture installed when dropped: another agent took over.
     handed_over: bool,
+    /// Its `RUST_LOG`.
+    log_filter: &'static str,
 }
+
+/// Tests read the agent's debug lines (and its programs' records).
+const TEST_LOG: &str = "info,dataplane=debug,dataplane_agent=debug";
 
 impl Agent {
     /// Writes `config_yaml` and starts the agent; waits until it is ready.
@@ -39,8 +44,24 @@ impl Agent {
         Self::start_with(node, config_yaml, &[])
     }
 
+    /// As a user runs it, for measurements: the default log level (no
+    /// debug lines, no per-connect records from the programs) and the
+    /// default resync period.
+    pub fn start_as_deployed(node: &SimNode, config_yaml: &str) -> anyhow::Result<Agent> {
+        Self::start_logging(node, config_yaml, &["--resync=1s"], "info")
+    }
+
     /// Like [`Agent::start`], with extra command-line arguments.
     pub fn start_with(node: &SimNode, config_yaml: &str, extra: &[&str]) -> anyhow::Result<Agent> {
+        Self::start_logging(node, config_yaml, extra, TEST_LOG)
+    }
+
+    fn start_logging(
+        node: &SimNode,
+        config_yaml: &str,
+        extra: &[&str],
+        log_filter: &'static str,
+    ) -> anyhow::Result<Agent> {
         // A second agent on the node (an upgrade) has its own admin port,
         // and its own directory for its log and config.
         let admin: std::net::SocketAddr = extra
@@ -84,6 +105,7 @@ impl Agent {
             args,
             admin,
             handed_over: false,
+            log_filter,
         };
         agent.spawn(node)?;
         Ok(agent)
@@ -97,7 +119,7 @@ impl Agent {
             .open(self.log_path())?;
         let mut cmd = Command::new(binaries::agent()?);
         cmd.args(&self.args)
-            .env("RUST_LOG", "info,dataplane=debug,dataplane_agent=debug")
+            .env("RUST_LOG", self.log_filter)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
         self.proc = Some(node.spawn_on_node(cmd)?);

@@ -53,7 +53,21 @@ pub fn load_config(path: &Path) -> anyhow::Result<(MeshConfig, ConfigWatcher)> {
 /// current kernels).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
+/// A listener for the admin endpoint.
 pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    listen(addr, flag, false)
+}
+
+/// A listener for proxied connections. Its accepted sockets inherit the
+/// options set here (the kernel clones them from the listener), so each
+/// connection costs no setsockopt of its own: Nagle off (small exchanges
+/// must not wait for it in the response direction) and keep-alive probes
+/// (a pod that vanished without a reset is noticed).
+pub async fn bind_proxy(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    listen(addr, flag, true)
+}
+
+fn listen(addr: SocketAddr, flag: &str, proxied: bool) -> anyhow::Result<TcpListener> {
     let context = || format!("cannot listen on {flag} {addr}");
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
@@ -68,6 +82,10 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
     // had queued to the new one (with `net.ipv4.tcp_migrate_req`, which
     // node mode turns on). Both must set it, as the same user.
     socket.set_reuseport(true).with_context(context)?;
+    if proxied {
+        socket.set_nodelay(true).with_context(context)?;
+        crate::upstream::set_keepalive(&socket2::SockRef::from(&socket)).with_context(context)?;
+    }
     socket.bind(addr).with_context(context)?;
     socket.listen(LISTEN_BACKLOG).with_context(context)
 }

@@ -40,8 +40,8 @@ pub struct Settings {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let loaded = runtime::load_config(&settings.config)?;
     raise_fd_limit();
-    let outbound = runtime::bind(settings.outbound_addr, "--outbound-addr").await?;
-    let inbound = runtime::bind(settings.inbound_addr, "--inbound-addr").await?;
+    let outbound = runtime::bind_proxy(settings.outbound_addr, "--outbound-addr").await?;
+    let inbound = runtime::bind_proxy(settings.inbound_addr, "--inbound-addr").await?;
     let admin_listener = runtime::bind(settings.admin_addr, "--admin-addr").await?;
     let mut rt = Runtime::start(loaded, settings.node.clone(), admin_listener, |_| {});
 

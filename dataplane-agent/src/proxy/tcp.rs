@@ -64,8 +64,6 @@ pub async fn forward(
         .forwarded
         .get_or_create(&endpoint.labels)
         .inc();
-    // Both sides, so that a vanished client is noticed too.
-    let _ = upstream::set_keepalive(&socket2::SockRef::from(&client));
     debug!(%peer, service = %service.id, endpoint = %endpoint.addr, "forwarding");
     // Active connections are the load that least-request balancing sees.
     service.balancer.on_start(index);

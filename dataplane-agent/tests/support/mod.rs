@@ -313,7 +313,13 @@ impl TestProxy {
     }
 
     async fn serve(proxy: Arc<Proxy>, vip: SocketAddrV4, admin: Option<SocketAddr>) -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        // As the agent listens: accepted sockets inherit Nagle off.
+        let listener = dataplane_agent::app::runtime::bind_proxy(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            "--proxy-addr",
+        )
+        .await
+        .unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(Arc::clone(&proxy).serve_service(listener, vip));
         Self {

@@ -102,7 +102,7 @@ impl Proxies {
                     Ok(())
                 })?;
             }
-            None => self.agent = Some(Agent::start(node, config)?),
+            None => self.agent = Some(Agent::start_as_deployed(node, config)?),
         }
         Ok(())
     }

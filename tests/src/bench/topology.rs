@@ -93,7 +93,7 @@ impl Topology {
         let ports = [ECHO_PORT, HTTP_PORT];
         let proxies = match mode {
             Mode::Direct => Proxies::None,
-            Mode::Node => Proxies::Node(Agent::start(&node, &config)?),
+            Mode::Node => Proxies::Node(Agent::start_as_deployed(&node, &config)?),
             Mode::Sidecar => Proxies::Sidecars(vec![
                 Sidecar::start(&node, &client, &config, &ports)?,
                 Sidecar::start(snode, &server, &config, &ports)?,

@@ -228,3 +228,37 @@ async fn the_listener_queues_a_burst_of_connections() {
     }
     assert_eq!(connected.len(), 300);
 }
+
+/// Accepted sockets take their options from the proxy's listener, so the
+/// proxy sets none per connection; this holds only if the kernel copies
+/// them, which this checks.
+#[tokio::test]
+async fn proxied_connections_inherit_nodelay_and_keepalive_from_the_listener() {
+    let listener = bind_proxy("127.0.0.1:0".parse().unwrap(), "--proxy-addr")
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let (accepted, _) = accepted.unwrap();
+    let socket = socket2::SockRef::from(&accepted);
+    assert!(socket.tcp_nodelay().unwrap(), "Nagle off");
+    assert!(socket.keepalive().unwrap(), "keep-alive on");
+    assert_eq!(
+        socket.tcp_keepalive_time().unwrap(),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        socket.tcp_keepalive_interval().unwrap(),
+        Duration::from_secs(10)
+    );
+    assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+
+    // The admin listener is left as the kernel makes it.
+    let admin = bind("127.0.0.1:0".parse().unwrap(), "--admin-addr")
+        .await
+        .unwrap();
+    let addr = admin.local_addr().unwrap();
+    let (_client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), admin.accept());
+    let (accepted, _) = accepted.unwrap();
+    assert!(!socket2::SockRef::from(&accepted).keepalive().unwrap());
+}
