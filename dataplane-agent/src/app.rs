@@ -44,6 +44,8 @@ pub struct Settings {
     pub access_log: bool,
     /// What captured connects do while no proxy listens.
     pub fail_mode: capture::FailMode,
+    /// The kernel fast path between pods and the proxy.
+    pub fast_path: capture::fast::FastPath,
     /// The service registry, if one is used.
     pub registry: Option<crate::registry::source::RegistryConfig>,
 }
@@ -71,6 +73,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         proxy_addr: settings.proxy_addr,
         proxy_mark: settings.mark,
         fail_mode: settings.fail_mode,
+        fast_path: settings.fast_path == capture::fast::FastPath::On,
     };
     let Capture {
         mut tables,
@@ -125,6 +128,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     if let Some(cfg) = settings.registry.as_ref().filter(|c| c.publish) {
         crate::registry::publish::start(cfg.access.clone(), cfg.prefix.clone(), rt.watch_file());
+    }
+    // Sockets on the fast path get their data in a queue splice(2) does
+    // not read: relay them with read and write only.
+    rt.proxy
+        .splice_bulk
+        .store(!capture_cfg.fast_path, std::sync::atomic::Ordering::Relaxed);
+    if !capture_cfg.fast_path {
+        info!("kernel fast path {}", capture::fast::describe(false));
     }
     tokio::spawn(Arc::clone(&rt.proxy).serve(listener));
     rt.proxy

@@ -16,6 +16,7 @@
 mod bpffs;
 pub mod cgroup;
 pub mod enroll;
+pub mod fast;
 mod layout;
 mod links;
 pub mod reconcile;
@@ -75,6 +76,10 @@ pub enum CaptureError {
     PinnedMap { path: PathBuf, message: String },
     #[error("the embedded eBPF object cannot be parsed (a broken build?): {0}")]
     Object(String),
+    #[error(
+        "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+), which the fast path needs: {0}"
+    )]
+    NetnsCookie(std::io::Error),
 }
 
 /// Where and how to capture.
@@ -92,6 +97,9 @@ pub struct CaptureConfig {
     pub proxy_mark: u32,
     /// What captured connects do while no proxy listens.
     pub fail_mode: FailMode,
+    /// The kernel fast path (sk_msg): data between pods and the proxy on
+    /// this node goes socket to socket.
+    pub fast_path: bool,
 }
 
 /// What an enrolled pod's connect to a mesh service does while no proxy
@@ -146,15 +154,24 @@ impl Capture {
         let proxy_ip4 = u32::from_ne_bytes(cfg.proxy_addr.ip().octets());
         let proxy_port = cfg.proxy_addr.port();
         let proxy_down = cfg.fail_mode.global();
+        let fast_path = u32::from(cfg.fast_path);
+        // Only the fast path needs it (and a kernel new enough to tell).
+        let proxy_netns = if cfg.fast_path {
+            fast::own_netns_cookie()?
+        } else {
+            0
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .override_global(globals::PROXY_IP4, &proxy_ip4, true)
             .override_global(globals::PROXY_PORT, &proxy_port, true)
             .override_global(globals::PROXY_MARK, &cfg.proxy_mark, true)
             .override_global(globals::PROXY_DOWN, &proxy_down, true)
+            .override_global(globals::FAST_PATH, &fast_path, true)
+            .override_global(globals::PROXY_NETNS, &proxy_netns, true)
             .override_global(aya_log::LEVEL, &ebpf_log_level(), false)
             .load(EBPF_OBJECT)?;
-        links::load_all(&mut ebpf)?;
+        links::load_all(&mut ebpf, cfg.fast_path)?;
         let tables = Tables::take_from(&mut ebpf)?;
         Ok(Self {
             tables,

@@ -201,6 +201,14 @@ struct RunArgs {
     /// decides, so it holds whatever happened to the agent.
     #[arg(long, env = "DATAPLANE_FAIL_MODE", value_enum, default_value = "open")]
     fail_mode: capture::FailMode,
+    /// Kernel fast path: data between enrolled pods and the proxy on this
+    /// node goes socket to socket (sk_msg) instead of through TCP. Off by
+    /// default: the kernel bounds no receive queue on that path (a pod
+    /// sending faster than its peer reads queues kernel memory without
+    /// limit) and some kernels report a wrong FIONREAD for such sockets;
+    /// see the README.
+    #[arg(long, env = "DATAPLANE_FAST_PATH", value_enum, default_value = "off")]
+    fast_path: capture::fast::FastPath,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -433,6 +441,7 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout: args.drain_timeout,
                 access_log: args.access_log,
                 fail_mode: args.fail_mode,
+                fast_path: args.fast_path,
                 registry: args.registry.config()?,
             };
             cli.worker_threads.build()?.block_on(app::run(settings))

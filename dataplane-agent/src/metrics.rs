@@ -555,6 +555,21 @@ impl Collector for CaptureCollector {
                 "Captured connects sent straight to an endpoint while no proxy listened (fail-open)",
                 stats.proxy_down_direct,
             ),
+            (
+                "fast_path_direct",
+                "Sending directions of sockets whose data went socket to socket (kernel fast path)",
+                stats.fast_direct,
+            ),
+            (
+                "fast_path_tcp",
+                "Sending directions of fast-path sockets that went through TCP (peer not on the fast path at their first message)",
+                stats.fast_tcp,
+            ),
+            (
+                "fast_path_full",
+                "Sockets left off the fast path because its maps were full",
+                stats.fast_full,
+            ),
         ] {
             let counter = ConstCounter::new(value);
             let name = format!("dataplane_capture_{name}");

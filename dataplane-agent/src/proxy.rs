@@ -36,6 +36,9 @@ pub struct Proxy {
     pub drain: drain::Drain,
     /// Log every HTTP request (`--access-log`).
     pub access_log: std::sync::atomic::AtomicBool,
+    /// Whether opaque bulk transfers may move to splice(2) (not on the
+    /// kernel fast path, whose data splice does not see).
+    pub splice_bulk: std::sync::atomic::AtomicBool,
 }
 
 impl Proxy {
@@ -47,6 +50,7 @@ impl Proxy {
             inbound: Default::default(),
             drain: Default::default(),
             access_log: Default::default(),
+            splice_bulk: true.into(),
         }
     }
 

@@ -38,6 +38,15 @@ pub mod maps {
     /// whatever happened to the agent; the connect hooks then apply the
     /// `PROXY_DOWN` policy.
     pub const PROXY_LISTENERS: &str = "DP_PROXY_LISTENERS";
+    /// `SockHash<FastKey>`: the kernel fast path's sockets (the ends of
+    /// connections to and from the node proxy on this node); the kernel
+    /// removes a socket when it closes.
+    pub const FAST_SOCKS: &str = "DP_FAST_SOCKS";
+    /// `HashMap<FastKey, u8>`: for each sending socket of `FAST_SOCKS`,
+    /// whether its data goes straight to the peer socket or through TCP,
+    /// decided at its first message and kept until it is released (one
+    /// path per direction, so the receiver never gets bytes out of order).
+    pub const FAST_PATHS: &str = "DP_FAST_PATHS";
 }
 
 /// Map capacities. The agent reports an insert that fails because a map is
@@ -56,6 +65,8 @@ pub mod capacity {
     /// Endpoints per service kept for fail-open (connects go straight to
     /// one of them while no proxy listens).
     pub const FALLBACK_ENDPOINTS: usize = 8;
+    /// Sockets on the kernel fast path (two per connection end pair).
+    pub const FAST_SOCKS: u32 = 65536;
 }
 
 /// Names of the global variables the agent sets when it loads the programs.
@@ -70,6 +81,12 @@ pub mod globals {
     /// `u32`: what a captured connect does while no proxy listens:
     /// [`crate::proxy_down::FAIL_CLOSED`] or [`crate::proxy_down::FAIL_OPEN`].
     pub const PROXY_DOWN: &str = "DP_PROXY_DOWN";
+    /// `u32`: 1 when the kernel fast path is on (sock_ops puts sockets in
+    /// `FAST_SOCKS`), 0 otherwise.
+    pub const FAST_PATH: &str = "DP_FAST_PATH";
+    /// `u64`: the network namespace cookie of the node proxy, the frame
+    /// every `FastKey` is written in.
+    pub const PROXY_NETNS: &str = "DP_PROXY_NETNS";
 }
 
 /// Indexes into the `DP_STATS` per-CPU counter array.
@@ -92,8 +109,17 @@ pub mod stats {
     /// Captured connects sent straight to an endpoint because no proxy
     /// listened (fail-open).
     pub const PROXY_DOWN_DIRECT: u32 = 6;
+    /// Sending directions of fast-path sockets whose data goes straight
+    /// to the peer socket.
+    pub const FAST_DIRECT: u32 = 7;
+    /// Sending directions of fast-path sockets whose peer was not on the
+    /// fast path at their first message: their data goes through TCP.
+    pub const FAST_TCP: u32 = 8;
+    /// Sockets left off the fast path because `DP_FAST_SOCKS` or
+    /// `DP_FAST_PATHS` was full (their connections use TCP).
+    pub const FAST_FULL: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 10;
 }
 
 /// Values of the `PROXY_DOWN` global.
@@ -226,6 +252,51 @@ pub struct ConnKey {
 }
 const _: () = assert!(size_of::<ConnKey>() == 12);
 
+/// Key of a socket on the kernel fast path: its connection's addresses as
+/// the socket sees them, in the frame of the node proxy's network
+/// namespace (`netns` is always the proxy's cookie). Every socket on the
+/// fast path is one end of a connection whose other end is the proxy, or a
+/// pod's server socket whose peer is the proxy's upstream socket; the
+/// proxy's namespace holds at most one live connection per 4-tuple, so
+/// equal pod addresses in different namespaces cannot collide. A sender
+/// finds its peer by swapping local and remote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FastKey {
+    pub netns: u64,
+    /// Network order.
+    pub local_ip4: u32,
+    /// Network order.
+    pub remote_ip4: u32,
+    /// Host order.
+    pub local_port: u32,
+    /// Host order.
+    pub remote_port: u32,
+}
+const _: () = assert!(size_of::<FastKey>() == 24);
+
+impl FastKey {
+    /// The key of the socket at the other end of the connection.
+    #[inline(always)]
+    pub const fn peer(&self) -> FastKey {
+        FastKey {
+            netns: self.netns,
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Values of `DP_FAST_PATHS`.
+pub mod fast_path {
+    /// The direction's data goes straight to the peer socket.
+    pub const DIRECT: u8 = 1;
+    /// The direction's data goes through TCP.
+    pub const TCP: u8 = 2;
+}
+
 #[cfg(test)]
 mod tests {
     use super::v4_mapped;
@@ -274,7 +345,7 @@ mod tests {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{ConnKey, EnrolledPod, OrigDst, ServiceKey, ServiceValue};
+    use super::{ConnKey, EnrolledPod, FastKey, OrigDst, ServiceKey, ServiceValue};
 
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, made of integers only,
     // with explicit padding fields, so every bit pattern is valid.
@@ -283,4 +354,5 @@ mod user {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for FastKey {}
 }

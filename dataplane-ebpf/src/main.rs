@@ -17,10 +17,15 @@
 //! 3. `dp_getsockopt` (cgroup/getsockopt on the proxy's cgroup): the proxy
 //!    asks `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on the accepted socket, as it
 //!    would behind an iptables REDIRECT, and gets the original destination.
+//!
+//! With `--fast-path on`, `dp_sockops` (also on the proxy's cgroup) puts
+//! the ends of connections between pods and the proxy in a socket map, and
+//! `dp_fast_msg` (sk_msg) moves their data socket to socket (see [`fast`]).
 #![no_std]
 #![no_main]
 
 mod connect;
+mod fast;
 mod maps;
 mod release;
 mod sockops;

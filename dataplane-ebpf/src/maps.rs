@@ -7,9 +7,11 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
-use dataplane_common::{ConnKey, EnrolledPod, OrigDst, ServiceKey, ServiceValue, capacity, stats};
+use dataplane_common::{
+    ConnKey, EnrolledPod, FastKey, OrigDst, ServiceKey, ServiceValue, capacity, stats,
+};
 
 #[map(name = "DP_ENROLLED")]
 pub static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(capacity::ENROLLED, 0);
@@ -33,6 +35,16 @@ pub static CONNS: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(capacity::CO
 #[map(name = "DP_PROXY_LISTENERS")]
 pub static PROXY_LISTENERS: SockMap = SockMap::pinned(capacity::PROXY_LISTENERS, 0);
 
+/// The kernel fast path's sockets (see `fast`). Pinned, so that sockets
+/// inserted under one agent stay reachable by the next.
+#[map(name = "DP_FAST_SOCKS")]
+pub static FAST_SOCKS: SockHash<FastKey> = SockHash::pinned(capacity::FAST_SOCKS, 0);
+
+/// Per sending socket of `FAST_SOCKS`, its path (see `fast`); as large as
+/// `FAST_SOCKS`, since every entry belongs to a socket there.
+#[map(name = "DP_FAST_PATHS")]
+pub static FAST_PATHS: HashMap<FastKey, u8> = HashMap::pinned(capacity::FAST_SOCKS, 0);
+
 #[map(name = "DP_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
@@ -47,6 +59,12 @@ pub static DP_PROXY_MARK: Global<u32> = Global::new(0);
 
 #[unsafe(no_mangle)]
 pub static DP_PROXY_DOWN: Global<u32> = Global::new(0);
+
+#[unsafe(no_mangle)]
+pub static DP_FAST_PATH: Global<u32> = Global::new(0);
+
+#[unsafe(no_mangle)]
+pub static DP_PROXY_NETNS: Global<u64> = Global::new(0);
 
 /// Adds one to a counter of [`dataplane_common::stats`].
 #[inline(always)]

@@ -9,12 +9,16 @@
 //! `AF_INET` socket, so the proxy's `SO_ORIGINAL_DST` lookup finds it.
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie,
-    macros::sock_ops, programs::SockOpsContext,
+    EbpfContext as _,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
 };
 use aya_log_ebpf::error;
 use dataplane_common::{ConnKey, stats, v4_mapped};
 
+use crate::fast;
 use crate::maps::{CONNS, ORIG_DST, count};
 
 const AF_INET: u32 = 2;
@@ -22,10 +26,23 @@ const AF_INET6: u32 = 10;
 
 #[sock_ops]
 pub fn dp_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         && let Some((local, remote)) = ipv4_ends(&ctx)
     {
-        on_established(&ctx, local, remote);
+        let captured = on_established(&ctx, local, remote);
+        if fast::enabled() {
+            fast::on_established(&ctx, local, remote, captured);
+        }
+    } else if fast::enabled()
+        && fast::handles(op)
+        && let Some((local, remote)) = ipv4_ends(&ctx)
+    {
+        if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+            fast::on_established(&ctx, local, remote, false);
+        } else {
+            fast::on_state_change(&ctx, local, remote);
+        }
     }
     0
 }
@@ -78,11 +95,13 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32) {
+/// Hands a captured socket's original destination over to its 4-tuple;
+/// returns whether the socket was captured.
+fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32) -> bool {
     let cookie = cookie(ctx);
     // SAFETY: copied out before the entry is removed.
     let Some(orig) = (unsafe { ORIG_DST.get(cookie) }).copied() else {
-        return;
+        return false;
     };
     // Seen from the client: local = pod, remote = proxy.
     let key = ConnKey {
@@ -99,4 +118,5 @@ fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32) {
         );
     }
     let _ = ORIG_DST.remove(cookie);
+    true
 }

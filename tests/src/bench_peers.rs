@@ -75,8 +75,12 @@ pub struct BenchReport {
     pub elapsed_s: Option<f64>,
     /// bulk: `bytes` per second, each way.
     pub throughput_bps: Option<f64>,
-    /// bulk: why the transfer stopped short (`timeout`, `eof`, `reset`).
+    /// bulk: why the transfer stopped short (`timeout`, `eof`, `reset`,
+    /// `mismatch`, `no-eof`).
     pub error: Option<String>,
+    /// bulk `--verify`: every byte matched, then end-of-stream.
+    #[serde(default)]
+    pub verified: Option<bool>,
 }
 
 /// Latency percentiles in microseconds.

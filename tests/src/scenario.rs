@@ -93,6 +93,16 @@ impl MeshNode {
         backends: usize,
         policy: &str,
     ) -> anyhow::Result<MeshNode> {
+        Self::start_with_agent(hint, backends, policy, &[])
+    }
+
+    /// Like [`MeshNode::start_with_policy`], with extra agent arguments.
+    pub fn start_with_agent(
+        hint: &str,
+        backends: usize,
+        policy: &str,
+        agent_args: &[&str],
+    ) -> anyhow::Result<MeshNode> {
         let mut node = SimNode::new(hint)?;
         let client = node.add_pod("client")?;
         let mut servers = Vec::new();
@@ -106,7 +116,7 @@ impl MeshNode {
         let mut echo = ServiceSpec::tcp("echo", ECHO_VIP, endpoints);
         echo.policy = policy;
         let config = mesh_config(&[echo], &[&client]);
-        let agent = Agent::start(&node, &config).context("starting the agent")?;
+        let agent = Agent::start_with(&node, &config, agent_args).context("starting the agent")?;
         Ok(MeshNode {
             agent,
             backends: servers,

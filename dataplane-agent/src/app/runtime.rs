@@ -120,6 +120,7 @@ impl Runtime {
             inbound: Default::default(),
             drain: Default::default(),
             access_log: Default::default(),
+            splice_bulk: true.into(),
         });
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
         Self {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use aya::Ebpf;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
-    CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
+    CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkMsg, SockOps,
 };
 
 use super::{CaptureConfig, CaptureError};
@@ -68,8 +68,15 @@ fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> CaptureError {
 }
 
 /// Loads every program into the kernel (which verifies it) without
-/// attaching anything, so that the caller can fill the tables first.
-pub fn load_all(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+/// attaching anything, so that the caller can fill the tables first. The
+/// fast path's sk_msg program only when it is on: a kernel without it
+/// still runs everything else.
+pub fn load_all(ebpf: &mut Ebpf, fast_path: bool) -> Result<(), CaptureError> {
+    if fast_path {
+        program!(ebpf, SkMsg, "dp_fast_msg")
+            .load()
+            .map_err(prog_err("dp_fast_msg"))?;
+    }
     program!(ebpf, CgroupSockopt, "dp_getsockopt")
         .load()
         .map_err(prog_err("dp_getsockopt"))?;
@@ -104,6 +111,9 @@ pub fn attach_all(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<(), CaptureErr
     // destination; sock_ops before the connect hooks, so that every socket
     // they capture has its destination handed over on establishment.
     let _ = attach!(ebpf, CgroupSockopt, "dp_getsockopt", &proxy);
+    if cfg.fast_path {
+        attach_fast_path(ebpf, cfg, &proxy)?;
+    }
     let release = attach_fd_link!(ebpf, CgroupSock, "dp_sock_release", &pods);
     let sockops = attach_fd_link!(ebpf, SockOps, "dp_sockops", &pods);
     let connect4 = attach_fd_link!(ebpf, CgroupSockAddr, "dp_connect4", &pods);
@@ -117,6 +127,28 @@ pub fn attach_all(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<(), CaptureErr
         proxy_cgroup = %cfg.proxy_cgroup.display(),
         "capture programs attached"
     );
+    Ok(())
+}
+
+/// The fast path: the sk_msg program on its socket map (a socket put there
+/// from now on carries it), and sock_ops on the proxy's cgroup too, so
+/// that the proxy's sockets join the map. Neither is pinned: they serve
+/// this proxy and go with it (sockets already in the map keep the program
+/// they were given). If the proxy's cgroup is inside the pods' one, the
+/// pods' sock_ops already sees the proxy's sockets.
+fn attach_fast_path(
+    ebpf: &mut Ebpf,
+    cfg: &CaptureConfig,
+    proxy: &File,
+) -> Result<(), CaptureError> {
+    let map = super::fast::socket_map_fd(ebpf)?;
+    program!(ebpf, SkMsg, "dp_fast_msg")
+        .attach(&map)
+        .map_err(prog_err("dp_fast_msg"))?;
+    if !cfg.proxy_cgroup.starts_with(&cfg.pods_cgroup) {
+        let _ = attach!(ebpf, SockOps, "dp_sockops", proxy);
+    }
+    tracing::info!("kernel fast path {}", super::fast::describe(true));
     Ok(())
 }
 

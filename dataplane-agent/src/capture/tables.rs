@@ -38,6 +38,9 @@ pub struct CaptureStats {
     pub orig_dst_unknown: u64,
     pub proxy_down_refused: u64,
     pub proxy_down_direct: u64,
+    pub fast_direct: u64,
+    pub fast_tcp: u64,
+    pub fast_full: u64,
 }
 
 /// What [`Tables::enroll`] did.
@@ -161,6 +164,9 @@ impl StatsReader {
             orig_dst_unknown: total(stats::ORIG_DST_UNKNOWN),
             proxy_down_refused: total(stats::PROXY_DOWN_REFUSED),
             proxy_down_direct: total(stats::PROXY_DOWN_DIRECT),
+            fast_direct: total(stats::FAST_DIRECT),
+            fast_tcp: total(stats::FAST_TCP),
+            fast_full: total(stats::FAST_FULL),
         }
     }
 }

@@ -105,7 +105,9 @@ impl Proxy {
             // The default idle timeout: a caller's own proxy applies its
             // service's (the same by default), and a caller from outside
             // the mesh must not hold the connection forever either.
-            Ok(upstream) => relay::forward(client, upstream, &self.metrics, DEFAULT_IDLE).await,
+            Ok(upstream) => {
+                relay::forward(client, upstream, &self.metrics, DEFAULT_IDLE, true).await
+            }
             Err(err) => {
                 debug!(%peer, %app, %err, "application not reachable");
                 self.refuse(client, RefuseReason::UpstreamUnavailable);

@@ -27,9 +27,10 @@ pub async fn forward(
     mut upstream: TcpStream,
     metrics: &ProxyMetrics,
     idle: Duration,
+    splice: bool,
 ) {
     let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
-    let copy = copy::bidirectional(&mut client, &mut upstream);
+    let copy = copy::bidirectional(&mut client, &mut upstream, splice);
     let (result, stats) = tokio::select! {
         result = copy => result,
         () = idle_expired(fds, idle) => {

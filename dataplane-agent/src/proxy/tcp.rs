@@ -68,7 +68,8 @@ pub async fn forward(
     // Active connections are the load that least-request balancing sees.
     service.balancer.on_start(index);
     let idle = service.policy().timeouts.idle;
-    relay::forward(client, upstream, &proxy.metrics, idle).await;
+    let splice = proxy.splice_bulk.load(std::sync::atomic::Ordering::Relaxed);
+    relay::forward(client, upstream, &proxy.metrics, idle, splice).await;
     service.balancer.on_end(index, None, Instant::now());
 }
 

@@ -17,8 +17,9 @@
 //!   [--connections <n>] [--body-bytes <n>] [--max-in-flight <n>]`: the
 //!   same with HTTP/1.1 keep-alive GETs (POSTs with a body); non-2xx is an
 //!   error.
-//! - `bulk --to <ip:port> --bytes <n> [--duration <cap s>]`: throughput
-//!   of sending `n` bytes to `echo-serve` while reading them back.
+//! - `bulk --to <ip:port> --bytes <n> [--duration <cap s>] [--verify]`:
+//!   throughput of sending `n` bytes to `echo-serve` while reading them
+//!   back; `--verify` checks every byte and the half-close.
 //! - `burst --url http://<ip>[:port]/path [--url ...] [--connections <n>]
 //!   [--requests <n>] [--rounds <n>] [--pause <s>] [--duration <s>]
 //!   [--timeout <s>]`: rounds of `n` HTTP/1.1 keep-alive connections
@@ -75,7 +76,7 @@ const USAGE: &str = "usage:
   benchtool tcp-crr --to <ip:port> [--size <bytes>] --rate <req/s> --duration <s> [...]
   benchtool http-rr --url http://<ip>[:port]/path --rate <req/s> --duration <s>
                     [--warmup <s>] [--connections <n>] [--body-bytes <n>] [--max-in-flight <n>]
-  benchtool bulk --to <ip:port> --bytes <n> [--duration <cap s>]
+  benchtool bulk --to <ip:port> --bytes <n> [--duration <cap s>] [--verify]
   benchtool burst --url http://<ip>[:port]/path [--url ...] [--connections <n>] [--requests <n>]
                   [--rounds <n>] [--pause <s>] [--duration <s>] [--timeout <s>]
 every subcommand: [--threads <n>] (default 1: current-thread runtime)";
@@ -92,7 +93,11 @@ fn main() -> ExitCode {
         "burst" => &["url"],
         _ => &[],
     };
-    match Opts::parse(rest, &[], repeatable).and_then(|opts| run(command, &opts)) {
+    let flags: &[&str] = match command.as_str() {
+        "bulk" => &["verify"],
+        _ => &[],
+    };
+    match Opts::parse(rest, flags, repeatable).and_then(|opts| run(command, &opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => usage(&msg),
         Err(Failure::Run(msg)) => {

@@ -65,9 +65,20 @@ pub struct Stats {
 /// Copies `a` ⇄ `b` until both directions have seen end-of-stream and
 /// passed it on (`shutdown(SHUT_WR)`), or until one fails. The other
 /// direction keeps going after one finishes, so half-close works.
-pub async fn bidirectional(a: &mut TcpStream, b: &mut TcpStream) -> (io::Result<Totals>, Stats) {
-    let mut forth = Direction::default();
-    let mut back = Direction::default();
+/// `splice`: whether a bulk direction may move to splice(2).
+pub async fn bidirectional(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    splice: bool,
+) -> (io::Result<Totals>, Stats) {
+    let mut forth = Direction {
+        splice,
+        ..Direction::default()
+    };
+    let mut back = Direction {
+        splice,
+        ..Direction::default()
+    };
     let result = std::future::poll_fn(|cx| {
         let forth_done = forth.poll(cx, a, b)?;
         let back_done = back.poll(cx, b, a)?;
@@ -104,6 +115,8 @@ struct Direction {
     small_splices: u8,
     switches: u32,
     returns: u32,
+    /// Whether this direction may move to splice.
+    splice: bool,
 }
 
 impl Direction {
@@ -201,7 +214,7 @@ impl Direction {
             if written < filled {
                 self.pending.extend_from_slice(&buffer[written..filled]);
             }
-            if filled == SCRATCH {
+            if filled == SCRATCH && self.splice {
                 self.full_reads += 1;
                 if self.full_reads >= SPLICE_AFTER_FULL_READS {
                     self.full_reads = 0;
@@ -334,7 +347,7 @@ mod tests {
     ) {
         let (client, mut a) = pair().await;
         let (mut b, server) = pair().await;
-        let relay = tokio::spawn(async move { bidirectional(&mut a, &mut b).await });
+        let relay = tokio::spawn(async move { bidirectional(&mut a, &mut b, true).await });
         (client, server, relay)
     }
 

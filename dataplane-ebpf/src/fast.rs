@@ -1,0 +1,143 @@
+//! The kernel fast path (`--fast-path on`): data between a pod and the
+//! node proxy on the same node skips the TCP/IP stack. sock_ops puts both
+//! ends of such connections in `DP_FAST_SOCKS`; `dp_fast_msg` (sk_msg on
+//! that map) runs in the sender's `sendmsg` and queues its data straight
+//! on the peer socket's receive side.
+//!
+//! Which sockets: a captured pod socket (its peer is the proxy's accepted
+//! socket), the proxy's accepted sockets, the node's own outgoing sockets
+//! (the proxy's upstream connections; a peer is found only for pods on
+//! this node), and pods' server sockets called from the proxy's address.
+//!
+//! One path per direction: a sender's first message decides whether its
+//! data goes straight to the peer (the peer is on the fast path) or through
+//! TCP (it is not yet, e.g. a client that sends before the proxy's end of
+//! the handshake completed), and that stays until the socket closes. A
+//! receiver reads the fast path's queue before TCP's, so switching a
+//! direction from TCP to the fast path could reorder its bytes.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        sk_action::SK_PASS,
+    },
+    helpers::bpf_get_netns_cookie,
+    macros::sk_msg,
+    programs::{SkMsgContext, SockOpsContext},
+};
+use dataplane_common::{FastKey, fast_path, stats};
+
+use crate::maps::{
+    DP_FAST_PATH, DP_PROXY_IP4, DP_PROXY_NETNS, DP_PROXY_PORT, FAST_PATHS, FAST_SOCKS, count,
+};
+
+/// `TCP_CLOSE` in `enum tcp_state`.
+const TCP_CLOSE: u32 = 7;
+
+/// Whether the fast path is on (the agent's `--fast-path`).
+#[inline(always)]
+pub fn enabled() -> bool {
+    DP_FAST_PATH.load() != 0
+}
+
+fn key(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32) -> FastKey {
+    FastKey {
+        netns: DP_PROXY_NETNS.load(),
+        local_ip4,
+        remote_ip4,
+        local_port: ctx.local_port(),
+        remote_port: u32::from_be(ctx.remote_port()),
+    }
+}
+
+/// sock_ops, established either way: put the socket on the fast path if it
+/// is one of the ends described above. `captured`: connect4/connect6
+/// redirected it to the proxy.
+pub fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32, captured: bool) {
+    let proxy_netns = DP_PROXY_NETNS.load();
+    // SAFETY: the helper takes the program context.
+    let own_netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let in_proxy_netns = own_netns == proxy_netns;
+    let wanted = if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        captured || in_proxy_netns
+    } else {
+        let proxy_listener =
+            local_ip4 == DP_PROXY_IP4.load() && ctx.local_port() == u32::from(DP_PROXY_PORT.load());
+        let called_by_proxy = !in_proxy_netns && remote_ip4 == DP_PROXY_IP4.load();
+        (in_proxy_netns && proxy_listener) || called_by_proxy
+    };
+    if !wanted {
+        return;
+    }
+    let mut key = key(ctx, local_ip4, remote_ip4);
+    // SAFETY: `ops` is the program context, which the helper takes.
+    let ops = unsafe { &mut *ctx.ops };
+    if FAST_SOCKS
+        .update(&mut key, ops, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count(stats::FAST_FULL);
+        return;
+    }
+    // Told when it closes, to forget its path decision.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// sock_ops state change of a fast-path socket: on close, forget its
+/// decision (the socket leaves `DP_FAST_SOCKS` by itself).
+pub fn on_state_change(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32) {
+    if ctx.op() == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE {
+        let _ = FAST_PATHS.remove(&key(ctx, local_ip4, remote_ip4));
+    }
+}
+
+/// Whether `op` is one of the sock_ops callbacks this module handles.
+#[inline(always)]
+pub fn handles(op: u32) -> bool {
+    op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_STATE_CB
+}
+
+#[sk_msg]
+pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: `msg` is the program context; these fields are readable by
+    // sk_msg programs.
+    let key = unsafe {
+        let msg = ctx.msg;
+        FastKey {
+            netns: DP_PROXY_NETNS.load(),
+            local_ip4: (*msg).local_ip4,
+            remote_ip4: (*msg).remote_ip4,
+            local_port: (*msg).local_port,
+            remote_port: u32::from_be((*msg).remote_port),
+        }
+    };
+    let mut peer = key.peer();
+    // SAFETY: the value is copied out at once.
+    match unsafe { FAST_PATHS.get(&key) }.copied() {
+        Some(fast_path::DIRECT) => {
+            // A peer that closed has left the map: the data then goes
+            // through TCP, which answers a closed socket with a reset.
+            let _ = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+        }
+        Some(_) => {}
+        None => {
+            let direct = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
+                == i64::from(SK_PASS);
+            let (path, counter) = if direct {
+                (fast_path::DIRECT, stats::FAST_DIRECT)
+            } else {
+                (fast_path::TCP, stats::FAST_TCP)
+            };
+            count(counter);
+            if FAST_PATHS
+                .insert(&key, &path, u64::from(BPF_NOEXIST))
+                .is_err()
+            {
+                count(stats::FAST_FULL);
+            }
+        }
+    }
+    SK_PASS
+}

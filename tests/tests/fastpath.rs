@@ -1,0 +1,229 @@
+//! End-to-end: the kernel fast path (`--fast-path on`), on a simulated
+//! node with real processes, sockets and eBPF programs. The data between
+//! the enrolled client and the node proxy, and between the proxy and the
+//! backend pod, goes socket to socket; what the applications see must not
+//! change: every byte, in order, half-close and reset passed on, many
+//! connections at once, and no map entry left behind.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use dataplane_tests::agent::Agent;
+use dataplane_tests::bench_peers;
+use dataplane_tests::peers;
+use dataplane_tests::scenario::{ServiceSpec, backend_addr, mesh_config};
+use dataplane_tests::{Pod, Proc, SimNode, bpfmaps, require_privileges};
+
+/// The greeting echo service (`meshtool serve`).
+const ECHO_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 80);
+/// The plain echo service (`benchtool echo-serve`), for many connections.
+const RR_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 20), 9000);
+const RR_PORT: u16 = 9000;
+
+/// A node with one enrolled client and one backend pod serving both
+/// services, the agent on the fast path. Fields drop in order.
+struct FastNode {
+    agent: Agent,
+    _echo: Proc,
+    rr: Option<Proc>,
+    _backend: Pod,
+    client: Pod,
+    node: SimNode,
+}
+
+impl FastNode {
+    fn start(hint: &str) -> anyhow::Result<FastNode> {
+        let mut node = SimNode::new(hint)?;
+        let client = node.add_pod("client")?;
+        let backend = node.add_pod("backend-1")?;
+        let echo = peers::serve(&node, &backend, "backend-1")?;
+        let rr = bench_peers::echo_serve(&node, &backend, RR_PORT)?;
+        let services = [
+            ServiceSpec::tcp("echo", ECHO_VIP, vec![backend_addr(&backend)]),
+            ServiceSpec::tcp("rr", RR_VIP, vec![SocketAddrV4::new(backend.ip, RR_PORT)]),
+        ];
+        let config = mesh_config(&services, &[&client]);
+        let agent = Agent::start_with(&node, &config, &["--fast-path=on"])?;
+        Ok(FastNode {
+            agent,
+            _echo: echo,
+            rr: Some(rr),
+            _backend: backend,
+            client,
+            node,
+        })
+    }
+
+    fn counter(&self, name: &str) -> f64 {
+        self.agent
+            .metrics()
+            .map(|m| m.sum(&format!("dataplane_capture_{name}")))
+            .unwrap_or(0.0)
+    }
+
+    /// Sockets on the fast path and their path decisions.
+    fn entries(&self) -> anyhow::Result<(usize, usize)> {
+        let pin_dir = self.agent.pin_dir();
+        Ok((
+            bpfmaps::agent_map_entries(pin_dir, "DP_FAST_SOCKS")?,
+            bpfmaps::agent_map_entries(pin_dir, "DP_FAST_PATHS")?,
+        ))
+    }
+}
+
+/// `benchtool bulk --verify` of `bytes` through the plain echo service.
+fn verified_bulk(mesh: &FastNode, bytes: u64) -> anyhow::Result<bench_peers::BenchReport> {
+    let bytes = bytes.to_string();
+    let to = RR_VIP.to_string();
+    bench_peers::run_in_pod(
+        &mesh.node,
+        &mesh.client,
+        &[
+            "bulk",
+            "--to",
+            &to,
+            "--bytes",
+            &bytes,
+            "--duration",
+            "60",
+            "--verify",
+        ],
+        &[],
+    )
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close() {
+    if !require_privileges("transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close") {
+        return;
+    }
+    let mesh = FastNode::start("fpx").expect("node");
+    for size in [1, 100, 64 * 1024, 1 << 20, 64 << 20] {
+        // Every echoed byte checked against its position, then the
+        // client's half-close must come back as end-of-stream.
+        let report = verified_bulk(&mesh, size).expect("bulk");
+        assert_eq!(report.verified, Some(true), "{size} bytes: {report:?}");
+        assert_eq!(report.bytes, Some(size), "{size} bytes: {report:?}");
+    }
+    // Through the proxy (the backend sees the node's address, not the
+    // client's), not around it.
+    let hellos = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 3).expect("hello");
+    for hello in &hellos {
+        assert!(hello.ok, "{hellos:?}");
+        assert!(
+            !hello.peer.starts_with(&format!("{}:", mesh.client.ip)),
+            "{hellos:?}"
+        );
+    }
+    let direct = mesh.counter("fast_path_direct");
+    assert!(
+        direct >= 10.0,
+        "the data went socket to socket in both directions of each hop: {direct} directions"
+    );
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn a_backend_dying_mid_stream_ends_the_clients_stream_at_once() {
+    if !require_privileges("a_backend_dying_mid_stream_ends_the_clients_stream_at_once") {
+        return;
+    }
+    let mut mesh = FastNode::start("fpr").expect("node");
+    let mut rr = mesh.rr.take().expect("the echo server");
+    let mesh = &mesh;
+    let (report, killed) = std::thread::scope(|scope| {
+        // Far more than can move in the second before the kill.
+        let stream = scope.spawn(|| verified_bulk(mesh, 64 << 30));
+        std::thread::sleep(Duration::from_secs(1));
+        let killed = Instant::now();
+        rr.kill().expect("kill the echo server");
+        (stream.join().expect("thread").expect("bulk"), killed)
+    });
+    assert!(
+        report.verified == Some(false) && report.error.is_some(),
+        "the stream cannot have completed: {report:?}"
+    );
+    assert_ne!(report.error.as_deref(), Some("mismatch"), "{report:?}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "the client learnt of it promptly, not after a timeout: {report:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn a_thousand_concurrent_connections_all_get_their_answers() {
+    if !require_privileges("a_thousand_concurrent_connections_all_get_their_answers") {
+        return;
+    }
+    let mesh = FastNode::start("fpc").expect("node");
+    let report = bench_peers::run_in_pod(
+        &mesh.node,
+        &mesh.client,
+        &[
+            "tcp-rr",
+            "--to",
+            &RR_VIP.to_string(),
+            "--connections",
+            "1000",
+            "--rate",
+            "0",
+            "--duration",
+            "2",
+            "--warmup",
+            "0",
+        ],
+        &[],
+    )
+    .expect("tcp-rr");
+    assert_eq!(report.errors, 0, "{report:?}");
+    assert!(report.completed >= 1000, "{report:?}");
+    assert!(mesh.counter("fast_path_direct") >= 2000.0);
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn ten_thousand_connections_leave_no_entry_behind() {
+    if !require_privileges("ten_thousand_connections_leave_no_entry_behind") {
+        return;
+    }
+    let mesh = FastNode::start("fpl").expect("node");
+    let report = bench_peers::run_in_pod(
+        &mesh.node,
+        &mesh.client,
+        &[
+            "tcp-crr",
+            "--to",
+            &RR_VIP.to_string(),
+            "--connections",
+            "8",
+            "--rate",
+            "2000",
+            "--duration",
+            "5",
+            "--warmup",
+            "0",
+        ],
+        &[],
+    )
+    .expect("tcp-crr");
+    assert_eq!(report.errors, 0, "{report:?}");
+    assert!(report.completed >= 9_900, "{report:?}");
+    let direct = mesh.counter("fast_path_direct");
+    assert!(
+        direct >= 20_000.0,
+        "two directions per connection at least: {direct}"
+    );
+    // Every socket leaves the map when it closes, and its path decision
+    // goes with it.
+    let left = dataplane_tests::eventually("fast-path maps empty", Duration::from_secs(10), || {
+        let (socks, paths) = mesh.entries()?;
+        anyhow::ensure!(
+            socks == 0 && paths == 0,
+            "{socks} sockets, {paths} decisions left"
+        );
+        Ok(())
+    });
+    left.expect("no leaked entry");
+}
