@@ -46,9 +46,15 @@ impl Agent {
 
     /// As a user runs it, for measurements: the default log level (no
     /// debug lines, no per-connect records from the programs) and the
-    /// default resync period.
-    pub fn start_as_deployed(node: &SimNode, config_yaml: &str) -> anyhow::Result<Agent> {
-        Self::start_logging(node, config_yaml, &["--resync=1s"], "info")
+    /// default resync period, with `extra` arguments.
+    pub fn start_as_deployed(
+        node: &SimNode,
+        config_yaml: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let mut args = vec!["--resync=1s"];
+        args.extend_from_slice(extra);
+        Self::start_logging(node, config_yaml, &args, "info")
     }
 
     /// Like [`Agent::start`], with extra command-line arguments.

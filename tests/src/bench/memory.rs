@@ -77,7 +77,7 @@ impl Proxies {
                 self.haproxies
                     .push(haproxy_sidecar(node, pod, server, SERVICES - 2)?);
             }
-            Mode::Direct | Mode::Node => {}
+            Mode::Direct | Mode::Node | Mode::NodeFast => {}
         }
         Ok(())
     }
@@ -102,7 +102,7 @@ impl Proxies {
                     Ok(())
                 })?;
             }
-            None => self.agent = Some(Agent::start_as_deployed(node, config)?),
+            None => self.agent = Some(Agent::start_as_deployed(node, config, &[])?),
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use super::report::{Churn, MemoryPoint, Report, RssSample, RunResult};
 
 /// Modes in comparison order: the baseline, then the two designs under
 /// test, then the reference sidecar. Unknown modes sort after, by name.
-const MODES: [&str; 4] = ["direct", "node", "sidecar", "haproxy"];
+const MODES: [&str; 5] = ["direct", "node", "node-fast", "sidecar", "haproxy"];
 /// Workloads in the order the report presents them.
 const WORKLOADS: [&str; 5] = ["tcp-rr", "tcp-rr-poll", "tcp-crr", "http-rr", "bulk"];
 /// Pinned first: every process on one CPU is the less noisy comparison.
@@ -598,6 +598,7 @@ fn colour(mode: &str) -> &'static str {
     match mode {
         "direct" => "#4e79a7",
         "node" => "#59a14f",
+        "node-fast" => "#76b7b2",
         "sidecar" => "#e15759",
         "haproxy" => "#f28e2b",
         other => {

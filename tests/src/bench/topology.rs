@@ -26,17 +26,26 @@ pub const HTTP_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1
 pub enum Mode {
     Direct,
     Node,
+    /// The node proxy with the kernel fast path (`--fast-path on`).
+    NodeFast,
     Sidecar,
     Haproxy,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Node, Mode::Sidecar, Mode::Haproxy];
+    pub const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Node,
+        Mode::NodeFast,
+        Mode::Sidecar,
+        Mode::Haproxy,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::Node => "node",
+            Mode::NodeFast => "node-fast",
             Mode::Sidecar => "sidecar",
             Mode::Haproxy => "haproxy",
         }
@@ -72,7 +81,11 @@ impl Topology {
     /// between the nodes (in node mode only the client's node has a node
     /// proxy; sidecar modes have one on each side).
     pub fn build(mode: Mode, spread: bool) -> anyhow::Result<Topology> {
-        let hint = format!("b{}{}", &mode.name()[..3], if spread { "2" } else { "" });
+        let short = match mode {
+            Mode::NodeFast => "nfa",
+            other => &other.name()[..3],
+        };
+        let hint = format!("b{short}{}", if spread { "2" } else { "" });
         let mut node = SimNode::new(&hint)?;
         let mut server_node = if spread {
             let other = SimNode::new_in_subnet(&format!("{hint}s"), 1)?;
@@ -93,7 +106,12 @@ impl Topology {
         let ports = [ECHO_PORT, HTTP_PORT];
         let proxies = match mode {
             Mode::Direct => Proxies::None,
-            Mode::Node => Proxies::Node(Agent::start_as_deployed(&node, &config)?),
+            Mode::Node => Proxies::Node(Agent::start_as_deployed(&node, &config, &[])?),
+            Mode::NodeFast => Proxies::Node(Agent::start_as_deployed(
+                &node,
+                &config,
+                &["--fast-path=on"],
+            )?),
             Mode::Sidecar => Proxies::Sidecars(vec![
                 Sidecar::start(&node, &client, &config, &ports)?,
                 Sidecar::start(snode, &server, &config, &ports)?,
