@@ -66,6 +66,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "the proxy's cgroup does not hold this process (private cgroup namespace?); \
          pass --proxy-cgroup",
     )?;
+    let fast_path = settings.fast_path == capture::fast::FastPath::On && fast_path_supported();
     let capture_cfg = CaptureConfig {
         pin_dir: settings.pin_dir.clone(),
         pods_cgroup: pods_cgroup.clone(),
@@ -73,7 +74,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         proxy_addr: settings.proxy_addr,
         proxy_mark: settings.mark,
         fail_mode: settings.fail_mode,
-        fast_path: settings.fast_path == capture::fast::FastPath::On,
+        fast_path,
     };
     let Capture {
         mut tables,
@@ -111,12 +112,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(pump_ebpf_logs(logger));
     }
 
+    let fast_path_active = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    fast_path_active.set(i64::from(fast_path));
     let mut rt = Runtime::start(
         (config, watcher),
         settings.node.clone(),
         admin_listener,
         |r| {
             r.register_collector(Box::new(CaptureCollector(stats)));
+            r.register(
+                "dataplane_fast_path_active",
+                "1 when data between pods and the proxy on this node goes socket to socket (--fast-path on, supported by the kernel)",
+                fast_path_active,
+            );
             if settings.registry.is_some() {
                 registry_metrics.register(r);
             }
@@ -176,6 +184,19 @@ fn enable_listener_handover() {
             "cannot set net.ipv4.tcp_migrate_req=1: during a restart or upgrade, connections \
              queued at the old agent's listener may be reset; set it on the node"
         );
+    }
+}
+
+/// Whether the kernel can run the fast path (`--fast-path on`): it keys
+/// sockets by network namespace cookie, which it must be able to tell
+/// (Linux 5.14+). If not, the agent runs without it and says why.
+fn fast_path_supported() -> bool {
+    match capture::fast::own_netns_cookie() {
+        Ok(_) => true,
+        Err(err) => {
+            warn!(%err, "kernel fast path unavailable on this kernel: running without it");
+            false
+        }
     }
 }
 

@@ -59,6 +59,13 @@ fn enrolled_pod_reaches_the_vip_spread_over_all_backends() {
         30,
         "the proxy forwarded every connection"
     );
+    // The default path: through TCP, nothing put on the fast path.
+    assert_eq!(metrics.sum("dataplane_fast_path_active"), 0.0);
+    assert_eq!(metrics.sum("dataplane_capture_fast_path_direct"), 0.0);
+    assert_eq!(
+        bpfmaps::agent_map_entries(mesh.agent.pin_dir(), "DP_FAST_SOCKS").expect("bpftool"),
+        0
+    );
 }
 
 #[test]

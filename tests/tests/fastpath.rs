@@ -116,6 +116,8 @@ fn transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close() {
             "{hellos:?}"
         );
     }
+    let active = mesh.agent.metrics().expect("metrics").sum("dataplane_fast_path_active");
+    assert_eq!(active, 1.0, "the agent reports the fast path as active");
     let direct = mesh.counter("fast_path_direct");
     assert!(
         direct >= 10.0,
