@@ -116,7 +116,11 @@ fn transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close() {
             "{hellos:?}"
         );
     }
-    let active = mesh.agent.metrics().expect("metrics").sum("dataplane_fast_path_active");
+    let active = mesh
+        .agent
+        .metrics()
+        .expect("metrics")
+        .sum("dataplane_fast_path_active");
     assert_eq!(active, 1.0, "the agent reports the fast path as active");
     let direct = mesh.counter("fast_path_direct");
     assert!(
@@ -191,6 +195,21 @@ fn ten_thousand_connections_leave_no_entry_behind() {
         return;
     }
     let mesh = FastNode::start("fpl").expect("node");
+    // The count is real: while 20 connections are held open, both ends
+    // of both hops of each are in the map.
+    let held = std::thread::scope(|scope| {
+        let hold = scope.spawn(|| peers::hold(&mesh.node, &mesh.client, ECHO_VIP, 20, 3000));
+        let seen =
+            dataplane_tests::eventually("held sockets in the map", Duration::from_secs(5), || {
+                let (socks, _) = mesh.entries()?;
+                anyhow::ensure!(socks >= 80, "{socks} sockets so far");
+                Ok(socks)
+            });
+        let hellos = hold.join().expect("thread").expect("hold");
+        assert!(hellos.iter().all(|h| h.ok), "{hellos:?}");
+        seen
+    });
+    held.expect("four sockets per held connection");
     let report = bench_peers::run_in_pod(
         &mesh.node,
         &mesh.client,
