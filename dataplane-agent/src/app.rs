@@ -187,10 +187,16 @@ fn enable_listener_handover() {
     }
 }
 
-/// Whether the kernel can run the fast path (`--fast-path on`): it keys
-/// sockets by network namespace cookie, which it must be able to tell
-/// (Linux 5.14+). If not, the agent runs without it and says why.
+/// Whether the kernel can run the fast path (`--fast-path on`): its
+/// programs key sockets by network namespace cookie (in sock_ops and
+/// sk_msg programs since Linux 5.15). If not, the agent runs without it
+/// and says why.
 fn fast_path_supported() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if !capture::fast::kernel_at_least(&release, (5, 15)) {
+        warn!(kernel = %release.trim(), "kernel fast path needs Linux 5.15 or later: running without it");
+        return false;
+    }
     match capture::fast::own_netns_cookie() {
         Ok(_) => true,
         Err(err) => {

@@ -79,9 +79,8 @@ struct Cli {
     )]
     log_format: LogFormat,
     /// Threads of the proxy's async runtime: `auto` (one per CPU the agent
-    /// may use, from its CPU affinity and cgroup CPU quota; one CPU means a
-    /// single-threaded runtime) or a number. More threads than CPUs only
-    /// adds wake-ups between them.
+    /// may use, from its CPU affinity and cgroup CPU quota) or a number.
+    /// More threads than CPUs only adds wake-ups between them.
     #[arg(
         long,
         env = "DATAPLANE_WORKER_THREADS",

@@ -291,6 +291,8 @@ impl FastKey {
 
 /// Values of `DP_FAST_PATHS`.
 pub mod fast_path {
+    /// Put on the fast path, nothing sent yet.
+    pub const UNDECIDED: u8 = 0;
     /// The direction's data goes straight to the peer socket.
     pub const DIRECT: u8 = 1;
     /// The direction's data goes through TCP.

@@ -19,7 +19,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         sk_action::SK_PASS,
     },
@@ -72,24 +72,39 @@ pub fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32, cap
         return;
     }
     let mut key = key(ctx, local_ip4, remote_ip4);
+    // Its decision entry first, fresh (a closed socket's with the same
+    // addresses may be left, e.g. by an agent that stopped before it
+    // closed): every socket on the fast path has one, so deciding never
+    // needs an insert that could fail on a full map and leave a direction
+    // to be decided again.
+    if FAST_PATHS
+        .insert(key, fast_path::UNDECIDED, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count(stats::FAST_FULL);
+        return;
+    }
     // SAFETY: `ops` is the program context, which the helper takes.
     let ops = unsafe { &mut *ctx.ops };
     if FAST_SOCKS
         .update(&mut key, ops, u64::from(BPF_ANY))
         .is_err()
     {
+        let _ = FAST_PATHS.remove(key);
         count(stats::FAST_FULL);
         return;
     }
-    // Told when it closes, to forget its path decision.
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    // Told when it closes, to forget its decision; other programs' flags
+    // kept.
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags as i32);
 }
 
 /// sock_ops state change of a fast-path socket: on close, forget its
 /// decision (the socket leaves `DP_FAST_SOCKS` by itself).
 pub fn on_state_change(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32) {
     if ctx.op() == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE {
-        let _ = FAST_PATHS.remove(&key(ctx, local_ip4, remote_ip4));
+        let _ = FAST_PATHS.remove(key(ctx, local_ip4, remote_ip4));
     }
 }
 
@@ -114,30 +129,32 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
         }
     };
     let mut peer = key.peer();
-    // SAFETY: the value is copied out at once.
-    match unsafe { FAST_PATHS.get(&key) }.copied() {
-        Some(fast_path::DIRECT) => {
+    // Every socket here got its entry when it was put on the fast path; a
+    // socket without one (not expected) stays on TCP.
+    let Some(path) = FAST_PATHS.get_ptr_mut(key) else {
+        return SK_PASS;
+    };
+    // SAFETY: the pointer comes from the map lookup; sendmsg holds the
+    // socket's lock, so no other message of this socket decides at once.
+    match unsafe { *path } {
+        fast_path::DIRECT => {
             // A peer that closed has left the map: the data then goes
             // through TCP, which answers a closed socket with a reset.
             let _ = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
         }
-        Some(_) => {}
-        None => {
+        fast_path::UNDECIDED => {
             let direct = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
                 == i64::from(SK_PASS);
-            let (path, counter) = if direct {
+            let (decision, counter) = if direct {
                 (fast_path::DIRECT, stats::FAST_DIRECT)
             } else {
                 (fast_path::TCP, stats::FAST_TCP)
             };
+            // SAFETY: as above; a one-byte store into the map's value.
+            unsafe { *path = decision };
             count(counter);
-            if FAST_PATHS
-                .insert(&key, &path, u64::from(BPF_NOEXIST))
-                .is_err()
-            {
-                count(stats::FAST_FULL);
-            }
         }
+        _ => {}
     }
     SK_PASS
 }

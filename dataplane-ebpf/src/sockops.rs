@@ -34,14 +34,15 @@ pub fn dp_sockops(ctx: SockOpsContext) -> u32 {
         if fast::enabled() {
             fast::on_established(&ctx, local, remote, captured);
         }
-    } else if fast::enabled()
-        && fast::handles(op)
+    } else if fast::handles(op)
         && let Some((local, remote)) = ipv4_ends(&ctx)
     {
-        if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-            fast::on_established(&ctx, local, remote, false);
-        } else {
+        if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+            // Whatever this agent's setting: the callback only comes for
+            // sockets put on the fast path (by this or an earlier agent).
             fast::on_state_change(&ctx, local, remote);
+        } else if fast::enabled() {
+            fast::on_established(&ctx, local, remote, false);
         }
     }
     0

@@ -126,10 +126,19 @@ impl RegistryNode {
             .0
     }
 
-    /// Writes an instance record for backend `name` (no lease).
+    /// Writes an instance record for backend `name` (no lease). Retried
+    /// for a while: a write right after a member came back can meet a
+    /// leader election, which etcd answers with a deadline error.
     fn put_instance(&self, name: &str) {
         let value = format!(r#"{{"address": "{}"}}"#, backend_addr(self.backend(name)));
-        self.etcdctl(&["put", &format!("{INSTANCES}{name}"), &value]);
+        let key = format!("{INSTANCES}{name}");
+        let put =
+            dataplane_tests::eventually("etcd accepts the write", Duration::from_secs(20), || {
+                self.etcd.etcdctl(&self.node, &["put", &key, &value])
+            });
+        if let Err(err) = put {
+            panic!("{err:#}\n{}", self.etcd.logs());
+        }
     }
 
     fn etcdctl(&self, args: &[&str]) -> String {

@@ -5,8 +5,11 @@
 //! wake-ups: two workers sharing one CPU hand work to each other through
 //! futexes on every message. The default therefore follows what the agent
 //! may actually use, which `available_parallelism` reads from the CPU
-//! affinity mask and the cgroup's CPU quota (a DaemonSet's `limits.cpu`),
-//! and a single CPU gets a single-threaded runtime with no hand-offs at all.
+//! affinity mask and the cgroup's CPU quota (a DaemonSet's `limits.cpu`):
+//! one CPU, one worker. Always tokio's multi-thread scheduler, even for one
+//! worker: the run loop's blocking work (cgroup walks, map syncs) runs in
+//! `block_on` on the main thread, which a single-threaded runtime would
+//! share with every connection.
 
 use std::fmt;
 use std::num::NonZeroUsize;
@@ -59,18 +62,12 @@ impl Workers {
         }
     }
 
-    /// The runtime: single-threaded for one worker (no work stealing, no
-    /// wake-ups between threads), multi-threaded otherwise.
+    /// The runtime, with this many workers (one worker has no other to hand
+    /// tasks to or steal from).
     pub fn build(self) -> anyhow::Result<tokio::runtime::Runtime> {
         let threads = self.resolve();
-        let mut builder = if threads == 1 {
-            tokio::runtime::Builder::new_current_thread()
-        } else {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(threads);
-            builder
-        };
-        let runtime = builder
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
             .enable_all()
             .build()
             .with_context(|| format!("starting the async runtime with {threads} worker threads"))?;
@@ -101,12 +98,22 @@ mod tests {
     }
 
     #[test]
-    fn one_worker_is_a_current_thread_runtime() {
+    fn one_worker_keeps_the_main_thread_for_block_on() {
         let one = Workers::Fixed(NonZeroUsize::MIN).build().unwrap();
         assert_eq!(
             one.handle().runtime_flavor(),
-            tokio::runtime::RuntimeFlavor::CurrentThread
+            tokio::runtime::RuntimeFlavor::MultiThread
         );
+        assert_eq!(one.metrics().num_workers(), 1);
+        // What block_on runs is not on the worker: blocking it does not
+        // stop spawned tasks (the proxy's connections).
+        let main = std::thread::current().id();
+        let worker = one.block_on(async {
+            let spawned = tokio::spawn(async { std::thread::current().id() });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            spawned.await.unwrap()
+        });
+        assert_ne!(worker, main);
         let two = Workers::Fixed(NonZeroUsize::new(2).unwrap())
             .build()
             .unwrap();

@@ -54,6 +54,19 @@ pub fn socket_map_fd(ebpf: &Ebpf) -> Result<aya::maps::sock::SockMapFd, CaptureE
         .map_err(|err| map_err(err.to_string()))
 }
 
+/// Whether `release` (`uname -r`) is at least `major.minor`; an unreadable
+/// release is taken as recent (the programs' load is the final test).
+pub fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => true,
+    }
+}
+
 /// `--fast-path`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum FastPath {
@@ -76,6 +89,15 @@ pub fn describe(on: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(kernel_at_least("6.18.44-fc-v1045\n", (5, 15)));
+        assert!(kernel_at_least("5.15.0-91-generic", (5, 15)));
+        assert!(!kernel_at_least("5.14.0-362.el9.x86_64", (5, 15)));
+        assert!(!kernel_at_least("4.19.0", (5, 15)));
+        assert!(kernel_at_least("", (5, 15)));
+    }
 
     #[test]
     fn the_namespace_cookie_is_stable_and_nonzero() {

@@ -4,10 +4,11 @@
 
 pub mod copy;
 
-use std::os::fd::{AsRawFd as _, RawFd};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::metrics::{Direction, DirectionLabels, IdleKind, ProxyMetrics};
@@ -17,11 +18,11 @@ use crate::metrics::{Direction, DirectionLabels, IdleKind, ProxyMetrics};
 /// (shutdown(SHUT_WR)) and the other direction keeps going, so
 /// request/response protocols that half-close work.
 ///
-/// With a non-zero `idle`, the pair is closed (FIN both ways) once no data
-/// has arrived from either side for that long. The kernel keeps the time
-/// of the last data received on each socket (`TCP_INFO`), so nothing is
-/// counted per read: a watchdog looks at both sockets a few times per
-/// period.
+/// With a non-zero `idle`, the pair is closed (FIN both ways) once no byte
+/// has moved either way for that long. The copy publishes what it moved
+/// (two relaxed stores per wake-up) and a watchdog looks a few times per
+/// period. Not the kernel's `TCP_INFO`: bytes on the kernel fast path never
+/// pass TCP's receive path, so a busy connection there would look idle.
 pub async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -29,18 +30,15 @@ pub async fn forward(
     idle: Duration,
     splice: bool,
 ) {
-    let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
-    let copy = copy::bidirectional(&mut client, &mut upstream, splice);
+    let progress = copy::Progress::default();
+    let copy = copy::bidirectional(&mut client, &mut upstream, splice, &progress);
     let (result, stats) = tokio::select! {
         result = copy => result,
-        () = idle_expired(fds, idle) => {
+        () = idle_expired(&progress, idle) => {
             debug!(idle = ?idle, "opaque connection idle: closing both sides");
             metrics.idle_timeout(IdleKind::Tcp);
-            // The copy's own totals are lost with it; what each socket
-            // received is what went the other way.
-            let [from_client, from_upstream] = fds.map(|fd| tcp_info(fd).map_or(0, |i| i.tcpi_bytes_received));
-            count_bytes(metrics, Direction::Upstream, from_client);
-            count_bytes(metrics, Direction::Downstream, from_upstream);
+            count_bytes(metrics, Direction::Upstream, progress.a_to_b.load(Ordering::Relaxed));
+            count_bytes(metrics, Direction::Downstream, progress.b_to_a.load(Ordering::Relaxed));
             return;
         }
     };
@@ -63,58 +61,27 @@ pub async fn forward(
     }
 }
 
-/// Resolves once neither socket has received data for `idle`; never when
-/// `idle` is zero (disabled).
-async fn idle_expired(fds: [RawFd; 2], idle: Duration) {
+/// Resolves once no byte has moved for `idle`; never when `idle` is zero
+/// (disabled). Checked four times per period: the close comes at most a
+/// quarter period late, and a long-lived connection costs one timer per
+/// quarter period.
+async fn idle_expired(progress: &copy::Progress, idle: Duration) {
     if idle.is_zero() {
         return std::future::pending().await;
     }
-    let idle_ms = u32::try_from(idle.as_millis()).unwrap_or(u32::MAX);
-    // Checked four times per period: the close comes at most a quarter
-    // period late, and a long-lived connection costs one getsockopt pair
-    // per quarter period.
-    let mut wait = idle / 4;
+    let check = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = progress.total();
+    let mut since = Instant::now();
     loop {
-        tokio::time::sleep(wait).await;
-        // A socket whose TCP_INFO cannot be read (it is closing) counts as
-        // active: the copy ends on its own.
-        let quiet_ms = fds
-            .iter()
-            .map(|&fd| last_data_received_ms(fd).unwrap_or(0))
-            .min()
-            .unwrap_or(0);
-        if quiet_ms >= idle_ms {
+        tokio::time::sleep(check).await;
+        let now = progress.total();
+        if now != seen {
+            seen = now;
+            since = Instant::now();
+        } else if since.elapsed() >= idle {
             return;
         }
-        // Sleep until the quieter side would reach the limit, but look
-        // again at least every quarter period.
-        let left = Duration::from_millis(u64::from(idle_ms - quiet_ms));
-        wait = left.min(idle / 4).max(Duration::from_millis(1));
     }
-}
-
-/// Milliseconds since `fd` last received data (not bare ACKs or keep-alive
-/// probes).
-fn last_data_received_ms(fd: RawFd) -> Option<u32> {
-    tcp_info(fd).map(|info| info.tcpi_last_data_recv)
-}
-
-/// The kernel's `TCP_INFO` of socket `fd`.
-fn tcp_info(fd: RawFd) -> Option<libc::tcp_info> {
-    // SAFETY: tcp_info is plain old data; the kernel writes at most `len`
-    // bytes into it, and `fd` is a socket owned by a live TcpStream.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(info)
 }
 
 fn count_bytes(metrics: &ProxyMetrics, direction: Direction, bytes: u64) {

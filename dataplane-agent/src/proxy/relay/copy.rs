@@ -6,10 +6,10 @@
 //! `EAGAIN` afterwards, because tokio takes a read that did not fill the
 //! buffer as "drained" (its readiness is edge-triggered) and waits for the
 //! next edge without asking the socket again. The buffer is one per thread
-//! ([`SCRATCH`]), not per connection: bytes are read only when they can be
-//! written at once, and what the writer does not take is kept in a buffer
-//! of the connection's own until it does, then freed. An idle connection
-//! holds no buffer at all.
+//! ([`SCRATCH`]), not per connection: a read is written on at once, and
+//! what the writer does not take (up to one read, 64 KiB) is kept in a
+//! buffer of the connection's own until it does, then freed; nothing more
+//! is read meanwhile. An idle connection holds no buffer at all.
 //!
 //! A direction that keeps filling the buffer is a bulk transfer; it moves
 //! to `splice(2)` through a pipe of its own (the bytes stay in the
@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead as _, AsyncWrite as _, Interest, ReadBuf};
@@ -53,6 +54,21 @@ pub struct Totals {
     pub b_to_a: u64,
 }
 
+/// Bytes moved so far each way, published while the copy runs (for the
+/// idle watchdog, which runs beside it).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub a_to_b: AtomicU64,
+    pub b_to_a: AtomicU64,
+}
+
+impl Progress {
+    /// Both ways together: it changes whenever anything moved.
+    pub fn total(&self) -> u64 {
+        self.a_to_b.load(Ordering::Relaxed) + self.b_to_a.load(Ordering::Relaxed)
+    }
+}
+
 /// How many directions moved to splice, for tests and the curious.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
@@ -70,6 +86,7 @@ pub async fn bidirectional(
     a: &mut TcpStream,
     b: &mut TcpStream,
     splice: bool,
+    progress: &Progress,
 ) -> (io::Result<Totals>, Stats) {
     let mut forth = Direction {
         splice,
@@ -80,8 +97,11 @@ pub async fn bidirectional(
         ..Direction::default()
     };
     let result = std::future::poll_fn(|cx| {
-        let forth_done = forth.poll(cx, a, b)?;
-        let back_done = back.poll(cx, b, a)?;
+        let forth_done = forth.poll(cx, a, b);
+        let back_done = back.poll(cx, b, a);
+        progress.a_to_b.store(forth.bytes, Ordering::Relaxed);
+        progress.b_to_a.store(back.bytes, Ordering::Relaxed);
+        let (forth_done, back_done) = (forth_done?, back_done?);
         ready!(forth_done);
         ready!(back_done);
         Poll::Ready(Ok(Totals {
@@ -347,7 +367,10 @@ mod tests {
     ) {
         let (client, mut a) = pair().await;
         let (mut b, server) = pair().await;
-        let relay = tokio::spawn(async move { bidirectional(&mut a, &mut b, true).await });
+        let relay =
+            tokio::spawn(
+                async move { bidirectional(&mut a, &mut b, true, &Progress::default()).await },
+            );
         (client, server, relay)
     }
 
