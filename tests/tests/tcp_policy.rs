@@ -22,8 +22,23 @@ fn max_connections_refuses_connections_beyond_the_limit() {
         held[2..].iter().all(|h| !h.ok && h.kind != "timeout"),
         "refused at once: {held:#?}"
     );
-    // Released slots are reusable.
-    let later = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 3).expect("hello");
+    // Released slots are reusable. A slot is released when the proxy's
+    // forwarding ends (the client's close passed on, the backend's close
+    // back), a moment after the client closed: wait for that, not race it.
+    dataplane_tests::eventually(
+        "the held connections released",
+        std::time::Duration::from_secs(5),
+        || {
+            let active = mesh
+                .agent
+                .metrics()?
+                .sum("dataplane_proxy_active_connections");
+            anyhow::ensure!(active == 0.0, "{active} still active");
+            Ok(())
+        },
+    )
+    .expect("slots released");
+    let later = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 2).expect("hello");
     assert!(later.iter().all(|h| h.ok), "{later:#?}");
     let metrics = mesh.agent.metrics().expect("metrics");
     assert_eq!(
