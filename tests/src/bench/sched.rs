@@ -70,23 +70,22 @@ pub fn proxy_cpu_ns(pids: &[u32]) -> u64 {
 
 /// Resident set size (bytes) of `pid`, from VmRSS.
 pub fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(0)
+    proc_kib_field(pid, "status", "VmRSS:")
 }
 
 /// Proportional set size (bytes) of `pid`: each page shared with other
 /// processes counted as its share, from smaps_rollup.
 pub fn pss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+    proc_kib_field(pid, "smaps_rollup", "Pss:")
+}
+
+/// The `<field> <n> kB` line of `/proc/<pid>/<file>`, in bytes (0 if the
+/// process or the line is gone).
+fn proc_kib_field(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()
-        .and_then(|rollup| {
-            let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with(field))?;
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib * 1024)
         })
