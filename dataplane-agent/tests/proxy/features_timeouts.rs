@@ -5,7 +5,7 @@
 //! `headerRead: 0`) and protocol detection for `protocol: auto` (HTTP/1,
 //! HTTP/2, client-first and server-first opaque TCP).
 
-mod support;
+use crate::support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! header and by source address), locality-aware failover, and the panic
 //! threshold sending traffic to ejected endpoints again.
 
-mod support;
+use crate::support;
 
 use std::net::Ipv4Addr;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! budget; the delay action holds requests instead of rejecting them, up to
 //! `maxQueued`; a priority class keeps its share while others flood.
 
-mod support;
+use crate::support;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;

@@ -13,7 +13,7 @@
 //! every wait is bounded. A peer missing from the machine fails its test
 //! with the package to install: `cargo xtask setup` installs them all.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
@@ -92,9 +92,15 @@ impl Tool {
     fn command(self, args: &[&str]) -> Command {
         let mut cmd = Command::new(self.program);
         if let Some(script) = self.script {
-            let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "peers", script]
-                .iter()
-                .collect();
+            let path: PathBuf = [
+                env!("CARGO_MANIFEST_DIR"),
+                "tests",
+                "proxy",
+                "peers",
+                script,
+            ]
+            .iter()
+            .collect();
             cmd.arg(path);
         }
         cmd.args(args)

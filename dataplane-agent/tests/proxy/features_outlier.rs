@@ -6,7 +6,7 @@
 //! probes, then restoration to a full share. Every service here balances
 //! round robin (see [`policy`]), so who gets which request is exact.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddrV4;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! accepted; the drain returns as soon as no connection is left, or at its
 //! deadline with what is left.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

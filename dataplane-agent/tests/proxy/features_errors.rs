@@ -5,7 +5,7 @@
 //! circuit-breaker overflows name their limit, and a fallback replaces the
 //! bare 503.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

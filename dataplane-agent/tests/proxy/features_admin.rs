@@ -2,7 +2,7 @@
 //! on loopback: `/config_dump` shows the config in force, `/ready` and
 //! `/metrics` answer, anything else is refused.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 

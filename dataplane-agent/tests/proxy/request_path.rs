@@ -2,7 +2,7 @@
 //! what counts against an endpoint, what the caller is told, protocol
 //! translation, pools, timers, upgrades, gRPC outcomes and body replay.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,7 +6,7 @@
 //! opened ahead of use; both must work, and the HTTP one must keep its
 //! per-request policy (balancing, retries) for the connection's life.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

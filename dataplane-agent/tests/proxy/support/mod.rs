@@ -2,8 +2,6 @@
 //! pools, hyper on both sides) on loopback sockets, with test backends
 //! that can be told to fail in each way a real one does. No root needed.
 
-#![allow(dead_code, reason = "each test file uses part of the harness")]
-
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};

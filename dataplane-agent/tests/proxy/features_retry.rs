@@ -5,7 +5,7 @@
 //! idempotent by an `Idempotency-Key` replayed byte for byte after a reset
 //! over HTTP/1.1 and HTTP/2.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

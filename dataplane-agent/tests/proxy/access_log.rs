@@ -3,7 +3,7 @@
 //! nothing when it is off. Its own test binary: it installs the process's
 //! log subscriber and reads what is written.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::sync::atomic::Ordering;

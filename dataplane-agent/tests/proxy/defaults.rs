@@ -2,7 +2,7 @@
 //! one backend of three failing in any way fails no idempotent request,
 //! under a closed-loop load of 8 concurrent callers.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
