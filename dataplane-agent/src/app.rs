@@ -48,6 +48,8 @@ pub struct Settings {
     pub fast_path: capture::fast::FastPath,
     /// The service registry, if one is used.
     pub registry: Option<crate::registry::source::RegistryConfig>,
+    /// The Kubernetes API server, if it is read.
+    pub kubernetes: Option<crate::kubernetes::KubernetesConfig>,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -86,18 +88,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .register_listener(&listener)
         .context("registering the proxy's listener for the connect hooks")?;
     let stats = tables.stats();
-    // The registry first (its snapshot is read at once): the services map
-    // the programs share with a running agent is then never synced to the
-    // file's services alone, which would drop the registry's VIPs from
-    // capture for a moment.
+    // The sources first (the registry's snapshot is read at once): the
+    // services map the programs share with a running agent is then never
+    // synced to the file's services alone, which would drop the registry's
+    // VIPs from capture for a moment.
     let registry_metrics = crate::registry::metrics::RegistryMetrics::default();
-    let registry = settings.registry.clone().map(|cfg| {
+    let kubernetes_metrics = crate::kubernetes::metrics::KubernetesMetrics::default();
+    let mut sources: Vec<Box<dyn crate::discovery::Source>> = Vec::new();
+    if let Some(cfg) = settings.registry.clone() {
         info!(endpoints = ?cfg.access.endpoints, prefix = %cfg.prefix, "reading the service registry");
-        crate::registry::source::start(cfg, registry_metrics.clone())
-    });
-    let initial = match &registry {
-        Some(rx) => crate::registry::merge(&config, &rx.borrow()),
-        None => config.clone(),
+        let rx = crate::registry::source::start(cfg, registry_metrics.clone());
+        sources.push(Box::new(crate::registry::RegistryFeed(rx)));
+    }
+    if let Some(cfg) = &settings.kubernetes {
+        let client = crate::kubernetes::client(cfg).await?;
+        info!(node = %cfg.node, "reading the Kubernetes API server");
+        let rx = crate::kubernetes::source::start(client, cfg, kubernetes_metrics.clone())
+            .context("starting the Kubernetes source's thread")?;
+        sources.push(Box::new(crate::discovery::Feed::new("kubernetes", rx)));
+    }
+    let initial = {
+        let current: Vec<_> = sources
+            .iter_mut()
+            .map(|s| (s.name(), s.current()))
+            .collect();
+        crate::discovery::merge(&config, &current)
     };
     // Tables first, links second: the programs capture from the instant
     // they are attached, even when their tables are new, empty maps (a new
@@ -128,10 +143,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             if settings.registry.is_some() {
                 registry_metrics.register(r);
             }
+            if settings.kubernetes.is_some() {
+                kubernetes_metrics.register(r);
+            }
         },
     );
-    if let Some(rx) = registry {
-        rt.attach_registry(rx);
+    if !sources.is_empty() {
+        for source in sources {
+            rt.attach(source);
+        }
         reconciler.services(&rt.config);
     }
     if let Some(cfg) = settings.registry.as_ref().filter(|c| c.publish) {

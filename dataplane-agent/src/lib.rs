@@ -5,7 +5,9 @@
 //! enrollment), [`proxy`] (listeners, TCP and HTTP forwarding), the pure
 //! policies [`balance`], [`health`] (outlier detection), [`resilience`]
 //! (retries, budgets, circuit breakers) and [`ratelimit`], the mesh state
-//! ([`config`], [`state`], [`reload`]), and [`admin`]/[`metrics`].
+//! ([`config`], [`state`], [`reload`]), its sources beside the file
+//! ([`discovery`]: the service [`registry`] and [`kubernetes`]), and
+//! [`admin`]/[`metrics`].
 
 // Outside input must never panic the agent: product code handles errors
 // instead of unwrapping them (tests may unwrap; see clippy.toml).
@@ -17,7 +19,9 @@ pub mod app;
 pub mod balance;
 pub mod capture;
 pub mod config;
+pub mod discovery;
 pub mod health;
+pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

@@ -210,6 +210,47 @@ struct RunArgs {
     fast_path: capture::fast::FastPath,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
+}
+
+/// Discovery from the Kubernetes API server.
+#[derive(clap::Args)]
+struct KubernetesArgs {
+    /// Read Services, EndpointSlices, Namespaces and this node's Pods from
+    /// the Kubernetes API server, beside the config file. Pods are enrolled
+    /// when their namespace has the label mesh.sidecarless.dev/enrolled=true
+    /// or they have that annotation themselves ("false" opts a pod out).
+    #[arg(long, env = "DATAPLANE_KUBERNETES")]
+    kubernetes: bool,
+    /// kubeconfig file for the API server. Default: the pod's service
+    /// account (in a cluster), else KUBECONFIG, else ~/.kube/config.
+    #[arg(long, env = "DATAPLANE_KUBECONFIG", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name, as pods' spec.nodeName gives it (the DaemonSet
+    /// sets it from the downward API). Required with --kubernetes.
+    #[arg(long, env = "DATAPLANE_NODE_NAME")]
+    node_name: Option<String>,
+}
+
+impl KubernetesArgs {
+    fn config(&self) -> anyhow::Result<Option<dataplane_agent::kubernetes::KubernetesConfig>> {
+        if !self.kubernetes {
+            return Ok(None);
+        }
+        let node = self
+            .node_name
+            .clone()
+            .filter(|n| !n.trim().is_empty())
+            .context(
+                "--node-name (DATAPLANE_NODE_NAME) is required with --kubernetes: the agent \
+                 enrolls the pods of its own node (the DaemonSet sets it from spec.nodeName)",
+            )?;
+        Ok(Some(dataplane_agent::kubernetes::KubernetesConfig {
+            kubeconfig: self.kubeconfig.clone(),
+            node,
+        }))
+    }
 }
 
 /// Where the service registry (etcd) is.
@@ -442,6 +483,7 @@ fn main() -> anyhow::Result<()> {
                 fail_mode: args.fail_mode,
                 fast_path: args.fast_path,
                 registry: args.registry.config()?,
+                kubernetes: args.kubernetes.config()?,
             };
             cli.worker_threads.build()?.block_on(app::run(settings))
         }

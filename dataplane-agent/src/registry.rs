@@ -14,7 +14,7 @@
 //! - [`register`]: an instance kept registered under a lease.
 //!
 //! The registry's services join the config file's in the proxy's state
-//! (see [`merge`]); the file keeps the enrolled pods.
+//! (see [`crate::discovery::merge`]); the file keeps the enrolled pods.
 
 pub mod client;
 pub mod guard;
@@ -26,70 +26,48 @@ pub mod snapshot;
 pub mod source;
 pub mod state;
 
-use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
-use tracing::warn;
+use tokio::sync::watch;
 
-use crate::config::{MeshConfig, Service};
+use crate::discovery::{Discovered, Source};
 
-/// The config in force: the file's, plus the registry's services whose
-/// VIP the file does not use (the file wins a conflict, with a warning;
-/// the file's own services read back from the registry, as `--publish`
-/// writes them, are no conflict).
-pub fn merge(file: &MeshConfig, registry: &[Service]) -> MeshConfig {
-    let taken: HashSet<_> = file.services.iter().map(|s| s.vip).collect();
-    let own: HashSet<_> = file
-        .services
-        .iter()
-        .map(|s| (s.namespace.as_str(), s.name.as_str(), s.vip))
-        .collect();
-    let mut merged = file.clone();
-    for service in registry {
-        if own.contains(&(
-            service.namespace.as_str(),
-            service.name.as_str(),
-            service.vip,
-        )) {
-            continue;
-        }
-        if taken.contains(&service.vip) {
-            warn!(
-                service = %format!("{}/{}", service.namespace, service.name),
-                vip = %service.vip,
-                "registry service left out: the config file uses its VIP"
-            );
-            continue;
-        }
-        merged.services.push(service.clone());
+/// The registry as a discovery source: services only (pods are enrolled
+/// by the file or by Kubernetes).
+pub struct RegistryFeed(pub watch::Receiver<source::Published>);
+
+impl Source for RegistryFeed {
+    fn name(&self) -> &'static str {
+        "registry"
     }
-    merged
+
+    fn current(&mut self) -> Arc<Discovered> {
+        Arc::new(Discovered {
+            services: self.0.borrow_and_update().as_ref().clone(),
+            pods: Vec::new(),
+        })
+    }
+
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if self.0.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{MeshConfig, Service};
 
     fn services(yaml: &str) -> Vec<Service> {
         MeshConfig::parse(yaml, std::path::Path::new("t"))
             .unwrap()
             .services
-    }
-
-    #[test]
-    fn the_file_wins_a_vip_and_its_own_published_services_are_no_conflict() {
-        let file = MeshConfig::parse(
-            "services:\n  - {name: a, vip: 198.19.0.1:80}\n",
-            std::path::Path::new("f"),
-        )
-        .unwrap();
-        // Registry services are checked one by one, not as one file.
-        let mut registry = services("services:\n  - {name: a, vip: 198.19.0.1:80}\n");
-        registry.extend(services(
-            "services:\n  - {name: x, namespace: t, vip: 198.19.0.1:80}\n  - {name: b, namespace: t, vip: 198.19.0.2:80}\n",
-        ));
-        let merged = merge(&file, &registry);
-        let names: Vec<&str> = merged.services.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["a", "b"]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod binaries;
 pub mod bpfmaps;
 pub mod etcd;
 pub mod http_peers;
+pub mod kubeapi;
 pub mod peers;
 pub mod proc;
 pub mod scenario;

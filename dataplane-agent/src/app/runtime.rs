@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::admin::Admin;
 use crate::config::MeshConfig;
+use crate::discovery::Source;
 use crate::metrics::ProxyMetrics;
 use crate::proxy::Proxy;
 use crate::reload::{Change, ConfigWatcher, Rejected};
@@ -23,14 +24,16 @@ use crate::state::{NodeContext, ServiceTable};
 
 /// The running proxy with its config, admin endpoint and watcher.
 pub struct Runtime {
-    /// The config in force: the file's, plus the registry's services.
+    /// The config in force: the file's, plus what the other discovery
+    /// sources add.
     pub config: MeshConfig,
     /// The last good config file, and its watchers (the registry
     /// publisher).
     file: MeshConfig,
     file_watch: tokio::sync::watch::Sender<MeshConfig>,
-    /// What the registry provides, when one is configured.
-    registry: Option<tokio::sync::watch::Receiver<crate::registry::source::Published>>,
+    /// The discovery sources beside the file (registry, Kubernetes), in
+    /// the order they win VIP conflicts.
+    sources: Vec<Box<dyn Source>>,
     /// Shared with the blocking thread that reads the file.
     watcher: Arc<Mutex<ConfigWatcher>>,
     pub proxy: Arc<Proxy>,
@@ -126,7 +129,7 @@ impl Runtime {
         Self {
             file: config.clone(),
             file_watch: tokio::sync::watch::Sender::new(config.clone()),
-            registry: None,
+            sources: Vec::new(),
             config,
             watcher: Arc::new(Mutex::new(watcher)),
             proxy,
@@ -135,14 +138,12 @@ impl Runtime {
         }
     }
 
-    /// Adds the registry's services (from now on, and each time they
-    /// change) to the config file's.
-    pub fn attach_registry(
-        &mut self,
-        registry: tokio::sync::watch::Receiver<crate::registry::source::Published>,
-    ) {
-        self.registry = Some(registry);
-        self.apply_merged("registry attached");
+    /// Adds a discovery source's services and pods (from now on, and each
+    /// time they change) to the config file's.
+    pub fn attach(&mut self, source: Box<dyn Source>) {
+        let why = format!("{} attached", source.name());
+        self.sources.push(source);
+        self.apply_merged(&why);
     }
 
     /// The last good config file, now and after each change.
@@ -150,12 +151,14 @@ impl Runtime {
         self.file_watch.subscribe()
     }
 
-    /// The file's config plus the registry's current services, applied.
+    /// The file's config plus the sources' current state, applied.
     fn apply_merged(&mut self, why: &str) {
-        let merged = match &mut self.registry {
-            Some(rx) => crate::registry::merge(&self.file, &rx.borrow_and_update()),
-            None => self.file.clone(),
-        };
+        let current: Vec<_> = self
+            .sources
+            .iter_mut()
+            .map(|s| (s.name(), s.current()))
+            .collect();
+        let merged = crate::discovery::merge(&self.file, &current);
         self.apply(merged, why);
     }
 
@@ -215,11 +218,13 @@ impl Runtime {
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         loop {
-            let registry_changed = async {
-                match &mut self.registry {
-                    Some(rx) => rx.changed().await.is_ok(),
-                    None => std::future::pending().await,
+            let source_changed = async {
+                if self.sources.is_empty() {
+                    return std::future::pending().await;
                 }
+                let changes = self.sources.iter_mut().map(|s| s.changed());
+                let ((), index, _) = futures_util::future::select_all(changes).await;
+                index
             };
             tokio::select! {
                 _ = ticker.tick() => {
@@ -227,8 +232,9 @@ impl Runtime {
                     let config = &self.config;
                     off_worker(|| on_tick(config, reloaded));
                 }
-                true = registry_changed => {
-                    self.apply_merged("registry changed");
+                index = source_changed => {
+                    let why = format!("{} changed", self.sources[index].name());
+                    self.apply_merged(&why);
                     let config = &self.config;
                     off_worker(|| on_tick(config, true));
                 }

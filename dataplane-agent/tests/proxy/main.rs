@@ -19,6 +19,7 @@ mod features_outlier;
 mod features_ratelimit;
 mod features_retry;
 mod features_timeouts;
+mod kubernetes;
 mod opaque_and_detection;
 mod real_clients;
 mod request_path;

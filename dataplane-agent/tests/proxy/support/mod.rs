@@ -310,7 +310,7 @@ impl TestProxy {
         Self::serve(Arc::clone(&runtime.proxy), vip, Some(admin_addr)).await
     }
 
-    async fn serve(proxy: Arc<Proxy>, vip: SocketAddrV4, admin: Option<SocketAddr>) -> Self {
+    pub async fn serve(proxy: Arc<Proxy>, vip: SocketAddrV4, admin: Option<SocketAddr>) -> Self {
         // As the agent listens: accepted sockets inherit Nagle off.
         let listener = dataplane_agent::app::runtime::bind_proxy(
             SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),

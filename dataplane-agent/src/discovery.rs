@@ -1,0 +1,169 @@
+//! Discovery sources and how their states combine into the config in
+//! force.
+//!
+//! The config file is the base: always there, read first, and the winner
+//! of any conflict. Each other source (the service registry, the
+//! Kubernetes API) feeds a [`Discovered`]: plain data, converted from its
+//! wire types at its own edge, so that the proxy and the capture tables
+//! know nothing of etcd or Kubernetes. [`merge`] lays them over the file in
+//! the order they were attached.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::config::{MeshConfig, Pod, Service};
+
+/// What one source knows now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Discovered {
+    pub services: Vec<Service>,
+    /// Pods of this node to enroll.
+    pub pods: Vec<Pod>,
+}
+
+/// A discovery source as the runtime sees it: its state, and a wake-up
+/// when that changes. Each source keeps serving its last state while its
+/// backend is unreachable; a source that stopped never wakes up again.
+pub trait Source: Send {
+    /// For logs.
+    fn name(&self) -> &'static str;
+    /// What the source knows now; marks it seen.
+    fn current(&mut self) -> Arc<Discovered>;
+    /// Resolves when the state changed since it was last seen.
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// A source that publishes its state in a watch channel.
+pub struct Feed {
+    name: &'static str,
+    rx: watch::Receiver<Arc<Discovered>>,
+}
+
+impl Feed {
+    pub fn new(name: &'static str, rx: watch::Receiver<Arc<Discovered>>) -> Self {
+        Self { name, rx }
+    }
+}
+
+impl Source for Feed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn current(&mut self) -> Arc<Discovered> {
+        Arc::clone(&self.rx.borrow_and_update())
+    }
+
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if self.rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+}
+
+/// The config in force: the file's, then each source's services whose VIP
+/// is still free (a conflict is logged and the earlier one wins; the
+/// file's own services read back from the registry, as `--publish` writes
+/// them, are no conflict), and each source's pods not already listed.
+pub fn merge(file: &MeshConfig, sources: &[(&str, Arc<Discovered>)]) -> MeshConfig {
+    let mut taken: HashSet<_> = file.services.iter().map(|s| s.vip).collect();
+    let own: HashSet<_> = file
+        .services
+        .iter()
+        .map(|s| (s.namespace.as_str(), s.name.as_str(), s.vip))
+        .collect();
+    let mut pods: HashSet<String> = file.pods.iter().map(|p| p.uid.clone()).collect();
+    let mut merged = file.clone();
+    for (source, discovered) in sources {
+        for service in &discovered.services {
+            if own.contains(&(
+                service.namespace.as_str(),
+                service.name.as_str(),
+                service.vip,
+            )) {
+                continue;
+            }
+            if !taken.insert(service.vip) {
+                warn!(
+                    source,
+                    service = %format!("{}/{}", service.namespace, service.name),
+                    vip = %service.vip,
+                    "service left out: the config file or an earlier source uses its VIP"
+                );
+                continue;
+            }
+            merged.services.push(service.clone());
+        }
+        for pod in &discovered.pods {
+            if pods.insert(pod.uid.clone()) {
+                merged.pods.push(pod.clone());
+            }
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> MeshConfig {
+        MeshConfig::parse(yaml, std::path::Path::new("t")).unwrap()
+    }
+
+    fn discovered(yaml: &str) -> Arc<Discovered> {
+        let config = parse(yaml);
+        Arc::new(Discovered {
+            services: config.services,
+            pods: config.pods,
+        })
+    }
+
+    #[test]
+    fn the_file_wins_a_vip_and_its_own_published_services_are_no_conflict() {
+        let file = parse("services:\n  - {name: a, vip: 198.19.0.1:80}\n");
+        // A source's services are checked one by one, not as one file.
+        let mut registry = parse("services:\n  - {name: a, vip: 198.19.0.1:80}\n").services;
+        registry.extend(
+            parse(
+                "services:\n  - {name: x, namespace: t, vip: 198.19.0.1:80}\n  - {name: b, namespace: t, vip: 198.19.0.2:80}\n",
+            )
+            .services,
+        );
+        let registry = Arc::new(Discovered {
+            services: registry,
+            pods: Vec::new(),
+        });
+        let merged = merge(&file, &[("registry", registry)]);
+        let names: Vec<_> = merged.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn an_earlier_source_wins_a_vip_and_pods_are_listed_once() {
+        let file = parse("pods: [{uid: p1}]\n");
+        let registry = discovered("services: [{name: r, vip: 10.96.0.5:80}]\n");
+        let kubernetes = discovered(
+            "services:\n\
+             - {name: k, vip: 10.96.0.5:80}\n\
+             - {name: k2, vip: 10.96.0.6:80}\n\
+             pods: [{uid: p1, name: dup}, {uid: p2}]\n",
+        );
+        let merged = merge(&file, &[("registry", registry), ("kubernetes", kubernetes)]);
+        let names: Vec<_> = merged.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["r", "k2"]);
+        let pods: Vec<_> = merged
+            .pods
+            .iter()
+            .map(|p| (p.uid.as_str(), p.name.clone()))
+            .collect();
+        assert_eq!(pods, [("p1", None), ("p2", None)]);
+    }
+}

@@ -1,0 +1,367 @@
+//! The watches of the Kubernetes source and the state they publish.
+//!
+//! One kube-rs watcher per kind (Services, EndpointSlices and Namespaces
+//! of the whole cluster, the Pods of this node by field selector) sends
+//! what it sees to one thread that owns the stores. That thread converts
+//! them ([`super::convert`]) once a burst of events has settled and
+//! publishes the result: on its own thread, so converting a large cluster
+//! never holds up a proxy worker.
+//!
+//! Outages: a watch that fails (API server unreachable, stream dropped,
+//! `410 Gone`) is dropped and started again after a backoff, which lists
+//! the kind again and then watches from that listing. Meanwhile the stores,
+//! and so the proxy, keep the last state; the relisting replaces a kind's
+//! objects in one step, so no request ever sees it half-listed. How long
+//! the state has been stale is logged and exported.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher;
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::KubernetesConfig;
+use super::convert::{self, Skipped};
+use super::metrics::KubernetesMetrics;
+use crate::discovery::Discovered;
+
+/// How long the state thread lets a burst of events settle before it
+/// converts: a rolling update changes many slices within milliseconds.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// How often the outage age is exported, and how often a continuing
+/// outage is logged again.
+const TICK: Duration = Duration::from_secs(1);
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Retry delays after a failed watch: from the first to the last,
+/// doubling, with ±25 % jitter so that a node fleet does not relist in
+/// step after an API server restart.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// The server ends each watch after this many seconds and the watcher
+/// resumes it; a watch that stays silent longer than that (plus a margin)
+/// is taken for a dead connection, which bounds how long a black-holed
+/// API server goes unnoticed.
+const WATCH_TIMEOUT_S: u32 = 60;
+
+/// Starts the watches; the state is published once every kind has been
+/// listed (until then the receiver holds an empty state).
+pub fn start(
+    client: kube::Client,
+    cfg: &KubernetesConfig,
+    metrics: KubernetesMetrics,
+) -> std::io::Result<watch::Receiver<Arc<Discovered>>> {
+    let (tx, rx) = watch::channel(Arc::new(Discovered::default()));
+    let (updates, inbox) = mpsc::channel::<Update>();
+    let node = cfg.node.clone();
+    std::thread::Builder::new()
+        .name("kubernetes-state".into())
+        .spawn(move || own_state(inbox, tx, node, metrics))?;
+    let base = watcher::Config::default().timeout(WATCH_TIMEOUT_S);
+    let pods = base.clone().fields(&format!("spec.nodeName={}", cfg.node));
+    tokio::spawn(watch_kind::<Service>(
+        Api::all(client.clone()),
+        base.clone(),
+        updates.clone(),
+    ));
+    tokio::spawn(watch_kind::<EndpointSlice>(
+        Api::all(client.clone()),
+        base.clone(),
+        updates.clone(),
+    ));
+    tokio::spawn(watch_kind::<Namespace>(
+        Api::all(client.clone()),
+        base,
+        updates.clone(),
+    ));
+    tokio::spawn(watch_kind::<Pod>(Api::all(client), pods, updates));
+    Ok(rx)
+}
+
+/// A change to the stores, sent by a watch to the state thread.
+type Update = Box<dyn FnOnce(&mut Stores) + Send>;
+
+/// One kind's objects by namespace/name.
+type Objects<K> = BTreeMap<String, K>;
+
+const KINDS: usize = 4;
+
+/// A kind the source watches.
+trait Watched:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    /// Its slot in [`Stores::listed`] and [`Stores::failing`].
+    const INDEX: usize;
+    const KIND: &'static str;
+    fn objects(stores: &mut Stores) -> &mut Objects<Self>;
+}
+
+macro_rules! watched {
+    ($type:ty, $index:expr, $kind:expr, $field:ident) => {
+        impl Watched for $type {
+            const INDEX: usize = $index;
+            const KIND: &'static str = $kind;
+            fn objects(stores: &mut Stores) -> &mut Objects<Self> {
+                &mut stores.$field
+            }
+        }
+    };
+}
+
+watched!(Service, 0, "Service", services);
+watched!(EndpointSlice, 1, "EndpointSlice", slices);
+watched!(Namespace, 2, "Namespace", namespaces);
+watched!(Pod, 3, "Pod", pods);
+
+fn key<K: Resource>(obj: &K) -> String {
+    let meta = obj.meta();
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Keeps what conversion reads: managed fields and foreign annotations
+/// (`kubectl apply` stores the whole object in one) are often most of an
+/// object's size.
+fn trim<K: Resource>(mut obj: K) -> K {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k.starts_with("mesh.sidecarless.dev/"));
+    }
+    obj
+}
+
+/// Lists and watches one kind for as long as the agent runs, starting
+/// over (a fresh listing) after any failure.
+async fn watch_kind<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+    updates: mpsc::Sender<Update>,
+) {
+    let mut retry = RETRY_FIRST;
+    loop {
+        let mut stream = std::pin::pin!(watcher(api.clone(), config.clone()));
+        let mut listing: Option<Objects<K>> = None;
+        while let Some(event) = stream.next().await {
+            let update: Update = match event {
+                Ok(watcher::Event::Init) => {
+                    listing = Some(BTreeMap::new());
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(obj)) => {
+                    if let Some(listing) = &mut listing {
+                        listing.insert(key(&obj), trim(obj));
+                    }
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    retry = RETRY_FIRST;
+                    let objects = listing.take().unwrap_or_default();
+                    Box::new(move |s: &mut Stores| s.listed::<K>(objects))
+                }
+                Ok(watcher::Event::Apply(obj)) => {
+                    let obj = trim(obj);
+                    Box::new(move |s: &mut Stores| {
+                        K::objects(s).insert(key(&obj), obj);
+                        s.streaming::<K>();
+                    })
+                }
+                Ok(watcher::Event::Delete(obj)) => {
+                    let key = key(&obj);
+                    Box::new(move |s: &mut Stores| {
+                        K::objects(s).remove(&key);
+                        s.streaming::<K>();
+                    })
+                }
+                Err(err) => {
+                    let err = err.to_string();
+                    let _ = updates.send(Box::new(move |s: &mut Stores| s.failed::<K>(&err)));
+                    break;
+                }
+            };
+            if updates.send(update).is_err() {
+                return;
+            }
+        }
+        let jitter = 0.75 + fastrand::f64() * 0.5;
+        tokio::time::sleep(retry.mul_f64(jitter)).await;
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+/// What the watches have seen.
+struct Stores {
+    services: Objects<Service>,
+    slices: Objects<EndpointSlice>,
+    namespaces: Objects<Namespace>,
+    pods: Objects<Pod>,
+    /// Kinds listed at least once: nothing is published before all are,
+    /// or a start would route with services but no endpoints yet.
+    listed: [bool; KINDS],
+    /// Per kind, since when its watch fails.
+    failing: [Option<Instant>; KINDS],
+    /// Whether anything changed since the last conversion.
+    dirty: bool,
+    metrics: KubernetesMetrics,
+}
+
+impl Stores {
+    fn listed<K: Watched>(&mut self, objects: Objects<K>) {
+        self.metrics.listings.inc();
+        debug!(kind = K::KIND, objects = objects.len(), "listed");
+        *K::objects(self) = objects;
+        self.listed[K::INDEX] = true;
+        self.streaming::<K>();
+    }
+
+    /// The kind's watch delivers again.
+    fn streaming<K: Watched>(&mut self) {
+        self.dirty = true;
+        if let Some(since) = self.failing[K::INDEX].take() {
+            info!(
+                kind = K::KIND,
+                stale_s = since.elapsed().as_secs(),
+                "Kubernetes API back: listed again and watching"
+            );
+        }
+    }
+
+    fn failed<K: Watched>(&mut self, err: &str) {
+        self.metrics.failures.inc();
+        if self.failing[K::INDEX].is_none() {
+            self.failing[K::INDEX] = Some(Instant::now());
+            warn!(
+                kind = K::KIND,
+                error = err,
+                "Kubernetes API watch failed: routing on the last state until it is back"
+            );
+        } else {
+            debug!(
+                kind = K::KIND,
+                error = err,
+                "Kubernetes API watch failed again"
+            );
+        }
+    }
+
+    /// Since when the state is stale: the oldest failing watch.
+    fn stale_since(&self) -> Option<Instant> {
+        self.failing.iter().flatten().min().copied()
+    }
+
+    fn convert(&self, node: &str) -> (Discovered, Vec<Skipped>) {
+        let mut skipped = Vec::new();
+        let services =
+            convert::services(self.services.values(), self.slices.values(), &mut skipped);
+        let pods = convert::pods(
+            self.pods.values(),
+            self.namespaces.values(),
+            node,
+            &mut skipped,
+        );
+        (Discovered { services, pods }, skipped)
+    }
+}
+
+/// The state thread: applies the watches' updates, converts when a burst
+/// has settled, publishes, and keeps the outage metrics current.
+fn own_state(
+    inbox: mpsc::Receiver<Update>,
+    tx: watch::Sender<Arc<Discovered>>,
+    node: String,
+    metrics: KubernetesMetrics,
+) {
+    let mut stores = Stores {
+        services: Objects::new(),
+        slices: Objects::new(),
+        namespaces: Objects::new(),
+        pods: Objects::new(),
+        listed: [false; KINDS],
+        failing: [None; KINDS],
+        dirty: false,
+        metrics: metrics.clone(),
+    };
+    let mut reported = BTreeSet::new();
+    let mut last_outage_log = Instant::now();
+    loop {
+        match inbox.recv_timeout(TICK) {
+            Ok(update) => {
+                update(&mut stores);
+                let settled = Instant::now() + SETTLE;
+                while let Some(left) = settled.checked_duration_since(Instant::now()) {
+                    match inbox.recv_timeout(left) {
+                        Ok(update) => update(&mut stores),
+                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let stale = stores.stale_since();
+        metrics.set_stale(stale);
+        let all_listed = stores.listed.iter().all(|l| *l);
+        metrics.up.set(i64::from(all_listed && stale.is_none()));
+        if let Some(since) = stale
+            && last_outage_log.elapsed() >= OUTAGE_LOG_EVERY
+        {
+            last_outage_log = Instant::now();
+            warn!(
+                stale_s = since.elapsed().as_secs(),
+                "Kubernetes API still unreachable: routing on the last state"
+            );
+        }
+        if !(stores.dirty && all_listed) {
+            continue;
+        }
+        stores.dirty = false;
+        let (discovered, skipped) = stores.convert(&node);
+        report(&mut reported, skipped, &metrics);
+        metrics.services.set(count(discovered.services.len()));
+        metrics.endpoints.set(count(
+            discovered.services.iter().map(|s| s.endpoints.len()).sum(),
+        ));
+        metrics.pods.set(count(discovered.pods.len()));
+        tx.send_if_modified(|current| {
+            if **current == discovered {
+                return false;
+            }
+            *current = Arc::new(discovered);
+            true
+        });
+    }
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Logs what is newly skipped (a skipped object is converted again at
+/// each change; it is logged once, until it is fixed or gone).
+fn report(reported: &mut BTreeSet<Skipped>, skipped: Vec<Skipped>, metrics: &KubernetesMetrics) {
+    let now: BTreeSet<Skipped> = skipped.into_iter().collect();
+    for s in now.difference(reported) {
+        if s.invalid {
+            metrics.skipped.inc();
+            warn!(object = %s.object, field = %s.field, "{}; skipped", s.why);
+        } else {
+            debug!(object = %s.object, field = %s.field, "{}; not served", s.why);
+        }
+    }
+    *reported = now;
+}

@@ -1,0 +1,455 @@
+//! The Kubernetes source through the real kube-rs client, against the
+//! stand-in API server (`dataplane_tests::kubeapi`: recorded objects in
+//! the real JSON wire format, watch streams, 410 Gone, outages): what it
+//! publishes, how fast changes arrive, what it skips, and that an API
+//! server outage under load fails no request through the proxy.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dataplane_agent::app::runtime::Runtime;
+use dataplane_agent::config::MeshConfig;
+use dataplane_agent::discovery::{Discovered, Feed};
+use dataplane_agent::kubernetes::metrics::KubernetesMetrics;
+use dataplane_agent::kubernetes::{self, KubernetesConfig, source};
+use dataplane_agent::reload::ConfigWatcher;
+use dataplane_agent::state::NodeContext;
+use dataplane_tests::kubeapi::{Kind, KubeApi};
+use http::Request;
+use http_body_util::{BodyExt as _, Full};
+use tokio::sync::watch;
+
+use crate::support::{Backend, Mode, TestProxy, bounded, client};
+
+const CLUSTER: &str = include_str!("../../../tests/fixtures/kubernetes/cluster.yaml");
+const BAD: &str = include_str!("../../../tests/fixtures/kubernetes/bad.yaml");
+
+/// A scratch directory for a kubeconfig, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("dp-kube-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The API server, and the source watching it as node `node-a`.
+struct Watching {
+    api: KubeApi,
+    rx: watch::Receiver<Arc<Discovered>>,
+    metrics: KubernetesMetrics,
+    _scratch: Scratch,
+}
+
+async fn watch_api(name: &str, fixture: &str) -> Watching {
+    let api = KubeApi::start(fixture, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .unwrap();
+    let scratch = Scratch::new(name);
+    let cfg = KubernetesConfig {
+        kubeconfig: Some(api.write_kubeconfig(&scratch.0).unwrap()),
+        node: "node-a".into(),
+    };
+    let client = kubernetes::client(&cfg).await.unwrap();
+    let metrics = KubernetesMetrics::default();
+    let rx = source::start(client, &cfg, metrics.clone()).unwrap();
+    Watching {
+        api,
+        rx,
+        metrics,
+        _scratch: scratch,
+    }
+}
+
+impl Watching {
+    /// Waits until every kind is listed and watched.
+    async fn watching_all(&mut self) {
+        self.until(Duration::from_secs(10), |s| !s.services.is_empty())
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.api.open_watches() < 4 {
+            assert!(Instant::now() < deadline, "the watches never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the published state satisfies `check`; how long it took.
+    async fn until(&mut self, limit: Duration, check: impl Fn(&Discovered) -> bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            if check(&self.rx.borrow_and_update()) {
+                return start.elapsed();
+            }
+            let left = limit.saturating_sub(start.elapsed());
+            if tokio::time::timeout(left, self.rx.changed()).await.is_err() {
+                panic!(
+                    "state not reached within {limit:?}; now: {:#?}",
+                    self.rx.borrow()
+                );
+            }
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}_total "))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+}
+
+fn vip(a: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(a), port)
+}
+
+fn endpoints_of(state: &Discovered, name: &str) -> Vec<SocketAddrV4> {
+    state
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.endpoints.iter().map(|e| e.address).collect())
+        .unwrap_or_default()
+}
+
+/// An EndpointSlice of `cart` with one endpoint.
+fn slice(name: &str, ip: Ipv4Addr, port: u16, ready: bool) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: shop\n  \
+         labels: {{kubernetes.io/service-name: cart}}\naddressType: IPv4\nendpoints:\n- addresses: [{ip}]\n  \
+         conditions: {{ready: {ready}, serving: true, terminating: {}}}\nports:\n- name: http\n  port: {port}\n  protocol: TCP\n",
+        !ready
+    )
+}
+
+#[tokio::test]
+async fn the_cluster_is_listed_and_converted() {
+    bounded(async {
+        let mut w = watch_api("list", CLUSTER).await;
+        w.until(Duration::from_secs(10), |s| !s.services.is_empty())
+            .await;
+        let state = w.rx.borrow().clone();
+        let names: Vec<_> = state.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["cart", "payments:grpc", "payments:metrics"]);
+        assert_eq!(state.services[0].vip, vip([10, 96, 0, 10], 80));
+        assert_eq!(endpoints_of(&state, "cart").len(), 3);
+        let pods: Vec<_> = state
+            .pods
+            .iter()
+            .filter_map(|p| p.name.as_deref())
+            .collect();
+        assert_eq!(pods, ["shop/frontend-7d9c8b-abcde", "legacy/reporter-0"]);
+        assert_eq!(w.metric("dataplane_kubernetes_up"), 1.0);
+        assert_eq!(w.metric("dataplane_kubernetes_services"), 3.0);
+        assert_eq!(w.metric("dataplane_kubernetes_skipped_objects"), 0.0);
+        // One listing per kind; the pods' with the node's field selector
+        // (the server filters: node-b's pods never arrive).
+        for kind in [
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Namespace,
+            Kind::Pod,
+        ] {
+            assert_eq!(w.api.requests(kind).0, 1, "{kind:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn endpoint_service_and_pod_changes_arrive_within_a_second() {
+    bounded(async {
+        let mut w = watch_api("changes", CLUSTER).await;
+        w.until(Duration::from_secs(10), |s| !s.services.is_empty())
+            .await;
+        let first = vip([10, 244, 1, 11], 8080);
+        assert!(endpoints_of(&w.rx.borrow(), "cart").contains(&first));
+
+        // Ready -> not ready (as when a pod starts terminating).
+        let cart_slice = CLUSTER
+            .split("\n---\n")
+            .find(|d| d.contains("name: cart-x7k2p"))
+            .unwrap()
+            .replacen(
+                "conditions: {ready: true, serving: true, terminating: false}",
+                "conditions: {ready: false, serving: true, terminating: true}",
+                1,
+            );
+        w.api.apply_yaml(&cart_slice).unwrap();
+        let took = w
+            .until(Duration::from_secs(1), |s| {
+                !endpoints_of(s, "cart").contains(&first)
+            })
+            .await;
+        eprintln!("ready -> terminating took {took:?}");
+
+        // A new pod of this node in an enrolled namespace, then its
+        // namespace unlabelled: the pods of that namespace leave.
+        w.api
+            .apply_yaml(
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: new-0, namespace: shop, uid: u-new-0}\n\
+                 spec: {nodeName: node-a, containers: [{name: c, image: i}]}\nstatus: {phase: Pending}\n",
+            )
+            .unwrap();
+        w.until(Duration::from_secs(1), |s| s.pods.iter().any(|p| p.uid == "u-new-0"))
+            .await;
+        w.api
+            .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {}}\n")
+            .unwrap();
+        w.until(Duration::from_secs(1), |s| {
+            s.pods.iter().all(|p| !p.name.as_deref().unwrap_or_default().starts_with("shop/"))
+        })
+        .await;
+
+        // A deleted Service leaves at once.
+        w.api.delete(Kind::Service, "shop", "cart").unwrap();
+        w.until(Duration::from_secs(1), |s| s.services.iter().all(|s| s.name != "cart"))
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_objects_are_skipped_counted_and_the_rest_keeps_working() {
+    bounded(async {
+        let mut w = watch_api("bad", CLUSTER).await;
+        w.until(Duration::from_secs(10), |s| !s.services.is_empty())
+            .await;
+        w.api.apply_yaml(BAD).unwrap();
+        w.until(Duration::from_secs(2), |s| {
+            s.services.iter().any(|s| s.name == "broken-port:admin")
+        })
+        .await;
+        let state = w.rx.borrow().clone();
+        assert_eq!(
+            endpoints_of(&state, "cart").len(),
+            3,
+            "the rest is unchanged"
+        );
+        assert_eq!(
+            endpoints_of(&state, "broken-port:admin"),
+            [vip([10, 244, 1, 41], 8081)]
+        );
+        // The 70000 port, the "not-an-ip" address, the "yes" annotation.
+        assert_eq!(w.metric("dataplane_kubernetes_skipped_objects"), 3.0);
+        // Counted once, not at each later conversion.
+        w.api
+            .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(w.metric("dataplane_kubernetes_skipped_objects"), 3.0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropped_streams_resume_and_410_gone_relists_without_losing_state() {
+    bounded(async {
+        let mut w = watch_api("relist", CLUSTER).await;
+        w.watching_all().await;
+        let before = w.rx.borrow().clone();
+
+        w.api.reset_connections();
+        // The watch resumes from the last version seen (a dropped stream
+        // needs no listing, unless the client saw it fail).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.api.requests(Kind::Pod).1 < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the watch never resumed after the reset"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A change after the reset arrives on the new watch.
+        w.api.delete(Kind::Pod, "legacy", "reporter-0").unwrap();
+        w.until(Duration::from_secs(10), |s| s.pods.len() == 1)
+            .await;
+
+        w.watching_all().await;
+        let lists = w.api.requests(Kind::Service).0;
+        w.api.expire_history();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.api.requests(Kind::Service).0 == lists {
+            assert!(
+                Instant::now() < deadline,
+                "no relist after 410 Gone: {:?}",
+                w.api.requests(Kind::Service)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.api.delete(Kind::Service, "shop", "cart").unwrap();
+        w.until(Duration::from_secs(10), |s| s.services.len() == 2)
+            .await;
+        assert_eq!(w.rx.borrow().services, before.services[1..]);
+        assert!(w.metric("dataplane_kubernetes_failures") >= 1.0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_keeps_the_state_says_how_stale_and_catches_up() {
+    bounded(async {
+        let mut w = watch_api("outage", CLUSTER).await;
+        w.watching_all().await;
+        let before = w.rx.borrow().clone();
+        w.api.stop();
+        // Changed while the agent cannot see it.
+        w.api.delete(Kind::Service, "shop", "cart").unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(*w.rx.borrow().clone(), *before, "the last state stays");
+        assert_eq!(w.metric("dataplane_kubernetes_up"), 0.0);
+        assert!(w.metric("dataplane_kubernetes_stale_seconds") >= 1.0);
+
+        w.api.resume().await.unwrap();
+        w.until(Duration::from_secs(15), |s| s.services.len() == 2)
+            .await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(w.metric("dataplane_kubernetes_stale_seconds"), 0.0);
+        assert_eq!(w.metric("dataplane_kubernetes_up"), 1.0);
+    })
+    .await;
+}
+
+/// Closed-loop GET callers until `stop`; the failures they saw.
+async fn steady_load(
+    addr: SocketAddr,
+    callers: usize,
+    stop: Arc<AtomicBool>,
+) -> (usize, Vec<String>) {
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let client = client(false);
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let req = Request::get(format!("http://{addr}/"))
+                        .body(Full::default())
+                        .unwrap();
+                    match client.request(req).await {
+                        Ok(resp) if resp.status().is_success() => {
+                            if resp.into_body().collect().await.is_ok() {
+                                ok += 1;
+                            } else {
+                                failed.push("truncated body".to_string());
+                            }
+                        }
+                        Ok(resp) => failed.push(format!("{}", resp.status())),
+                        Err(err) => failed.push(err.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let mut all = (0, Vec::new());
+    for task in tasks {
+        let (ok, failed) = task.await.unwrap();
+        all.0 += ok;
+        all.1.extend(failed);
+    }
+    all
+}
+
+/// The proxy as the agent runs it, fed by the Kubernetes source: under
+/// steady load, the API server's streams reset, its history expires (410)
+/// and it is unreachable for 30 s. No request fails, and an endpoint added
+/// during the outage gets traffic once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_failures_under_load_fail_no_request() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let backends = [
+            Backend::start("a", Mode::Ok).await,
+            Backend::start("b", Mode::Ok).await,
+            Backend::start("c", Mode::Ok).await,
+        ];
+        let late = Backend::start("late", Mode::Ok).await;
+        let mut cluster = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, protocol: TCP}]}\n",
+        );
+        for (i, b) in backends.iter().enumerate() {
+            cluster.push_str("---\n");
+            cluster.push_str(&slice(
+                &format!("cart-{i}"),
+                *b.addr.ip(),
+                b.addr.port(),
+                true,
+            ));
+        }
+        let mut w = watch_api("load", &cluster).await;
+        w.until(Duration::from_secs(10), |s| {
+            endpoints_of(s, "cart").len() == 3
+        })
+        .await;
+
+        let scratch = Scratch::new("load-config");
+        let file = scratch.0.join("mesh.yaml");
+        std::fs::write(&file, "services: []\n").unwrap();
+        let config = MeshConfig::load(&file).unwrap();
+        let watcher = ConfigWatcher::new(file.clone(), "services: []\n".into());
+        let admin = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let mut rt = Runtime::start((config, watcher), NodeContext::default(), admin, |_| {});
+        rt.attach(Box::new(Feed::new("kubernetes", w.rx.clone())));
+        let proxy = TestProxy::serve(Arc::clone(&rt.proxy), vip([10, 96, 0, 10], 80), None).await;
+        let run = tokio::spawn(async move {
+            rt.run_until_shutdown(Duration::from_secs(1), |_, _| {})
+                .await;
+        });
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = tokio::spawn(steady_load(proxy.addr, 4, Arc::clone(&stop)));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        w.api.reset_connections();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        w.api.expire_history();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        w.api.stop();
+        // Meanwhile: a fourth endpoint.
+        w.api
+            .apply_yaml(&slice("cart-late", *late.addr.ip(), late.addr.port(), true))
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(late.hits(), 0, "the outage hid the change");
+        w.api.resume().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while late.hits() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the change made during the outage never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = load.await.unwrap();
+        run.abort();
+        eprintln!("{ok} requests, {} failed", failed.len());
+        assert!(ok > 1000, "the load ran ({ok} requests)");
+        assert!(failed.is_empty(), "failed: {failed:?}");
+        for b in &backends {
+            assert!(b.hits() > 0, "{} served", b.name);
+        }
+    })
+    .await
+    .expect("test took over 120 s");
+}
