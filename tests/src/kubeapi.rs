@@ -501,3 +501,79 @@ impl hyper::body::Body for WatchBody {
         }
     }
 }
+
+/// A [`KubeApi`] serving inside a network namespace (a simulated node's,
+/// where the agent runs), on its own thread and runtime. Dropping it stops
+/// the server.
+pub struct KubeApiInNetns {
+    api: Arc<KubeApi>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KubeApiInNetns {
+    /// Serves `fixture` on `127.0.0.1:<any port>` inside `netns`.
+    pub fn start(netns: &str, fixture: &str) -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let ns = std::fs::File::open(format!("/run/netns/{netns}"))
+            .with_context(|| format!("opening netns {netns}"))?;
+        let fixture = fixture.to_string();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let started = (|| -> anyhow::Result<(tokio::runtime::Runtime, KubeApi)> {
+                // SAFETY: setns on this thread only; the fd is valid while
+                // `ns` lives.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    anyhow::bail!("setns: {}", std::io::Error::last_os_error());
+                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+                let api = rt.block_on(KubeApi::start(&fixture, listen))?;
+                Ok((rt, api))
+            })();
+            match started {
+                Ok((rt, api)) => {
+                    let api = Arc::new(api);
+                    let _ = ready_tx.send(Ok(Arc::clone(&api)));
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                    api.stop();
+                }
+                Err(err) => {
+                    let _ = ready_tx.send(Err(err));
+                }
+            }
+        });
+        let api = ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the fake API server did not start")??;
+        Ok(Self {
+            api,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl std::ops::Deref for KubeApiInNetns {
+    type Target = KubeApi;
+
+    fn deref(&self) -> &KubeApi {
+        &self.api
+    }
+}
+
+impl Drop for KubeApiInNetns {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! End-to-end: the agent run as the DaemonSet runs it (`--kubernetes`),
+//! reading a stand-in API server in the node's namespace (recorded
+//! objects, the real wire format, the real kube-rs client), on a simulated
+//! node: pods are enrolled by their namespace's label, services and
+//! endpoints come from Services and EndpointSlices, and changes apply
+//! while traffic flows.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use dataplane_tests::agent::Agent;
+use dataplane_tests::http_peers;
+use dataplane_tests::kubeapi::{Kind, KubeApiInNetns};
+use dataplane_tests::scenario::{ECHO_VIP, backend_addr};
+use dataplane_tests::{Pod, SimNode, eventually, require_privileges};
+
+fn pod_yaml(pod: &Pod, namespace: &str, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {namespace}, uid: {}}}\n\
+         spec: {{nodeName: {node}, containers: [{{name: app, image: registry.example/app:1}}]}}\n\
+         status: {{phase: Running, podIP: {}, podIPs: [{{ip: {}}}]}}\n",
+        pod.name, pod.uid, pod.ip, pod.ip
+    )
+}
+
+/// The EndpointSlice of `web`: each backend with its readiness.
+fn slice_yaml(backends: &[(&Pod, bool)]) -> String {
+    let mut yaml = String::from(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abcde\n  \
+         namespace: shop\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nendpoints:\n",
+    );
+    for (pod, ready) in backends {
+        let _ = write!(
+            yaml,
+            "- addresses: [{}]\n  conditions: {{ready: {ready}, serving: true, terminating: {}}}\n  \
+             targetRef: {{kind: Pod, namespace: shop, name: {}}}\n",
+            pod.ip, !ready, pod.name
+        );
+    }
+    let port = backend_addr(backends[0].0).port();
+    let _ = write!(
+        yaml,
+        "ports:\n- name: http\n  port: {port}\n  protocol: TCP\n"
+    );
+    yaml
+}
+
+fn metric(agent: &Agent, name: &str) -> f64 {
+    let text = agent.get("/metrics").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn the_agent_serves_what_the_api_server_says() {
+    if !require_privileges("the_agent_serves_what_the_api_server_says") {
+        return;
+    }
+    let mut node = SimNode::new("kube").expect("node");
+    let client = node.add_pod("frontend").expect("pod");
+    let outsider = node.add_pod("legacy").expect("pod");
+    let b1 = node.add_pod("web-0").expect("pod");
+    let b2 = node.add_pod("web-1").expect("pod");
+    let _s1 = http_peers::serve(&node, &b1, "web-0").expect("serve");
+    let _s2 = http_peers::serve(&node, &b2, "web-1").expect("serve");
+    let node_name = node.id().to_string();
+
+    let mut cluster = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {{mesh.sidecarless.dev/enrolled: \"true\"}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {{name: legacy}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+         spec: {{type: ClusterIP, clusterIP: {}, ports: [{{name: http, port: {}, protocol: TCP}}]}}\n---\n",
+        ECHO_VIP.ip(),
+        ECHO_VIP.port()
+    );
+    cluster.push_str(&slice_yaml(&[(&b1, true), (&b2, true)]));
+    for (pod, ns) in [
+        (&client, "shop"),
+        (&outsider, "legacy"),
+        (&b1, "shop"),
+        (&b2, "shop"),
+    ] {
+        cluster.push_str("---\n");
+        cluster.push_str(&pod_yaml(pod, ns, &node_name));
+    }
+    let api = KubeApiInNetns::start(node.netns(), &cluster).expect("API server");
+    let dir = std::env::temp_dir().join(format!("dp-kube-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = api.write_kubeconfig(&dir).expect("kubeconfig");
+
+    // The config file has no services and no pods: all comes from the API.
+    let agent = Agent::start_with(
+        &node,
+        "services: []\n",
+        &[
+            "--kubernetes",
+            &format!("--kubeconfig={}", kubeconfig.display()),
+            &format!("--node-name={node_name}"),
+        ],
+    )
+    .expect("agent");
+    eventually("the API state applied", Duration::from_secs(15), || {
+        anyhow::ensure!(metric(&agent, "dataplane_kubernetes_up") == 1.0);
+        // frontend, web-0 and web-1 are in the enrolled namespace.
+        anyhow::ensure!(metric(&agent, "dataplane_kubernetes_pods") == 3.0);
+        Ok(())
+    })
+    .expect("synced");
+
+    let url = format!("http://{ECHO_VIP}/");
+    let load = |pod: &Pod, n: &str| {
+        http_peers::load(
+            &node,
+            pod,
+            &[
+                "--url",
+                &url,
+                "--requests",
+                n,
+                "--concurrency",
+                "2",
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+    };
+    // Retried: the pod is enrolled at the agent's next resync.
+    eventually(
+        "the enrolled pod reaches the service",
+        Duration::from_secs(10),
+        || {
+            let report = load(&client, "1")?;
+            anyhow::ensure!(report.ok == 1, "{report:?}");
+            Ok(())
+        },
+    )
+    .expect("enrolled");
+    let report = load(&client, "100").expect("load");
+    assert_eq!(report.ok, 100, "{report:?}");
+    assert!(report.backends.contains_key("web-0") && report.backends.contains_key("web-1"));
+
+    // The pod of a namespace that is not enrolled is not captured: the VIP
+    // is nobody's address for it.
+    let report = http_peers::load(
+        &node,
+        &outsider,
+        &["--url", &url, "--requests", "1", "--timeout-ms", "500"],
+    )
+    .expect("load");
+    assert_eq!(report.ok, 0, "not captured: {report:?}");
+
+    // web-0 becomes not ready (its pod is terminating): within a second
+    // it gets no new request.
+    api.apply_yaml(&slice_yaml(&[(&b1, false), (&b2, true)]))
+        .expect("apply");
+    std::thread::sleep(Duration::from_secs(1));
+    let report = load(&client, "100").expect("load");
+    assert_eq!(report.ok, 100, "{report:?}");
+    assert_eq!(report.backends.get("web-0"), None, "{report:?}");
+
+    // The frontend pod opts out by annotation: it is no longer captured.
+    api.apply_yaml(&pod_yaml(&client, "shop", &node_name).replacen(
+        "metadata: {",
+        "metadata: {annotations: {mesh.sidecarless.dev/enrolled: \"false\"}, ",
+        1,
+    ))
+    .expect("apply");
+    eventually("the pod leaves the mesh", Duration::from_secs(10), || {
+        anyhow::ensure!(metric(&agent, "dataplane_kubernetes_pods") == 2.0);
+        Ok(())
+    })
+    .expect("opt-out");
+    api.delete(Kind::Service, "shop", "web").expect("delete");
+    eventually("the service leaves", Duration::from_secs(10), || {
+        anyhow::ensure!(metric(&agent, "dataplane_kubernetes_services") == 0.0);
+        Ok(())
+    })
+    .expect("deleted");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
