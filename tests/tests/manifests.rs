@@ -231,11 +231,19 @@ fn base_is_valid_for_kubernetes_1_30_to_1_37() {
         .collect();
     assert_eq!(
         kinds,
-        BTreeSet::from(["ConfigMap", "DaemonSet", "Namespace", "ServiceAccount"]),
-        "the agent reads nothing from the API: no RBAC objects"
+        BTreeSet::from([
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet",
+            "Namespace",
+            "ServiceAccount"
+        ]),
     );
     for obj in &base().objects {
-        if obj["kind"] != "Namespace" {
+        if !["Namespace", "ClusterRole", "ClusterRoleBinding"]
+            .contains(&obj["kind"].as_str().unwrap_or_default())
+        {
             assert_eq!(
                 obj["metadata"]["namespace"], "dataplane-system",
                 "{} {}",
@@ -328,7 +336,10 @@ fn no_container_is_privileged_and_the_api_server_would_accept_them() {
         }
         let seccomp = &pod["securityContext"]["seccompProfile"]["type"];
         assert_eq!(seccomp, "RuntimeDefault", "{}", workload["kind"]);
-        assert_eq!(pod["automountServiceAccountToken"], false);
+        // Only the agent reads the API (see the RBAC test).
+        if workload["kind"] != "DaemonSet" {
+            assert_eq!(pod["automountServiceAccountToken"], false);
+        }
     }
 }
 
@@ -628,4 +639,52 @@ fn dockerfile_uses_the_bpf_linker_of_setup() {
         .and_then(|rest| rest.strip_suffix("\";"))
         .expect("setup.rs: const BPF_LINKER_VERSION");
     assert_eq!(in_image.trim(), in_setup);
+}
+
+#[test]
+fn the_agent_reads_the_kubernetes_api_with_read_only_rights_on_what_it_watches() {
+    let agent = container(pod_spec(daemonset()), "agent");
+    assert_eq!(env(agent, "DATAPLANE_KUBERNETES")["value"], "true");
+    assert_eq!(
+        env(agent, "DATAPLANE_NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName",
+        "the agent enrolls its own node's pods"
+    );
+    let pod = pod_spec(daemonset());
+    assert_eq!(
+        pod["automountServiceAccountToken"], true,
+        "the client's token"
+    );
+    let account = pod["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName");
+
+    let role = find(&base().objects, "ClusterRole", "dataplane-agent");
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        assert_eq!(
+            strings(&rule["verbs"]),
+            ["get", "list", "watch"],
+            "read only: {rule}"
+        );
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                granted.insert(format!("{group}/{resource}"));
+            }
+        }
+    }
+    // Exactly what the Kubernetes source watches.
+    assert_eq!(
+        granted,
+        BTreeSet::from([
+            "/namespaces".to_string(),
+            "/pods".to_string(),
+            "/services".to_string(),
+            "discovery.k8s.io/endpointslices".to_string(),
+        ])
+    );
+    let binding = find(&base().objects, "ClusterRoleBinding", "dataplane-agent");
+    assert_eq!(binding["roleRef"]["name"], "dataplane-agent");
+    assert_eq!(binding["subjects"][0]["name"], account);
+    assert_eq!(binding["subjects"][0]["namespace"], "dataplane-system");
 }
