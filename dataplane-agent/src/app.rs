@@ -50,6 +50,8 @@ pub struct Settings {
     pub registry: Option<crate::registry::source::RegistryConfig>,
     /// The Kubernetes API server, if it is read.
     pub kubernetes: Option<crate::kubernetes::KubernetesConfig>,
+    /// Where the CNI plugin asks the agent to enroll new pods.
+    pub cni_socket: PathBuf,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -95,6 +97,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let registry_metrics = crate::registry::metrics::RegistryMetrics::default();
     let kubernetes_metrics = crate::kubernetes::metrics::KubernetesMetrics::default();
     let mut sources: Vec<Box<dyn crate::discovery::Source>> = Vec::new();
+    let mut kubernetes_state = None;
     if let Some(cfg) = settings.registry.clone() {
         info!(endpoints = ?cfg.access.endpoints, prefix = %cfg.prefix, "reading the service registry");
         let rx = crate::registry::source::start(cfg, registry_metrics.clone());
@@ -105,6 +108,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         info!(node = %cfg.node, "reading the Kubernetes API server");
         let rx = crate::kubernetes::source::start(client, cfg, kubernetes_metrics.clone())
             .context("starting the Kubernetes source's thread")?;
+        kubernetes_state = Some(rx.clone());
         sources.push(Box::new(crate::discovery::Feed::new("kubernetes", rx)));
     }
     let initial = {
@@ -127,6 +131,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(pump_ebpf_logs(logger));
     }
 
+    let cni_metrics = crate::cni::CniMetrics::default();
     let fast_path_active = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     fast_path_active.set(i64::from(fast_path));
     let mut rt = Runtime::start(
@@ -146,6 +151,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             if settings.kubernetes.is_some() {
                 kubernetes_metrics.register(r);
             }
+            cni_metrics.register(r);
         },
     );
     if !sources.is_empty() {
@@ -166,6 +172,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         info!("kernel fast path {}", capture::fast::describe(false));
     }
     tokio::spawn(Arc::clone(&rt.proxy).serve(listener));
+    // New pods are enrolled by the CNI plugin from here on (the state it
+    // decides by is in force).
+    match crate::cni::listen(&settings.cni_socket) {
+        Ok(cni) => {
+            info!(socket = %settings.cni_socket.display(), "CNI plugin socket ready");
+            tokio::spawn(crate::cni::serve(
+                cni,
+                crate::cni::Context {
+                    enroller: reconciler.enroller(),
+                    admin: Arc::clone(&rt.admin),
+                    kubernetes: kubernetes_state,
+                    metrics: cni_metrics.clone(),
+                },
+            ));
+        }
+        Err(err) => warn!(
+            socket = %settings.cni_socket.display(),
+            %err,
+            "cannot listen for the CNI plugin: new pods are enrolled by the cgroup watcher only"
+        ),
+    }
+    let mut fail_open_log = crate::cni::FailOpenLog::new(
+        crate::cni::fail_open_log_path(&settings.cni_socket),
+        cni_metrics,
+    );
     rt.proxy
         .access_log
         .store(settings.access_log, std::sync::atomic::Ordering::Relaxed);
@@ -178,6 +209,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         reconciler.enrollment(config);
         reconciler.check_kernel_counters();
+        fail_open_log.check();
     })
     .await;
     rt.drain(settings.drain_timeout).await;

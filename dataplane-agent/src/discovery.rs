@@ -8,7 +8,7 @@
 //! know nothing of etcd or Kubernetes. [`merge`] lays them over the file in
 //! the order they were attached.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +24,12 @@ pub struct Discovered {
     pub services: Vec<Service>,
     /// Pods of this node to enroll.
     pub pods: Vec<Pod>,
+    /// Every pod of this node the source knows, enrolled or not: for one
+    /// it does not know yet (the CNI plugin asks about a pod the moment
+    /// its sandbox is created), `enrolled_namespaces` decides.
+    pub known_pods: BTreeSet<String>,
+    /// Namespaces whose pods are enrolled unless they opt out.
+    pub enrolled_namespaces: BTreeSet<String>,
 }
 
 /// A discovery source as the runtime sees it: its state, and a wake-up
@@ -123,6 +129,7 @@ mod tests {
         Arc::new(Discovered {
             services: config.services,
             pods: config.pods,
+            ..Discovered::default()
         })
     }
 
@@ -139,7 +146,7 @@ mod tests {
         );
         let registry = Arc::new(Discovered {
             services: registry,
-            pods: Vec::new(),
+            ..Discovered::default()
         });
         let merged = merge(&file, &[("registry", registry)]);
         let names: Vec<_> = merged.services.iter().map(|s| s.name.as_str()).collect();

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod discovery;
 pub mod health;

@@ -116,7 +116,7 @@ fn init_logging(format: LogFormat) {
 #[derive(Subcommand)]
 enum Command {
     /// Capture enrolled pods and run the node proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run as a per-pod sidecar proxy (for comparison with node mode):
     /// inside the pod's network namespace, traffic caught with nftables.
     Sidecar(SidecarArgs),
@@ -212,6 +212,10 @@ struct RunArgs {
     registry: RegistryArgs,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
+    /// Unix socket where the CNI plugin (dataplane-cni) asks the agent to
+    /// enroll a pod while its sandbox is created.
+    #[arg(long, env = "DATAPLANE_CNI_SOCKET", default_value = dataplane_agent::cni::DEFAULT_SOCKET)]
+    cni_socket: PathBuf,
 }
 
 /// Discovery from the Kubernetes API server.
@@ -484,6 +488,7 @@ fn main() -> anyhow::Result<()> {
                 fast_path: args.fast_path,
                 registry: args.registry.config()?,
                 kubernetes: args.kubernetes.config()?,
+                cni_socket: args.cni_socket,
             };
             cli.worker_threads.build()?.block_on(app::run(settings))
         }

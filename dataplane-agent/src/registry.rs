@@ -46,7 +46,7 @@ impl Source for RegistryFeed {
     fn current(&mut self) -> Arc<Discovered> {
         Arc::new(Discovered {
             services: self.0.borrow_and_update().as_ref().clone(),
-            pods: Vec::new(),
+            ..Discovered::default()
         })
     }
 

@@ -94,6 +94,8 @@ impl Agent {
             format!("--pods-cgroup={}", node.pods_cgroup().display()),
             format!("--pin-dir={}", pin_dir.display()),
             "--resync=200ms".to_string(),
+            // Each agent of a test its own socket: tests run side by side.
+            format!("--cni-socket={}", work_dir.join("cni.sock").display()),
         ];
         // An extra `--flag=value` replaces the default of that flag (the
         // agent refuses a flag given twice).
@@ -150,6 +152,11 @@ impl Agent {
     /// and whatever a test puts there for it (a registry snapshot).
     pub fn work_dir_of(node: &SimNode) -> PathBuf {
         std::env::temp_dir().join(format!("dataplane-{}", node.id()))
+    }
+
+    /// Where the (first) agent of `node` listens for the CNI plugin.
+    pub fn cni_socket_of(node: &SimNode) -> PathBuf {
+        Self::work_dir_of(node).join("cni.sock")
     }
 
     /// The bpffs directory the agent for `node` pins its objects in (so a

@@ -15,6 +15,17 @@ pub fn agent() -> anyhow::Result<PathBuf> {
     sibling("dataplane-agent").context("build it with `cargo xtask build`")
 }
 
+/// The CNI plugin, built beside the agent.
+pub fn cni_plugin() -> anyhow::Result<PathBuf> {
+    let path = agent()?.with_file_name("dataplane-cni");
+    anyhow::ensure!(
+        path.is_file(),
+        "{} not found (cargo build -p dataplane-cni)",
+        path.display()
+    );
+    Ok(path)
+}
+
 pub fn meshtool() -> anyhow::Result<PathBuf> {
     sibling("meshtool")
 }

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod bench_peers;
 pub mod binaries;
 pub mod bpfmaps;
+pub mod cni;
 pub mod etcd;
 pub mod http_peers;
 pub mod kubeapi;

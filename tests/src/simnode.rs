@@ -243,6 +243,37 @@ impl SimNode {
     /// `kubepods/<qos>/pod<uid>/app` (the class directory is created when
     /// missing).
     pub fn add_pod_as(&mut self, name: &str, uid: &str, qos: Option<&str>) -> anyhow::Result<Pod> {
+        self.add_pod_inner(name, uid, qos, true)
+    }
+
+    /// A pod whose network a CNI chain makes (see [`crate::cni`]): only
+    /// its netns and kubelet-style cgroups, as the kubelet and the runtime
+    /// have them when they call the CNI plugins. Its address is
+    /// 0.0.0.0 until the chain gives it one ([`SimNode::set_pod_ip`]).
+    pub fn add_pod_sandbox(&mut self, name: &str, uid: &str) -> anyhow::Result<Pod> {
+        self.add_pod_inner(name, uid, None, false)
+    }
+
+    /// Records the address a CNI chain gave `pod`.
+    pub fn set_pod_ip(&mut self, pod: &mut Pod, ip: Ipv4Addr) {
+        pod.ip = ip;
+        if let Some(p) = self.pods.iter_mut().find(|p| p.uid == pod.uid) {
+            p.ip = ip;
+        }
+    }
+
+    /// The subnet CNI-made pods of this node get (see [`crate::cni`]).
+    pub fn cni_subnet(&self) -> String {
+        format!("198.18.{}.0/24", 200 + self.subnet % 50)
+    }
+
+    fn add_pod_inner(
+        &mut self,
+        name: &str,
+        uid: &str,
+        qos: Option<&str>,
+        wired: bool,
+    ) -> anyhow::Result<Pod> {
         names::check_pod_name(name)?;
         ensure!(
             self.pods.iter().all(|p| p.name != name && p.uid != uid),
@@ -264,13 +295,20 @@ impl SimNode {
         );
         let pod = Pod {
             name: name.to_owned(),
-            ip: Ipv4Addr::new(198, 18, self.subnet, 10 + index as u8),
+            ip: if wired {
+                Ipv4Addr::new(198, 18, self.subnet, 10 + index as u8)
+            } else {
+                Ipv4Addr::UNSPECIFIED
+            },
             netns: format!("dp{}-{name}", self.id),
             cgroup: parent.join(format!("pod{uid}")),
             uid: uid.to_owned(),
         };
         self.add_netns(&pod.netns)
-            .and_then(|()| self.wire_pod(&pod, index))
+            .and_then(|()| match wired {
+                true => self.wire_pod(&pod, index),
+                false => Ok(()),
+            })
             .and_then(|()| match parent.exists() {
                 true => Ok(()),
                 false => cgroup::create(&parent),

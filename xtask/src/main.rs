@@ -160,6 +160,8 @@ fn build() -> anyhow::Result<()> {
         "-p",
         "dataplane-agent",
         "-p",
+        "dataplane-cni",
+        "-p",
         "dataplane-tests",
         "--bins",
     ]))

@@ -55,6 +55,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "`h2load`: a real HTTP/2 client load through the proxy (real_clients test)",
     ),
     (
+        "containernetworking-plugins",
+        "the real CNI plugins (`bridge`, `host-local`) chained with dataplane-cni (cni test)",
+    ),
+    (
         "etcd-server",
         "`etcd`: the 3-member registry cluster of the registry tests",
     ),

@@ -2,9 +2,10 @@
 //! cannot be applied (maps full, enrolled pods missing) once per change
 //! rather than on every pass.
 //!
-//! Two writers share the tables: the periodic pass (a full walk of the
-//! pods' cgroups and a diff of each table) and the cgroup watcher, which
-//! enrolls a pod the moment its cgroup appears. A pass holds the lock from
+//! Three writers share the tables: the periodic pass (a full walk of the
+//! pods' cgroups and a diff of each table), the cgroup watcher, which
+//! enrolls a pod the moment its cgroup appears, and the [`Enroller`] the
+//! CNI plugin asks while the pod's sandbox is being created. A pass holds the lock from
 //! its walk to the end of its sync, so a pod enrolled by the watcher is
 //! either seen by the walk or written after the sync: never removed again
 //! by a pass that walked before it existed.
@@ -12,12 +13,14 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use dataplane_common::{Endpoint, EnrolledPod, ServiceKey, ServiceValue};
 use tracing::{debug, info, warn};
 
 use super::enroll::{self, Enrollment};
-use super::tables::{CaptureStats, Enrolled, StatsReader, SyncReport, Tables};
+pub use super::tables::Enrolled;
+use super::tables::{CaptureStats, StatsReader, SyncReport, Tables};
 use super::watch::{OnPod, PodCgroupWatcher};
 use crate::config::MeshConfig;
 
@@ -38,11 +41,89 @@ pub struct Reconciler {
     _watcher: Option<PodCgroupWatcher>,
 }
 
-/// What the periodic pass and the cgroup watcher share.
+/// What the periodic pass, the cgroup watcher and the CNI enroller share.
 struct Shared {
     tables: Tables,
     /// UIDs of the pods the config enrolls.
     wanted: HashSet<String>,
+    /// Pods enrolled at their creation by the CNI plugin that the config
+    /// does not list yet (the API server's word on them has not arrived),
+    /// with when: kept enrolled until the config lists them or for
+    /// [`PENDING_GRACE`].
+    pending: HashMap<String, Instant>,
+}
+
+/// How long a pod enrolled by the CNI plugin stays enrolled without the
+/// config listing it: the API server's watch delivers a new pod within
+/// moments; a pod it never lists (an annotation opting it out arrived
+/// late) leaves the mesh after this.
+pub const PENDING_GRACE: Duration = Duration::from_secs(30);
+
+/// Enrolls one pod now, for the CNI plugin: from any thread, without
+/// waiting for the periodic pass.
+#[derive(Clone)]
+pub struct Enroller {
+    shared: Arc<Mutex<Shared>>,
+    pods_root: PathBuf,
+    proxy_cgroup: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("no cgroup of pod {uid} below {pods_root}: does --pods-cgroup match the kubelet's?")]
+    NoCgroup { uid: String, pods_root: PathBuf },
+    #[error("pod {0} holds the proxy: it is never enrolled")]
+    ProxyPod(String),
+    #[error("kernel table update failed: {0}")]
+    Table(String),
+}
+
+impl Enroller {
+    /// Puts the pod's cgroup in the enrollment map; once this returns Ok,
+    /// every connect from the pod is captured.
+    pub fn enroll(&self, uid: &str) -> Result<Enrolled, EnrollError> {
+        let found = super::cgroup::find_pods(&self.pods_root);
+        let dir = found.get(uid).ok_or_else(|| EnrollError::NoCgroup {
+            uid: uid.to_string(),
+            pods_root: self.pods_root.clone(),
+        })?;
+        let id = match enroll::cgroup_to_enroll(uid, dir, &self.proxy_cgroup) {
+            Ok(id) => id,
+            Err(enroll::NotEnrolled::ProxyPod) => return Err(EnrollError::ProxyPod(uid.into())),
+            Err(enroll::NotEnrolled::Gone) => {
+                return Err(EnrollError::NoCgroup {
+                    uid: uid.to_string(),
+                    pods_root: self.pods_root.clone(),
+                });
+            }
+        };
+        let mut shared = lock(&self.shared);
+        let enrolled = shared
+            .tables
+            .enroll(id, EnrolledPod::default())
+            .map_err(|failure| EnrollError::Table(failure.to_string()))?;
+        if !shared.wanted.contains(uid) {
+            shared.pending.insert(uid.to_string(), Instant::now());
+        }
+        Ok(enrolled)
+    }
+
+    /// The pod is gone (CNI DEL): no need to keep it pending.
+    pub fn forget(&self, uid: &str) {
+        lock(&self.shared).pending.remove(uid);
+    }
+
+    /// Whether the pod's cgroup is in the enrollment map now.
+    pub fn is_enrolled(&self, uid: &str) -> bool {
+        let found = super::cgroup::find_pods(&self.pods_root);
+        let Some(Ok(id)) = found
+            .get(uid)
+            .map(|dir| enroll::cgroup_to_enroll(uid, dir, &self.proxy_cgroup))
+        else {
+            return false;
+        };
+        lock(&self.shared).tables.is_enrolled(id)
+    }
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -77,6 +158,7 @@ impl Reconciler {
         let shared = Arc::new(Mutex::new(Shared {
             tables,
             wanted: HashSet::new(),
+            pending: HashMap::new(),
         }));
         let on_pod = enroll_on_sight(Arc::clone(&shared), proxy_cgroup.clone());
         let watcher = match PodCgroupWatcher::start(pods_root.clone(), on_pod) {
@@ -104,6 +186,15 @@ impl Reconciler {
         }
     }
 
+    /// A handle that enrolls single pods at once (the CNI plugin's).
+    pub fn enroller(&self) -> Enroller {
+        Enroller {
+            shared: Arc::clone(&self.shared),
+            pods_root: self.pods_root.clone(),
+            proxy_cgroup: self.proxy_cgroup.clone(),
+        }
+    }
+
     /// Writes the services of `cfg` to `DP_SERVICES`.
     pub fn services(&mut self, cfg: &MeshConfig) {
         let desired: HashMap<ServiceKey, ServiceValue> = cfg
@@ -128,7 +219,22 @@ impl Reconciler {
         let (Enrollment { cgroups, absent }, report) = {
             let mut shared = lock(&self.shared);
             shared.wanted = cfg.pods.iter().map(|pod| pod.uid.clone()).collect();
-            let enrollment = enroll::resolve(&cfg.pods, &self.pods_root, &self.proxy_cgroup);
+            let wanted = std::mem::take(&mut shared.wanted);
+            shared
+                .pending
+                .retain(|uid, since| !wanted.contains(uid) && since.elapsed() < PENDING_GRACE);
+            shared.wanted = wanted;
+            let pods: Vec<crate::config::Pod> = cfg
+                .pods
+                .iter()
+                .cloned()
+                .chain(shared.pending.keys().map(|uid| crate::config::Pod {
+                    uid: uid.clone(),
+                    name: None,
+                    ip: None,
+                }))
+                .collect();
+            let enrollment = enroll::resolve(&pods, &self.pods_root, &self.proxy_cgroup);
             let report = shared.tables.sync_enrolled(&enrollment.cgroups);
             (enrollment, report)
         };

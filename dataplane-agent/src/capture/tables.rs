@@ -136,6 +136,11 @@ impl Tables {
         insert(&mut self.enrolled, &cgroup_id, &pod, maps::ENROLLED).map(|()| Enrolled::New)
     }
 
+    /// Whether `cgroup_id` is in the enrollment map.
+    pub fn is_enrolled(&self, cgroup_id: u64) -> bool {
+        self.enrolled.get(&cgroup_id, 0).is_ok()
+    }
+
     /// Makes `DP_SERVICES` hold exactly `desired`.
     pub fn sync_services(&mut self, desired: &StdHashMap<ServiceKey, ServiceValue>) -> SyncReport {
         sync_map(&mut self.services, desired, maps::SERVICES)

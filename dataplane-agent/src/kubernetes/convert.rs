@@ -8,7 +8,7 @@
 //! naming the object and the field; the rest converts as usual, as a bad
 //! line in the config file never takes the good ones with it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServicePort};
@@ -282,6 +282,31 @@ fn endpoints_for(
     }
     out.sort_by_key(|e| e.address);
     out
+}
+
+/// The namespaces labelled [`ENROLLED`]` = "true"`.
+pub fn enrolled_namespaces<'a>(
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+) -> BTreeSet<String> {
+    namespaces
+        .into_iter()
+        .filter(|ns| {
+            ns.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ENROLLED))
+                .is_some_and(|v| v == "true")
+        })
+        .filter_map(|ns| ns.metadata.name.clone())
+        .collect()
+}
+
+/// The UIDs of `node`'s pods, enrolled or not.
+pub fn known_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>, node: &str) -> BTreeSet<String> {
+    pods.into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect()
 }
 
 /// The pods of `node` enrolled in the mesh: by their namespace's

@@ -273,7 +273,13 @@ impl Stores {
             node,
             &mut skipped,
         );
-        (Discovered { services, pods }, skipped)
+        let discovered = Discovered {
+            services,
+            pods,
+            known_pods: convert::known_pods(self.pods.values(), node),
+            enrolled_namespaces: convert::enrolled_namespaces(self.namespaces.values()),
+        };
+        (discovered, skipped)
     }
 }
 
