@@ -688,3 +688,21 @@ fn the_agent_reads_the_kubernetes_api_with_read_only_rights_on_what_it_watches()
     assert_eq!(binding["subjects"][0]["name"], account);
     assert_eq!(binding["subjects"][0]["namespace"], "dataplane-system");
 }
+
+#[test]
+fn the_cni_plugin_reaches_the_agent_through_a_node_directory() {
+    let pod = pod_spec(daemonset());
+    let agent = container(pod, "agent");
+    let mount = agent["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["mountPath"] == "/run/dataplane"))
+        .expect("the agent mounts /run/dataplane, where its CNI socket is by default");
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == mount["name"]))
+        .expect("the mount's volume");
+    // The same path on the node: the plugin, run by the container runtime
+    // on the host, dials /run/dataplane/cni.sock.
+    assert_eq!(volume["hostPath"]["path"], "/run/dataplane");
+    assert_ne!(mount["readOnly"], true, "the agent creates the socket there");
+}
