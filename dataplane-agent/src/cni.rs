@@ -67,7 +67,8 @@ pub struct Answer {
 /// sandbox is created.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Enroll(&'static str),
+    /// Enroll, as a pod of this tenant.
+    Enroll(&'static str, Option<String>),
     Skip(&'static str),
 }
 
@@ -82,8 +83,8 @@ pub fn decide(
     config: &MeshConfig,
     kubernetes: Option<&Discovered>,
 ) -> Decision {
-    if config.pods.iter().any(|p| p.uid == uid) {
-        return Decision::Enroll("enrolled by the mesh state");
+    if let Some(pod) = config.pods.iter().find(|p| p.uid == uid) {
+        return Decision::Enroll("enrolled by the mesh state", pod.tenant.clone());
     }
     let Some(kubernetes) = kubernetes else {
         return Decision::Skip("not enrolled by the config file");
@@ -92,7 +93,8 @@ pub fn decide(
         return Decision::Skip("not enrolled (namespace not enrolled, or the pod opts out)");
     }
     if kubernetes.enrolled_namespaces.contains(namespace) {
-        Decision::Enroll("its namespace is enrolled")
+        let tenant = kubernetes.namespace_tenants.get(namespace).cloned();
+        Decision::Enroll("its namespace is enrolled", tenant)
     } else {
         Decision::Skip("its namespace is not enrolled")
     }
@@ -241,7 +243,7 @@ fn handle(request: &Request, ctx: &Context) -> Answer {
                 error: None,
             }
         }
-        (Decision::Enroll(why), "CHECK") => {
+        (Decision::Enroll(why, _), "CHECK") => {
             let enrolled = ctx.enroller.is_enrolled(uid);
             Answer {
                 enrolled,
@@ -249,7 +251,8 @@ fn handle(request: &Request, ctx: &Context) -> Answer {
                 error: (!enrolled).then(|| format!("pod {pod} should be enrolled and is not")),
             }
         }
-        (Decision::Enroll(why), "ADD") => match ctx.enroller.enroll(uid) {
+        (Decision::Enroll(why, tenant), "ADD") => match ctx.enroller.enroll(uid, tenant.as_deref())
+        {
             Ok(result) => {
                 if result == Enrolled::New {
                     info!(%pod, %uid, why, "CNI: enrolled the pod at its creation");
@@ -265,7 +268,7 @@ fn handle(request: &Request, ctx: &Context) -> Answer {
                 error_answer(err.to_string())
             }
         },
-        (Decision::Enroll(_), other) => error_answer(format!("unknown command {other:?}")),
+        (Decision::Enroll(..), other) => error_answer(format!("unknown command {other:?}")),
     };
     let outcome = match (&answer.error, answer.enrolled) {
         (Some(_), _) => "error",
@@ -328,24 +331,25 @@ mod tests {
 
     #[test]
     fn the_config_enrolls_first_then_the_kubernetes_namespace_of_unknown_pods() {
-        let file = config("pods: [{uid: listed}]\n");
+        let file = config("pods: [{uid: listed, tenant: t1}]\n");
         let kube = Discovered {
             known_pods: ["known-out".to_string()].into(),
             enrolled_namespaces: ["shop".to_string()].into(),
+            namespace_tenants: [("shop".to_string(), "acme".to_string())].into(),
             ..Discovered::default()
         };
-        assert!(matches!(
+        assert_eq!(
             decide("listed", "any", &file, None),
-            Decision::Enroll(_)
-        ));
+            Decision::Enroll("enrolled by the mesh state", Some("t1".into()))
+        );
         assert!(matches!(
             decide("other", "shop", &file, None),
             Decision::Skip(_)
         ));
-        assert!(matches!(
+        assert_eq!(
             decide("new", "shop", &file, Some(&kube)),
-            Decision::Enroll(_)
-        ));
+            Decision::Enroll("its namespace is enrolled", Some("acme".into()))
+        );
         assert!(matches!(
             decide("new", "legacy", &file, Some(&kube)),
             Decision::Skip(_)

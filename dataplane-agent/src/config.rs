@@ -58,6 +58,10 @@ pub struct Pod {
     /// per-pod rate limits and priority classes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// The pod's tenant (see `Service::tenant`); none: it may call only
+    /// services without a tenant or exported to every tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// Two services on one VIP:port would make capture ambiguous.

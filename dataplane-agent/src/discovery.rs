@@ -8,7 +8,7 @@
 //! know nothing of etcd or Kubernetes. [`merge`] lays them over the file in
 //! the order they were attached.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,6 +30,8 @@ pub struct Discovered {
     pub known_pods: BTreeSet<String>,
     /// Namespaces whose pods are enrolled unless they opt out.
     pub enrolled_namespaces: BTreeSet<String>,
+    /// Each namespace's tenant, for pods not known yet.
+    pub namespace_tenants: BTreeMap<String, String>,
 }
 
 /// A discovery source as the runtime sees it: its state, and a wake-up

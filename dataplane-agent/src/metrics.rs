@@ -33,6 +33,16 @@ pub enum RefuseReason {
     RateLimited,
     /// The service's `maxConnections` circuit breaker.
     Overflow,
+    /// The calling pod's tenant may not call the service.
+    TenantDenied,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    /// The caller's tenant (empty: none or unknown).
+    pub tenant: String,
+    /// The service it may not call.
+    pub service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +84,7 @@ snake_case_label!(RefuseReason {
     UpstreamUnavailable => "upstream_unavailable",
     RateLimited => "rate_limited",
     Overflow => "overflow",
+    TenantDenied => "tenant_denied",
 });
 snake_case_label!(ReloadResult {
     Applied => "applied",
@@ -117,6 +128,8 @@ pub struct ProxyMetrics {
     pub accepted: Counter,
     pub forwarded: Family<EndpointLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
+    /// Connections refused by tenant isolation, by the caller's tenant.
+    pub tenant_denied: Family<TenantLabels, Counter>,
     pub connect_errors: Family<EndpointLabels, Counter>,
     pub active: Gauge,
     pub bytes: Family<DirectionLabels, Counter>,
@@ -208,6 +221,11 @@ impl ProxyMetrics {
             "refused_connections",
             "Connections closed without forwarding, by reason",
             self.refused.clone(),
+        );
+        r.register(
+            "tenant_denied_connections",
+            "Connections refused because the calling pod's tenant may not call the service",
+            self.tenant_denied.clone(),
         );
         r.register(
             "upstream_connect_errors",
@@ -554,6 +572,11 @@ impl Collector for CaptureCollector {
                 "proxy_down_direct",
                 "Captured connects sent straight to an endpoint while no proxy listened (fail-open)",
                 stats.proxy_down_direct,
+            ),
+            (
+                "tenant_denied",
+                "Captured connects refused because the pod's tenant may not call the service",
+                stats.tenant_denied,
             ),
             (
                 "fast_path_direct",

@@ -129,10 +129,25 @@ impl Proxy {
                 return self.refuse(client, RefuseReason::UnknownDestination);
             }
         };
-        let Some(service) = self.services.load().get(&dst).cloned() else {
+        let table = self.services.load();
+        let Some(service) = table.get(&dst).cloned() else {
             debug!(%peer, %dst, "destination is not a mesh service");
             return self.refuse(client, RefuseReason::NoService);
         };
+        // Tenant isolation, again after the connect hooks: the caller is
+        // known by its pod address (a caller the config gives no address
+        // has no tenant here).
+        let tenant = table.tenant_at(peer.ip());
+        if !service.config.admits(tenant) {
+            debug!(%peer, %dst, tenant = tenant.unwrap_or_default(), "tenant may not call the service");
+            let labels = crate::metrics::TenantLabels {
+                tenant: tenant.unwrap_or_default().to_string(),
+                service: service.id.clone(),
+            };
+            self.metrics.tenant_denied.get_or_create(&labels).inc();
+            return self.refuse(client, RefuseReason::TenantDenied);
+        }
+        drop(table);
         let protocol = match service.config.protocol {
             Protocol::Tcp => Detected::Opaque,
             Protocol::Http => Detected::Http1,

@@ -26,7 +26,14 @@ pub use service::{Chosen, Endpoint, Service};
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     by_vip: HashMap<SocketAddrV4, Arc<Service>>,
-    pods_by_ip: HashMap<std::net::IpAddr, String>,
+    pods_by_ip: HashMap<std::net::IpAddr, CallerPod>,
+}
+
+/// An enrolled pod as the proxy knows its callers.
+#[derive(Debug)]
+struct CallerPod {
+    uid: String,
+    tenant: Option<String>,
 }
 
 /// Node-wide inputs of every service's runtime state.
@@ -57,14 +64,26 @@ impl ServiceTable {
         let pods_by_ip = cfg
             .pods
             .iter()
-            .filter_map(|pod| Some((std::net::IpAddr::V4(pod.ip?), pod.uid.clone())))
+            .filter_map(|pod| {
+                let caller = CallerPod {
+                    uid: pod.uid.clone(),
+                    tenant: pod.tenant.clone().filter(|t| !t.is_empty()),
+                };
+                Some((std::net::IpAddr::V4(pod.ip?), caller))
+            })
             .collect();
         Self { by_vip, pods_by_ip }
     }
 
     /// The UID of the enrolled pod at `ip`, if the config gave its address.
     pub fn pod_at(&self, ip: std::net::IpAddr) -> Option<&str> {
-        self.pods_by_ip.get(&ip).map(String::as_str)
+        self.pods_by_ip.get(&ip).map(|p| p.uid.as_str())
+    }
+
+    /// The tenant of the enrolled pod at `ip`: `None` for a pod without
+    /// one, or a caller the proxy does not know.
+    pub fn tenant_at(&self, ip: std::net::IpAddr) -> Option<&str> {
+        self.pods_by_ip.get(&ip).and_then(|p| p.tenant.as_deref())
     }
 
     pub fn get(&self, vip: &SocketAddrV4) -> Option<&Arc<Service>> {

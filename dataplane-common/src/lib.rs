@@ -20,7 +20,8 @@ use core::mem::size_of;
 
 /// Names of the maps, as declared in the eBPF object and pinned in bpffs.
 pub mod maps {
-    /// `HashMap<u64, EnrolledPod>`: cgroup v2 id of an enrolled pod -> flags.
+    /// `HashMap<u64, EnrolledPod>`: cgroup v2 id of an enrolled pod -> its
+    /// tenant.
     pub const ENROLLED: &str = "DP_ENROLLED";
     /// `HashMap<ServiceKey, ServiceValue>`: the mesh services (VIP:port).
     pub const SERVICES: &str = "DP_SERVICES";
@@ -47,6 +48,9 @@ pub mod maps {
     /// decided at its first message and kept until it is released (one
     /// path per direction, so the receiver never gets bytes out of order).
     pub const FAST_PATHS: &str = "DP_FAST_PATHS";
+    /// `HashMap<ExportKey, u8>`: which other tenants may call a tenant's
+    /// service (one entry per service and tenant it is exported to).
+    pub const EXPORTS: &str = "DP_EXPORTS";
 }
 
 /// Map capacities. The agent reports an insert that fails because a map is
@@ -67,6 +71,8 @@ pub mod capacity {
     pub const FALLBACK_ENDPOINTS: usize = 8;
     /// Sockets on the kernel fast path (two per connection end pair).
     pub const FAST_SOCKS: u32 = 65536;
+    /// Service ports exported to other tenants, one entry per tenant.
+    pub const EXPORTS: u32 = 16384;
 }
 
 /// Names of the global variables the agent sets when it loads the programs.
@@ -118,8 +124,11 @@ pub mod stats {
     /// Sockets left off the fast path because `DP_FAST_SOCKS` or
     /// `DP_FAST_PATHS` was full (their connections use TCP).
     pub const FAST_FULL: u32 = 9;
+    /// Captured connects refused because the calling pod's tenant may not
+    /// call the service (not its own, not exported to it).
+    pub const TENANT_DENIED: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Values of the `PROXY_DOWN` global.
@@ -173,11 +182,13 @@ pub mod v4_mapped {
     }
 }
 
-/// Value of `DP_ENROLLED`: room for per-pod flags later.
+/// Value of `DP_ENROLLED`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EnrolledPod {
-    pub flags: u32,
+    /// The pod's tenant (a hash of its name, see the agent's `tenant_id`);
+    /// 0: none.
+    pub tenant: u32,
 }
 const _: () = assert!(size_of::<EnrolledPod>() == 4);
 
@@ -198,13 +209,29 @@ const _: () = assert!(size_of::<ServiceKey>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
-    pub flags: u32,
+    /// The tenant owning the service; 0: none, callable by every enrolled
+    /// pod. Other tenants may call it only through `DP_EXPORTS`.
+    pub tenant: u32,
     /// How many of `endpoints` are set.
     pub count: u32,
     pub endpoints: [Endpoint; capacity::FALLBACK_ENDPOINTS],
 }
 const _: () = assert!(size_of::<ServiceValue>() == 72);
 const _: () = assert!(capacity::FALLBACK_ENDPOINTS.is_power_of_two());
+
+/// Key of `DP_EXPORTS`: a tenant's service (VIP and port) and a tenant it
+/// is exported to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExportKey {
+    /// Network order.
+    pub ip4: u32,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+    pub tenant: u32,
+}
+const _: () = assert!(size_of::<ExportKey>() == 12);
 
 /// One endpoint of a service, as the connect hooks write it into a
 /// rewritten connect.
@@ -347,7 +374,7 @@ mod tests {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{ConnKey, EnrolledPod, FastKey, OrigDst, ServiceKey, ServiceValue};
+    use super::{ConnKey, EnrolledPod, ExportKey, FastKey, OrigDst, ServiceKey, ServiceValue};
 
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, made of integers only,
     // with explicit padding fields, so every bit pattern is valid.
@@ -357,4 +384,5 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for FastKey {}
+    unsafe impl aya::Pod for ExportKey {}
 }

@@ -29,12 +29,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, error};
 use dataplane_common::{
-    MAX_CGROUP_DEPTH, OrigDst, ServiceKey, ServiceValue, capacity, proxy_down, stats, v4_mapped,
+    ExportKey, MAX_CGROUP_DEPTH, OrigDst, ServiceKey, ServiceValue, capacity, proxy_down, stats,
+    v4_mapped,
 };
 
 use crate::maps::{
-    DP_PROXY_DOWN, DP_PROXY_IP4, DP_PROXY_MARK, DP_PROXY_PORT, ENROLLED, ORIG_DST, PROXY_LISTENERS,
-    SERVICES, count,
+    DP_PROXY_DOWN, DP_PROXY_IP4, DP_PROXY_MARK, DP_PROXY_PORT, ENROLLED, EXPORTS, ORIG_DST,
+    PROXY_LISTENERS, SERVICES, count,
 };
 
 /// Let the connect proceed (possibly rewritten).
@@ -172,8 +173,16 @@ fn capture(ctx: &SockAddrContext, ip4: u32, port_be: u32) -> Decision {
     let Some(value) = SERVICES.get_ptr(service).map(|p| unsafe { &*p }) else {
         return Decision::Leave;
     };
-    if !caller_enrolled() {
+    let Some(tenant) = caller_tenant() else {
         return Decision::Leave;
+    };
+    if !tenant_may_call(value, tenant, ip4, service.port) {
+        // A pod of another tenant than the service's, which the service is
+        // not exported to: the connect fails now (EPERM), whatever the
+        // state of the proxy (which checks again).
+        count(stats::TENANT_DENIED);
+        debug!(ctx, "tenant {} may not call port {}", tenant, service.port);
+        return Decision::Refuse;
     }
     if !proxy_listening() {
         return when_proxy_down(ctx, value, service.port);
@@ -263,25 +272,43 @@ fn when_proxy_down(ctx: &SockAddrContext, value: &ServiceValue, port: u16) -> De
     Decision::Refuse
 }
 
-/// Whether the calling task's cgroup, or one of its ancestors, is enrolled.
+/// The tenant of the calling task's pod (0: none) if its cgroup, or one of
+/// its ancestors, is enrolled; `None` if not enrolled.
 ///
 /// Pods are enrolled by their pod-level cgroup, but their processes live in
 /// container cgroups below it, at a depth that depends on the cgroup driver;
 /// so walk the ancestry instead of assuming a layout.
 #[inline(always)]
-fn caller_enrolled() -> bool {
+fn caller_tenant() -> Option<u32> {
     let mut level = 1;
     while level <= MAX_CGROUP_DEPTH {
         // SAFETY: plain helper call; returns 0 past the task's own level.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
-            return false;
+            return None;
         }
-        // SAFETY: the value is only tested for presence.
-        if unsafe { ENROLLED.get(id) }.is_some() {
-            return true;
+        // SAFETY: a map value read at once, valid for this program run.
+        if let Some(pod) = unsafe { ENROLLED.get(id) } {
+            return Some(pod.tenant);
         }
         level += 1;
     }
-    false
+    None
+}
+
+/// Tenant isolation: a service without a tenant is everyone's; a tenant's
+/// service is its own pods', and the other tenants' it is exported to.
+#[inline(always)]
+fn tenant_may_call(service: &ServiceValue, tenant: u32, ip4: u32, port: u16) -> bool {
+    if service.tenant == 0 || service.tenant == tenant {
+        return true;
+    }
+    let key = ExportKey {
+        ip4,
+        port,
+        _pad: 0,
+        tenant,
+    };
+    // SAFETY: the value is only tested for presence.
+    unsafe { EXPORTS.get(key) }.is_some()
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use dataplane_common::{
-    ConnKey, EnrolledPod, FastKey, OrigDst, ServiceKey, ServiceValue, capacity, stats,
+    ConnKey, EnrolledPod, ExportKey, FastKey, OrigDst, ServiceKey, ServiceValue, capacity, stats,
 };
 
 #[map(name = "DP_ENROLLED")]
@@ -18,6 +18,10 @@ pub static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(capacity::ENROL
 
 #[map(name = "DP_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+
+/// A tenant's services other tenants may call (see `connect`).
+#[map(name = "DP_EXPORTS")]
+pub static EXPORTS: HashMap<ExportKey, u8> = HashMap::pinned(capacity::EXPORTS, 0);
 
 /// A plain hash (not LRU) so that a full map is detected and reported rather
 /// than silently evicting the destination of a connection being set up.

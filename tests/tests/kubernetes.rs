@@ -182,3 +182,136 @@ fn the_agent_serves_what_the_api_server_says() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Tenants from namespace labels: a pod of tenant `a` cannot reach tenant
+/// `b`'s service (its connect fails at once in the kernel, counted) until
+/// the service is exported to `a`; `b`'s own pods can. A pod outside the
+/// mesh dialling the proxy's port itself is refused.
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn tenants_reach_their_own_services_and_those_exported_to_them() {
+    if !require_privileges("tenants_reach_their_own_services_and_those_exported_to_them") {
+        return;
+    }
+    let mut node = SimNode::new("tenants").expect("node");
+    let a_client = node.add_pod("a-client").expect("pod");
+    let b_client = node.add_pod("b-client").expect("pod");
+    let outsider = node.add_pod("outsider").expect("pod");
+    let web = node.add_pod("web-0").expect("pod");
+    let _s = http_peers::serve(&node, &web, "web-0").expect("serve");
+    let node_name = node.id().to_string();
+
+    let service = |annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: team-b{annotations}}}\n\
+             spec: {{clusterIP: {}, ports: [{{name: http, port: {}, protocol: TCP}}]}}\n",
+            ECHO_VIP.ip(),
+            ECHO_VIP.port()
+        )
+    };
+    let mut cluster = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-a\n  labels: {mesh.sidecarless.dev/enrolled: \"true\", mesh.sidecarless.dev/tenant: a}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-b\n  labels: {mesh.sidecarless.dev/enrolled: \"true\", mesh.sidecarless.dev/tenant: b}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n---\n",
+    );
+    cluster.push_str(&service(""));
+    cluster.push_str("---\n");
+    cluster.push_str(&slice_yaml(&[(&web, true)]).replace("namespace: shop", "namespace: team-b"));
+    for (pod, ns) in [
+        (&a_client, "team-a"),
+        (&b_client, "team-b"),
+        (&outsider, "legacy"),
+        (&web, "team-b"),
+    ] {
+        cluster.push_str("---\n");
+        cluster.push_str(&pod_yaml(pod, ns, &node_name));
+    }
+    let api = KubeApiInNetns::start(node.netns(), &cluster).expect("API server");
+    let dir = std::env::temp_dir().join(format!("dp-kube-tenants-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = api.write_kubeconfig(&dir).expect("kubeconfig");
+    let agent = Agent::start_with(
+        &node,
+        "services: []\n",
+        &[
+            "--kubernetes",
+            &format!("--kubeconfig={}", kubeconfig.display()),
+            &format!("--node-name={node_name}"),
+        ],
+    )
+    .expect("agent");
+    let url = format!("http://{ECHO_VIP}/");
+    let one = |pod: &Pod| {
+        http_peers::load(
+            &node,
+            pod,
+            &["--url", &url, "--requests", "1", "--timeout-ms", "2000"],
+        )
+    };
+    eventually(
+        "tenant b's own pod reaches its service",
+        Duration::from_secs(15),
+        || {
+            let report = one(&b_client)?;
+            anyhow::ensure!(report.ok == 1, "{report:?}");
+            Ok(())
+        },
+    )
+    .expect("b reaches b");
+
+    let started = std::time::Instant::now();
+    let report = one(&a_client).expect("load");
+    let took = started.elapsed();
+    assert_eq!(report.ok, 0, "a may not call b's service: {report:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "refused at once, not timed out: {took:?}"
+    );
+    assert!(
+        metric(&agent, "dataplane_capture_tenant_denied") >= 1.0,
+        "counted by the connect hook"
+    );
+
+    api.apply_yaml(&service(
+        ", annotations: {mesh.sidecarless.dev/export-to: a}",
+    ))
+    .expect("export");
+    eventually(
+        "a reaches b's service once exported",
+        Duration::from_secs(10),
+        || {
+            let report = one(&a_client)?;
+            anyhow::ensure!(report.ok == 1, "{report:?}");
+            Ok(())
+        },
+    )
+    .expect("exported");
+
+    // Outside the mesh, dialling the proxy's own port: no original
+    // destination, refused.
+    let proxy_url = format!("http://{}:15001/", node.node_ip());
+    let report = http_peers::load(
+        &node,
+        &outsider,
+        &[
+            "--url",
+            &proxy_url,
+            "--requests",
+            "1",
+            "--timeout-ms",
+            "2000",
+        ],
+    )
+    .expect("load");
+    assert_eq!(report.ok, 0, "{report:?}");
+    let refused = agent.get("/metrics").unwrap_or_default();
+    assert!(
+        refused.lines().any(
+            |l| l.starts_with("dataplane_proxy_refused_connections_total")
+                && l.contains("unknown_destination")
+        ),
+        "refused for want of an original destination"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

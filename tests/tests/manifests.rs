@@ -704,5 +704,8 @@ fn the_cni_plugin_reaches_the_agent_through_a_node_directory() {
     // The same path on the node: the plugin, run by the container runtime
     // on the host, dials /run/dataplane/cni.sock.
     assert_eq!(volume["hostPath"]["path"], "/run/dataplane");
-    assert_ne!(mount["readOnly"], true, "the agent creates the socket there");
+    assert_ne!(
+        mount["readOnly"], true,
+        "the agent creates the socket there"
+    );
 }

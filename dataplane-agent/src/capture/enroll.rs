@@ -36,6 +36,23 @@ pub fn cgroup_to_enroll(uid: &str, dir: &Path, proxy_cgroup: &Path) -> Result<u6
     cgroup::cgroup_id(dir).map_err(|_| NotEnrolled::Gone)
 }
 
+/// The id of a tenant in the kernel tables: a hash of its name (FNV-1a,
+/// 32 bits), the same in every agent and across restarts and upgrades, so
+/// that two agents sharing the pinned tables agree; 0 is "no tenant". Two
+/// tenant names that hash alike would be one tenant to the connect hooks
+/// (the proxy compares names and would still refuse their calls).
+pub fn tenant_id(tenant: Option<&str>) -> u32 {
+    let Some(name) = tenant.filter(|t| !t.is_empty()) else {
+        return 0;
+    };
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in name.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash.max(1)
+}
+
 /// Resolves enrolled pods to cgroup ids by walking `pods_root`.
 pub fn resolve(pods: &[Pod], pods_root: &Path, proxy_cgroup: &Path) -> Enrollment {
     let found = cgroup::find_pods(pods_root);
@@ -47,7 +64,8 @@ pub fn resolve(pods: &[Pod], pods_root: &Path, proxy_cgroup: &Path) -> Enrollmen
         };
         match cgroup_to_enroll(&pod.uid, dir, proxy_cgroup) {
             Ok(id) => {
-                enrollment.cgroups.insert(id, EnrolledPod::default());
+                let tenant = tenant_id(pod.tenant.as_deref());
+                enrollment.cgroups.insert(id, EnrolledPod { tenant });
             }
             Err(NotEnrolled::ProxyPod) => {}
             Err(NotEnrolled::Gone) => {

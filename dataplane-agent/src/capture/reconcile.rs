@@ -10,12 +10,12 @@
 //! either seen by the walk or written after the sync: never removed again
 //! by a pass that walked before it existed.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use dataplane_common::{Endpoint, EnrolledPod, ServiceKey, ServiceValue};
+use dataplane_common::{Endpoint, EnrolledPod, ExportKey, ServiceKey, ServiceValue};
 use tracing::{debug, info, warn};
 
 use super::enroll::{self, Enrollment};
@@ -44,13 +44,19 @@ pub struct Reconciler {
 /// What the periodic pass, the cgroup watcher and the CNI enroller share.
 struct Shared {
     tables: Tables,
-    /// UIDs of the pods the config enrolls.
-    wanted: HashSet<String>,
+    /// UIDs of the pods the config enrolls, with their tenant ids.
+    wanted: HashMap<String, u32>,
     /// Pods enrolled at their creation by the CNI plugin that the config
     /// does not list yet (the API server's word on them has not arrived),
     /// with when: kept enrolled until the config lists them or for
     /// [`PENDING_GRACE`].
-    pending: HashMap<String, Instant>,
+    pending: HashMap<String, Pending>,
+}
+
+/// A pod enrolled by the CNI plugin ahead of the config.
+struct Pending {
+    since: Instant,
+    tenant: Option<String>,
 }
 
 /// How long a pod enrolled by the CNI plugin stays enrolled without the
@@ -79,9 +85,9 @@ pub enum EnrollError {
 }
 
 impl Enroller {
-    /// Puts the pod's cgroup in the enrollment map; once this returns Ok,
-    /// every connect from the pod is captured.
-    pub fn enroll(&self, uid: &str) -> Result<Enrolled, EnrollError> {
+    /// Puts the pod's cgroup in the enrollment map, as a pod of `tenant`;
+    /// once this returns Ok, every connect from the pod is captured.
+    pub fn enroll(&self, uid: &str, tenant: Option<&str>) -> Result<Enrolled, EnrollError> {
         let found = super::cgroup::find_pods(&self.pods_root);
         let dir = found.get(uid).ok_or_else(|| EnrollError::NoCgroup {
             uid: uid.to_string(),
@@ -98,12 +104,21 @@ impl Enroller {
             }
         };
         let mut shared = lock(&self.shared);
+        let pod = EnrolledPod {
+            tenant: enroll::tenant_id(tenant),
+        };
         let enrolled = shared
             .tables
-            .enroll(id, EnrolledPod::default())
+            .enroll(id, pod)
             .map_err(|failure| EnrollError::Table(failure.to_string()))?;
-        if !shared.wanted.contains(uid) {
-            shared.pending.insert(uid.to_string(), Instant::now());
+        if !shared.wanted.contains_key(uid) {
+            shared.pending.insert(
+                uid.to_string(),
+                Pending {
+                    since: Instant::now(),
+                    tenant: tenant.map(str::to_string),
+                },
+            );
         }
         Ok(enrolled)
     }
@@ -157,7 +172,7 @@ impl Reconciler {
         let stats = tables.stats();
         let shared = Arc::new(Mutex::new(Shared {
             tables,
-            wanted: HashSet::new(),
+            wanted: HashMap::new(),
             pending: HashMap::new(),
         }));
         let on_pod = enroll_on_sight(Arc::clone(&shared), proxy_cgroup.clone());
@@ -209,8 +224,12 @@ impl Reconciler {
                 (key, service_value(svc, self.node_seed))
             })
             .collect();
-        let report = lock(&self.shared).tables.sync_services(&desired);
-        log_report("services", &report);
+        let exports = exports(cfg);
+        let mut shared = lock(&self.shared);
+        // Exports first: a service that gains a tenant is never, for a
+        // moment, closed to the tenants it is exported to.
+        log_report("exports", &shared.tables.sync_exports(&exports));
+        log_report("services", &shared.tables.sync_services(&desired));
     }
 
     /// Enrolls the pods of `cfg` that have a cgroup on this node now, and
@@ -218,21 +237,30 @@ impl Reconciler {
     pub fn enrollment(&mut self, cfg: &MeshConfig) {
         let (Enrollment { cgroups, absent }, report) = {
             let mut shared = lock(&self.shared);
-            shared.wanted = cfg.pods.iter().map(|pod| pod.uid.clone()).collect();
-            let wanted = std::mem::take(&mut shared.wanted);
-            shared
-                .pending
-                .retain(|uid, since| !wanted.contains(uid) && since.elapsed() < PENDING_GRACE);
+            let wanted: HashMap<String, u32> = cfg
+                .pods
+                .iter()
+                .map(|pod| (pod.uid.clone(), enroll::tenant_id(pod.tenant.as_deref())))
+                .collect();
+            shared.pending.retain(|uid, pending| {
+                !wanted.contains_key(uid) && pending.since.elapsed() < PENDING_GRACE
+            });
             shared.wanted = wanted;
             let pods: Vec<crate::config::Pod> = cfg
                 .pods
                 .iter()
                 .cloned()
-                .chain(shared.pending.keys().map(|uid| crate::config::Pod {
-                    uid: uid.clone(),
-                    name: None,
-                    ip: None,
-                }))
+                .chain(
+                    shared
+                        .pending
+                        .iter()
+                        .map(|(uid, pending)| crate::config::Pod {
+                            uid: uid.clone(),
+                            name: None,
+                            ip: None,
+                            tenant: pending.tenant.clone(),
+                        }),
+                )
                 .collect();
             let enrollment = enroll::resolve(&pods, &self.pods_root, &self.proxy_cgroup);
             let report = shared.tables.sync_enrolled(&enrollment.cgroups);
@@ -276,13 +304,13 @@ impl Reconciler {
 fn enroll_on_sight(shared: Arc<Mutex<Shared>>, proxy_cgroup: PathBuf) -> OnPod {
     Box::new(move |uid, dir| {
         let mut shared = lock(&shared);
-        if !shared.wanted.contains(uid) {
+        let Some(&tenant) = shared.wanted.get(uid) else {
             return;
-        }
+        };
         let Ok(id) = enroll::cgroup_to_enroll(uid, dir, &proxy_cgroup) else {
             return;
         };
-        match shared.tables.enroll(id, EnrolledPod::default()) {
+        match shared.tables.enroll(id, EnrolledPod { tenant }) {
             Ok(Enrolled::New) => info!(%uid, cgroup = %dir.display(), "enrolled a new pod cgroup"),
             Ok(Enrolled::Already) => {
                 debug!(%uid, cgroup = %dir.display(), "pod cgroup seen again, already enrolled");
@@ -306,11 +334,36 @@ fn log_report(table: &str, report: &SyncReport) {
     }
 }
 
+/// `DP_EXPORTS`: for each service with a tenant, the other tenants it is
+/// exported to (one exported to every tenant has no tenant in the kernel,
+/// see [`service_value`]).
+fn exports(cfg: &MeshConfig) -> HashMap<ExportKey, u8> {
+    let mut out = HashMap::new();
+    for svc in &cfg.services {
+        if svc.tenant.is_empty() || svc.export_to.iter().any(|t| t == "*") {
+            continue;
+        }
+        for tenant in &svc.export_to {
+            let key = ExportKey {
+                ip4: u32::from_ne_bytes(svc.vip.ip().octets()),
+                port: svc.vip.port(),
+                _pad: 0,
+                tenant: enroll::tenant_id(Some(tenant)),
+            };
+            out.insert(key, 1);
+        }
+    }
+    out
+}
+
 /// What the connect hooks know of a service: up to eight of its endpoints,
 /// from the `seed`-th on (wrapping), where a connect goes when no proxy
 /// listens and the agent fails open.
 fn service_value(svc: &crate::config::Service, seed: usize) -> ServiceValue {
     let mut value = ServiceValue::default();
+    if !svc.export_to.iter().any(|t| t == "*") {
+        value.tenant = enroll::tenant_id(Some(&svc.tenant));
+    }
     let n = svc.endpoints.len();
     let rotated = svc.endpoints.iter().cycle().skip(seed % n.max(1)).take(n);
     for (slot, ep) in value.endpoints.iter_mut().zip(rotated) {
@@ -327,6 +380,45 @@ fn service_value(svc: &crate::config::Service, seed: usize) -> ServiceValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenants_reach_the_kernel_as_stable_ids_with_their_exports() {
+        assert_eq!(enroll::tenant_id(None), 0);
+        assert_eq!(enroll::tenant_id(Some("")), 0);
+        // FNV-1a: the same id in every agent, across restarts and upgrades.
+        assert_eq!(enroll::tenant_id(Some("a")), 0xe40c_292c);
+        let cfg = MeshConfig::parse(
+            "services:\n\
+             - {name: b, vip: 198.19.0.1:80, tenant: b, exportTo: [a, c]}\n\
+             - {name: open, vip: 198.19.0.2:80, tenant: b, exportTo: ['*']}\n\
+             - {name: shared, vip: 198.19.0.3:80}\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .expect("valid");
+        let tenants: Vec<u32> = cfg
+            .services
+            .iter()
+            .map(|s| service_value(s, 0).tenant)
+            .collect();
+        assert_eq!(tenants, [enroll::tenant_id(Some("b")), 0, 0]);
+        let mut exported: Vec<(u16, u32)> =
+            exports(&cfg).keys().map(|k| (k.port, k.tenant)).collect();
+        exported.sort_unstable();
+        let mut expected = vec![
+            (80, enroll::tenant_id(Some("a"))),
+            (80, enroll::tenant_id(Some("c"))),
+        ];
+        expected.sort_unstable();
+        assert_eq!(
+            exported, expected,
+            "only the first service has export entries"
+        );
+        assert!(
+            exports(&cfg)
+                .keys()
+                .all(|k| k.ip4 == u32::from_ne_bytes([198, 19, 0, 1]))
+        );
+    }
 
     #[test]
     fn a_service_value_holds_the_first_endpoints_for_fail_open() {

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray, SockMap};
 use aya::{Ebpf, Pod};
-use dataplane_common::{EnrolledPod, ServiceKey, ServiceValue, capacity, maps, stats};
+use dataplane_common::{EnrolledPod, ExportKey, ServiceKey, ServiceValue, capacity, maps, stats};
 
 use super::CaptureError;
 
@@ -20,6 +20,7 @@ const E2BIG: i32 = 7;
 pub struct Tables {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    exports: HashMap<MapData, ExportKey, u8>,
     listeners: SockMap<MapData>,
     stats: Arc<StatsReader>,
 }
@@ -41,6 +42,7 @@ pub struct CaptureStats {
     pub fast_direct: u64,
     pub fast_tcp: u64,
     pub fast_full: u64,
+    pub tenant_denied: u64,
 }
 
 /// What [`Tables::enroll`] did.
@@ -81,6 +83,8 @@ impl Tables {
             HashMap::try_from(take_map(ebpf, maps::ENROLLED)?).map_err(map_err(maps::ENROLLED))?;
         let services =
             HashMap::try_from(take_map(ebpf, maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
+        let exports =
+            HashMap::try_from(take_map(ebpf, maps::EXPORTS)?).map_err(map_err(maps::EXPORTS))?;
         let stats =
             PerCpuArray::try_from(take_map(ebpf, maps::STATS)?).map_err(map_err(maps::STATS))?;
         let listeners = SockMap::try_from(take_map(ebpf, maps::PROXY_LISTENERS)?)
@@ -88,6 +92,7 @@ impl Tables {
         Ok(Self {
             enrolled,
             services,
+            exports,
             listeners,
             stats: Arc::new(StatsReader(stats)),
         })
@@ -146,6 +151,11 @@ impl Tables {
         sync_map(&mut self.services, desired, maps::SERVICES)
     }
 
+    /// Makes `DP_EXPORTS` hold exactly `desired`.
+    pub fn sync_exports(&mut self, desired: &StdHashMap<ExportKey, u8>) -> SyncReport {
+        sync_map(&mut self.exports, desired, maps::EXPORTS)
+    }
+
     pub fn stats(&self) -> Arc<StatsReader> {
         Arc::clone(&self.stats)
     }
@@ -172,6 +182,7 @@ impl StatsReader {
             fast_direct: total(stats::FAST_DIRECT),
             fast_tcp: total(stats::FAST_TCP),
             fast_full: total(stats::FAST_FULL),
+            tenant_denied: total(stats::TENANT_DENIED),
         }
     }
 }

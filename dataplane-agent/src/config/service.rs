@@ -18,6 +18,27 @@ pub struct Service {
     pub upstream_protocol: UpstreamProtocol,
     pub endpoints: Vec<Endpoint>,
     pub traffic_policy: TrafficPolicy,
+    /// The tenant owning the service; empty: none, every enrolled pod may
+    /// call it. A tenant's service may be called by that tenant's pods and
+    /// by the tenants of `export_to`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    /// Other tenants that may call the service; `*`: every one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
+}
+
+impl Service {
+    /// Whether a pod of `caller` (its tenant; `None`: no tenant, or a
+    /// caller the proxy cannot identify) may call this service.
+    pub fn admits(&self, caller: Option<&str>) -> bool {
+        self.tenant.is_empty()
+            || caller == Some(self.tenant.as_str())
+            || self
+                .export_to
+                .iter()
+                .any(|t| t == "*" || Some(t.as_str()) == caller)
+    }
 }
 
 /// The HTTP version the endpoints are spoken to in; requests are
@@ -65,6 +86,10 @@ struct RawService {
     endpoints: Vec<Endpoint>,
     #[serde(default)]
     traffic_policy: TrafficPolicy,
+    #[serde(default)]
+    tenant: String,
+    #[serde(default)]
+    export_to: Vec<String>,
 }
 
 fn default_namespace() -> String {
@@ -108,6 +133,12 @@ impl TryFrom<RawService> for Service {
                 return Err(format!("endpoints[{i}].weight: must be at least 1"));
             }
         }
+        if let Some(bad) = raw.export_to.iter().find(|t| t.trim().is_empty()) {
+            return Err(format!("exportTo: {bad:?} is not a tenant name"));
+        }
+        if raw.tenant.is_empty() && !raw.export_to.is_empty() {
+            return Err("exportTo: only a service with a tenant is exported".into());
+        }
         Ok(Self {
             name: raw.name,
             namespace: raw.namespace,
@@ -116,6 +147,8 @@ impl TryFrom<RawService> for Service {
             upstream_protocol: raw.upstream_protocol,
             endpoints: raw.endpoints,
             traffic_policy: raw.traffic_policy,
+            tenant: raw.tenant,
+            export_to: raw.export_to,
         })
     }
 }

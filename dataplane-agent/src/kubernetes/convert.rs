@@ -20,6 +20,14 @@ use crate::config::{self, Protocol, TrafficPolicy, UpstreamProtocol};
 /// namespace) that enrolls pods in the mesh: `"true"` or `"false"`.
 pub const ENROLLED: &str = "mesh.sidecarless.dev/enrolled";
 
+/// The namespace label naming the tenant its pods and services belong to
+/// (none: no tenant; see `config::Service::tenant`).
+pub const TENANT: &str = "mesh.sidecarless.dev/tenant";
+
+/// The Service annotation listing, comma-separated, the other tenants that
+/// may call it, or `*` for all.
+pub const EXPORT_TO: &str = "mesh.sidecarless.dev/export-to";
+
 /// The label EndpointSlices name their Service by.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -48,6 +56,7 @@ impl std::fmt::Display for Skipped {
 pub fn services<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    tenants: &BTreeMap<String, String>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<config::Service> {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
@@ -77,7 +86,14 @@ pub fn services<'a>(
             .get(&(namespace, name))
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let tenant = tenants.get(namespace).cloned().unwrap_or_default();
+        let before = out.len();
         convert_service(service, namespace, name, slices, skipped, &mut out);
+        let export_to = export_to(service, &tenant, skipped);
+        for converted in &mut out[before..] {
+            converted.tenant.clone_from(&tenant);
+            converted.export_to.clone_from(&export_to);
+        }
     }
     out
 }
@@ -156,8 +172,55 @@ fn convert_service(
             upstream_protocol,
             endpoints,
             traffic_policy: TrafficPolicy::default(),
+            tenant: String::new(),
+            export_to: Vec::new(),
         });
     }
+}
+
+/// The tenants a Service is exported to, from its [`EXPORT_TO`]
+/// annotation; only a tenant's Service can be exported.
+fn export_to(service: &Service, tenant: &str, skipped: &mut Vec<Skipped>) -> Vec<String> {
+    let Some(list) = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(EXPORT_TO))
+    else {
+        return Vec::new();
+    };
+    if tenant.is_empty() {
+        skipped.push(Skipped {
+            object: format!(
+                "Service {}/{}",
+                service.metadata.namespace.as_deref().unwrap_or_default(),
+                service.metadata.name.as_deref().unwrap_or_default()
+            ),
+            field: format!("metadata.annotations[{EXPORT_TO}]"),
+            why: "its namespace has no tenant: every enrolled pod may call it already".into(),
+            invalid: false,
+        });
+        return Vec::new();
+    }
+    list.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Each namespace's tenant, from its [`TENANT`] label.
+pub fn namespace_tenants<'a>(
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+) -> BTreeMap<String, String> {
+    namespaces
+        .into_iter()
+        .filter_map(|ns| {
+            let name = ns.metadata.name.clone()?;
+            let tenant = ns.metadata.labels.as_ref()?.get(TENANT)?.trim();
+            (!tenant.is_empty()).then(|| (name, tenant.to_string()))
+        })
+        .collect()
 }
 
 /// The service's IPv4 cluster IP: `clusterIPs` lists every family's,
@@ -316,6 +379,7 @@ pub fn known_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>, node: &str) -> BT
 pub fn pods<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     namespaces: impl IntoIterator<Item = &'a Namespace>,
+    tenants: &BTreeMap<String, String>,
     node: &str,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<config::Pod> {
@@ -377,6 +441,7 @@ pub fn pods<'a>(
                 uid: uid.to_string(),
                 name: Some(format!("{namespace}/{name}")),
                 ip,
+                tenant: tenants.get(namespace).cloned(),
             },
         );
     }

@@ -265,11 +265,17 @@ impl Stores {
 
     fn convert(&self, node: &str) -> (Discovered, Vec<Skipped>) {
         let mut skipped = Vec::new();
-        let services =
-            convert::services(self.services.values(), self.slices.values(), &mut skipped);
+        let tenants = convert::namespace_tenants(self.namespaces.values());
+        let services = convert::services(
+            self.services.values(),
+            self.slices.values(),
+            &tenants,
+            &mut skipped,
+        );
         let pods = convert::pods(
             self.pods.values(),
             self.namespaces.values(),
+            &tenants,
             node,
             &mut skipped,
         );
@@ -278,6 +284,7 @@ impl Stores {
             pods,
             known_pods: convert::known_pods(self.pods.values(), node),
             enrolled_namespaces: convert::enrolled_namespaces(self.namespaces.values()),
+            namespace_tenants: tenants,
         };
         (discovered, skipped)
     }

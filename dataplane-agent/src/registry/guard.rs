@@ -199,6 +199,8 @@ mod tests {
                 })
                 .collect(),
             traffic_policy: config::TrafficPolicy::default(),
+            tenant: String::new(),
+            export_to: Vec::new(),
         }
     }
 

@@ -117,6 +117,10 @@ impl RegistryState {
                 upstream_protocol: record.upstream_protocol,
                 endpoints,
                 traffic_policy: record.traffic_policy.clone(),
+                // Registry tenants scope what a node reads, not who may
+                // call whom.
+                tenant: String::new(),
+                export_to: Vec::new(),
             });
         }
         out

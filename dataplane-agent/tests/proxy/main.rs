@@ -23,3 +23,4 @@ mod kubernetes;
 mod opaque_and_detection;
 mod real_clients;
 mod request_path;
+mod tenants;

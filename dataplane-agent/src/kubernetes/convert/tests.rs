@@ -50,7 +50,8 @@ fn addr(a: [u8; 4], port: u16) -> SocketAddrV4 {
 
 fn convert(o: &Objects) -> (Vec<config::Service>, Vec<Skipped>) {
     let mut skipped = Vec::new();
-    let services = services(&o.services, &o.slices, &mut skipped);
+    let tenants = namespace_tenants(&o.namespaces);
+    let services = services(&o.services, &o.slices, &tenants, &mut skipped);
     (services, skipped)
 }
 
@@ -168,7 +169,13 @@ fn bad_objects_are_skipped_by_name_and_field_and_their_good_parts_kept() {
 fn pods_are_enrolled_by_namespace_label_or_their_own_annotation() {
     let o = load(CLUSTER);
     let mut skipped = Vec::new();
-    let pods = pods(&o.pods, &o.namespaces, "node-a", &mut skipped);
+    let pods = pods(
+        &o.pods,
+        &o.namespaces,
+        &BTreeMap::new(),
+        "node-a",
+        &mut skipped,
+    );
     let names: Vec<_> = pods.iter().filter_map(|p| p.name.as_deref()).collect();
     // frontend: enrolled namespace; reporter: opted in by annotation
     // (pending, no IP yet). Not: batch-job (opted out), legacy-web
@@ -185,7 +192,16 @@ fn pods_are_enrolled_by_namespace_label_or_their_own_annotation() {
 #[test]
 fn pods_of_other_nodes_are_not_enrolled() {
     let o = load(CLUSTER);
-    assert!(pods(&o.pods, &o.namespaces, "node-b", &mut Vec::new()).is_empty());
+    assert!(
+        pods(
+            &o.pods,
+            &o.namespaces,
+            &BTreeMap::new(),
+            "node-b",
+            &mut Vec::new()
+        )
+        .is_empty()
+    );
 }
 
 #[test]
@@ -193,7 +209,13 @@ fn a_bad_enrollment_annotation_is_reported_and_the_namespace_decides() {
     let cluster = load(CLUSTER);
     let bad = load(BAD);
     let mut skipped = Vec::new();
-    let pods = pods(&bad.pods, &cluster.namespaces, "node-a", &mut skipped);
+    let pods = pods(
+        &bad.pods,
+        &cluster.namespaces,
+        &BTreeMap::new(),
+        "node-a",
+        &mut skipped,
+    );
     assert_eq!(pods.len(), 1, "shop is enrolled");
     assert_eq!(
         skipped[0].to_string(),
@@ -222,4 +244,34 @@ fn protocol_hints_follow_app_protocol_then_the_port_name() {
     );
     assert_eq!(protocol_of(&port("tcp-db", None)).0, Protocol::Tcp);
     assert_eq!(protocol_of(&port("web", None)).0, Protocol::Auto);
+}
+
+#[test]
+fn a_namespaces_tenant_label_gives_its_services_and_pods_a_tenant() {
+    let o = load(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {mesh.sidecarless.dev/tenant: acme, mesh.sidecarless.dev/enrolled: \"true\"}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: open}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata:\n  name: cart\n  namespace: shop\n  annotations: {mesh.sidecarless.dev/export-to: \"globex, initech\"}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata:\n  name: docs\n  namespace: open\n  annotations: {mesh.sidecarless.dev/export-to: acme}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop, uid: u1}\nspec: {nodeName: node-a, containers: []}\n",
+    );
+    let tenants = namespace_tenants(&o.namespaces);
+    assert_eq!(tenants.get("shop").map(String::as_str), Some("acme"));
+    assert!(!tenants.contains_key("open"));
+    let mut skipped = Vec::new();
+    let services = services(&o.services, &o.slices, &tenants, &mut skipped);
+    assert_eq!(services[0].tenant, "acme");
+    assert_eq!(services[0].export_to, ["globex", "initech"]);
+    assert_eq!(
+        (services[1].tenant.as_str(), services[1].export_to.len()),
+        ("", 0)
+    );
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s.object == "Service open/docs" && !s.invalid),
+        "an export of a service without a tenant is reported: {skipped:?}"
+    );
+    let pods = pods(&o.pods, &o.namespaces, &tenants, "node-a", &mut skipped);
+    assert_eq!(pods[0].tenant.as_deref(), Some("acme"));
 }
