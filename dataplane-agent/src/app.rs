@@ -93,7 +93,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // The sources first (the registry's snapshot is read at once): the
     // services map the programs share with a running agent is then never
     // synced to the file's services alone, which would drop the registry's
-    // VIPs from capture for a moment.
+    // VIPs from capture for a moment. The Kubernetes source has nothing
+    // before its first listing: until then the tables are only added to.
     let registry_metrics = crate::registry::metrics::RegistryMetrics::default();
     let kubernetes_metrics = crate::kubernetes::metrics::KubernetesMetrics::default();
     let mut sources: Vec<Box<dyn crate::discovery::Source>> = Vec::new();
@@ -118,12 +119,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .collect();
         crate::discovery::merge(&config, &current)
     };
+    // Until every source has listed, the tables are only added to: the
+    // pinned tables a running agent (or the one before this) filled keep
+    // what this agent does not know yet.
+    let complete = sources.iter().all(|s| s.complete());
     // Tables first, links second: the programs capture from the instant
     // they are attached, even when their tables are new, empty maps (a new
     // maps directory, or a pinned map of another layout replaced); until
     // then a previous agent's programs keep capturing with their own.
     let node_seed = u32::from(*settings.proxy_addr.ip()) as usize;
-    let mut reconciler = Reconciler::start(tables, pods_cgroup, proxy_cgroup, node_seed, &initial);
+    let mut reconciler = Reconciler::start(
+        tables,
+        pods_cgroup,
+        proxy_cgroup,
+        node_seed,
+        &initial,
+        complete,
+    );
     programs
         .attach()
         .context("attaching the capture programs")?;
@@ -182,7 +194,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 crate::cni::Context {
                     enroller: reconciler.enroller(),
                     admin: Arc::clone(&rt.admin),
-                    kubernetes: kubernetes_state,
+                    kubernetes: kubernetes_state.clone(),
                     metrics: cni_metrics.clone(),
                 },
             ));
@@ -203,11 +215,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     rt.set_ready();
     info!(proxy = %settings.proxy_addr, admin = %settings.admin_addr, "agent ready");
 
+    let sources_complete = Arc::clone(&rt.complete);
     rt.run_until_shutdown(settings.resync, |config, reloaded| {
+        reconciler.set_complete(sources_complete.load(std::sync::atomic::Ordering::Acquire));
         if reloaded {
             reconciler.services(config);
         }
-        reconciler.enrollment(config);
+        let known = kubernetes_state
+            .as_ref()
+            .map(|rx| rx.borrow().known_pods.clone())
+            .unwrap_or_default();
+        reconciler.enrollment(config, &known);
         reconciler.check_kernel_counters();
         fail_open_log.check();
     })

@@ -31,6 +31,9 @@ use crate::discovery::Discovered;
 /// Where the plugin finds the agent unless its config says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/dataplane/cni.sock";
 
+/// How long a connected plugin may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The longest request line read: a request is a few hundred bytes.
 const MAX_REQUEST: usize = 16 * 1024;
 
@@ -61,6 +64,10 @@ pub struct Answer {
     /// fails the ADD or passes it as its failure policy says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The error is passing (the agent has not listed the API yet): the
+    /// plugin asks the runtime to try again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
 }
 
 /// Whether a pod belongs in the mesh, from what the agent knows when its
@@ -70,6 +77,9 @@ pub enum Decision {
     /// Enroll, as a pod of this tenant.
     Enroll(&'static str, Option<String>),
     Skip(&'static str),
+    /// The agent cannot tell yet (the Kubernetes source has not listed):
+    /// the plugin is told to try again.
+    NotYet,
 }
 
 /// The rule: a pod the config in force lists is enrolled; one the
@@ -89,6 +99,14 @@ pub fn decide(
     let Some(kubernetes) = kubernetes else {
         return Decision::Skip("not enrolled by the config file");
     };
+    if !kubernetes.complete {
+        return Decision::NotYet;
+    }
+    // The source's own view first: it may be ahead of the config in force
+    // (applied by the run loop a moment later).
+    if let Some(pod) = kubernetes.pods.iter().find(|p| p.uid == uid) {
+        return Decision::Enroll("enrolled by the Kubernetes API", pod.tenant.clone());
+    }
     if kubernetes.known_pods.contains(uid) {
         return Decision::Skip("not enrolled (namespace not enrolled, or the pod opts out)");
     }
@@ -187,7 +205,8 @@ async fn answer(stream: UnixStream, ctx: Context) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-    let answer = match reader.read_line(&mut line).await {
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let answer = match read.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 let ctx = ctx.clone();
@@ -212,6 +231,7 @@ fn error_answer(error: String) -> Answer {
         enrolled: false,
         reason: String::new(),
         error: Some(error),
+        retry: false,
     }
 }
 
@@ -223,7 +243,7 @@ fn handle(request: &Request, ctx: &Context) -> Answer {
         return error_answer("no pod UID (K8S_POD_UID in CNI_ARGS)".into());
     }
     if request.command == "DEL" {
-        ctx.enroller.forget(uid);
+        ctx.enroller.forget(uid, &request.container_id);
         ctx.metrics.count("DEL", "not_enrolled");
         return Answer::default();
     }
@@ -240,7 +260,7 @@ fn handle(request: &Request, ctx: &Context) -> Answer {
             Answer {
                 enrolled: false,
                 reason: why.into(),
-                error: None,
+                ..Answer::default()
             }
         }
         (Decision::Enroll(why, _), "CHECK") => {
@@ -249,25 +269,34 @@ fn handle(request: &Request, ctx: &Context) -> Answer {
                 enrolled,
                 reason: why.into(),
                 error: (!enrolled).then(|| format!("pod {pod} should be enrolled and is not")),
+                retry: false,
             }
         }
-        (Decision::Enroll(why, tenant), "ADD") => match ctx.enroller.enroll(uid, tenant.as_deref())
-        {
-            Ok(result) => {
-                if result == Enrolled::New {
-                    info!(%pod, %uid, why, "CNI: enrolled the pod at its creation");
-                }
-                Answer {
-                    enrolled: true,
-                    reason: why.into(),
-                    error: None,
-                }
-            }
-            Err(err) => {
-                warn!(%pod, %uid, %err, "CNI: cannot enroll the pod");
-                error_answer(err.to_string())
-            }
+        (Decision::NotYet, _) => Answer {
+            retry: true,
+            ..error_answer("the agent has not read the Kubernetes API yet".into())
         },
+        (Decision::Enroll(why, tenant), "ADD") => {
+            match ctx
+                .enroller
+                .enroll(uid, tenant.as_deref(), &request.container_id)
+            {
+                Ok(result) => {
+                    if result == Enrolled::New {
+                        info!(%pod, %uid, why, "CNI: enrolled the pod at its creation");
+                    }
+                    Answer {
+                        enrolled: true,
+                        reason: why.into(),
+                        ..Answer::default()
+                    }
+                }
+                Err(err) => {
+                    warn!(%pod, %uid, %err, "CNI: cannot enroll the pod");
+                    error_answer(err.to_string())
+                }
+            }
+        }
         (Decision::Enroll(..), other) => error_answer(format!("unknown command {other:?}")),
     };
     let outcome = match (&answer.error, answer.enrolled) {
@@ -336,8 +365,14 @@ mod tests {
             known_pods: ["known-out".to_string()].into(),
             enrolled_namespaces: ["shop".to_string()].into(),
             namespace_tenants: [("shop".to_string(), "acme".to_string())].into(),
+            complete: true,
             ..Discovered::default()
         };
+        let listing = Discovered::default();
+        assert_eq!(
+            decide("new", "shop", &file, Some(&listing)),
+            Decision::NotYet
+        );
         assert_eq!(
             decide("listed", "any", &file, None),
             Decision::Enroll("enrolled by the mesh state", Some("t1".into()))
@@ -371,7 +406,7 @@ mod tests {
         let answer = serde_json::to_string(&Answer {
             enrolled: true,
             reason: "r".into(),
-            error: None,
+            ..Answer::default()
         })
         .unwrap();
         assert_eq!(answer, r#"{"enrolled":true,"reason":"r"}"#);

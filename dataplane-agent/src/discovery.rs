@@ -8,6 +8,8 @@
 //! know nothing of etcd or Kubernetes. [`merge`] lays them over the file in
 //! the order they were attached.
 
+pub mod snapshot;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +21,7 @@ use tracing::warn;
 use crate::config::{MeshConfig, Pod, Service};
 
 /// What one source knows now.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Discovered {
     pub services: Vec<Service>,
     /// Pods of this node to enroll.
@@ -32,6 +34,10 @@ pub struct Discovered {
     pub enrolled_namespaces: BTreeSet<String>,
     /// Each namespace's tenant, for pods not known yet.
     pub namespace_tenants: BTreeMap<String, String>,
+    /// Whether this is a whole state (every kind listed at least once):
+    /// until then what the source lacks may exist, and nothing may be
+    /// removed from the kernel tables for its absence.
+    pub complete: bool,
 }
 
 /// A discovery source as the runtime sees it: its state, and a wake-up
@@ -44,6 +50,11 @@ pub trait Source: Send {
     fn current(&mut self) -> Arc<Discovered>;
     /// Resolves when the state changed since it was last seen.
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Whether the source has a whole state yet (see
+    /// [`Discovered::complete`]).
+    fn complete(&self) -> bool {
+        true
+    }
 }
 
 /// A source that publishes its state in a watch channel.
@@ -73,6 +84,10 @@ impl Source for Feed {
                 std::future::pending::<()>().await;
             }
         })
+    }
+
+    fn complete(&self) -> bool {
+        self.rx.borrow().complete
     }
 }
 

@@ -22,6 +22,11 @@ pub struct KubernetesConfig {
     pub kubeconfig: Option<PathBuf>,
     /// This node's name (`spec.nodeName` of its pods).
     pub node: String,
+    /// Where the last good state is kept, for a start while the API server
+    /// is unreachable; `None`: nowhere.
+    pub snapshot: Option<PathBuf>,
+    /// A snapshot older than this is not used.
+    pub snapshot_max_age: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -235,6 +235,18 @@ struct KubernetesArgs {
     /// sets it from the downward API). Required with --kubernetes.
     #[arg(long, env = "DATAPLANE_NODE_NAME")]
     node_name: Option<String>,
+    /// The last good state from the API, written every few seconds when it
+    /// changes and read at start: an agent started while the API server
+    /// is unreachable routes from it.
+    #[arg(
+        long,
+        env = "DATAPLANE_KUBERNETES_SNAPSHOT",
+        default_value = "/var/lib/dataplane/kubernetes.snapshot"
+    )]
+    kubernetes_snapshot: PathBuf,
+    /// A snapshot older than this is not used.
+    #[arg(long, env = "DATAPLANE_KUBERNETES_SNAPSHOT_MAX_AGE", default_value = "24h", value_parser = humantime_serde::re::humantime::parse_duration)]
+    kubernetes_snapshot_max_age: Duration,
 }
 
 impl KubernetesArgs {
@@ -253,6 +265,8 @@ impl KubernetesArgs {
         Ok(Some(dataplane_agent::kubernetes::KubernetesConfig {
             kubeconfig: self.kubeconfig.clone(),
             node,
+            snapshot: Some(self.kubernetes_snapshot.clone()),
+            snapshot_max_age: self.kubernetes_snapshot_max_age,
         }))
     }
 }

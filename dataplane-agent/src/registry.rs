@@ -6,8 +6,8 @@
 //! - [`state`]: the records read, as plain data, and the mesh services
 //!   they make.
 //! - [`guard`]: large removals held before they apply (bad pushes).
-//! - [`snapshot`]: the last good state on disk, for a start while the
-//!   registry is down.
+//! - `crate::discovery::snapshot`: the last good state on disk, for a
+//!   start while the registry is down.
 //! - [`source`]: the etcd client loop (list at a revision, watch from the
 //!   next, list again after any failure or compaction), which never drops
 //!   what it knows when members fail.
@@ -22,7 +22,6 @@ pub mod layout;
 pub mod metrics;
 pub mod publish;
 pub mod register;
-pub mod snapshot;
 pub mod source;
 pub mod state;
 

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const DEFAULT_SOCKET: &str = "/run/dataplane/cni.sock";
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 
@@ -45,6 +45,7 @@ struct CniError {
 /// Codes of the CNI spec.
 const INCOMPATIBLE_VERSION: u32 = 1;
 const INVALID_ENV: u32 = 4;
+const IO_FAILURE: u32 = 5;
 const DECODE_FAILURE: u32 = 6;
 const INVALID_CONFIG: u32 = 7;
 const TRY_AGAIN_LATER: u32 = 11;
@@ -212,6 +213,9 @@ fn enroll(cfg: &Config, command: &str, pod: &PodRef, container: &str) -> Result<
     let failure = match ask_agent(cfg, command, pod, container) {
         Ok(answer) => match answer["error"].as_str() {
             None => return Ok(()),
+            Some(err) if answer["retry"] == true => {
+                error(TRY_AGAIN_LATER, "the node agent is not ready", err)
+            }
             Some(err) => error(NOT_ENROLLED, "the node agent cannot enroll the pod", err),
         },
         Err(err) => error(TRY_AGAIN_LATER, "the node agent is unreachable", err),
@@ -242,9 +246,26 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             json!({"cniVersion": version, "supportedVersions": SUPPORTED}),
         ));
     }
-    let cfg = parse_config(stdin)?;
     let args = std::env::var("CNI_ARGS").unwrap_or_default();
     let pod = pod_of(&args);
+    let cfg = match parse_config(stdin) {
+        Ok(cfg) => cfg,
+        // Teardown must never be blocked, not even by a configuration
+        // this plugin cannot read.
+        Err(err) if matches!(command, "DEL" | "GC" | "STATUS") => {
+            eprintln!(
+                "dataplane-cni: {command} with an unusable configuration: {}: {}",
+                err.msg, err.details
+            );
+            return Ok(None);
+        }
+        Err(err) => return Err(err),
+    };
+    if pod.is_none() && command == "ADD" {
+        eprintln!(
+            "dataplane-cni: no K8S_POD_UID in CNI_ARGS: not a Kubernetes pod, passed through"
+        );
+    }
     match command {
         "ADD" => {
             let container = env("CNI_CONTAINERID")?;
@@ -258,7 +279,14 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             if let Some(pod) = &pod {
                 enroll(&cfg, "ADD", pod, &container)?;
             }
-            result["cniVersion"] = json!(cfg.cni_version);
+            let Some(fields) = result.as_object_mut() else {
+                return Err(error(
+                    DECODE_FAILURE,
+                    "prevResult is not an object",
+                    result.to_string(),
+                ));
+            };
+            fields.insert("cniVersion".into(), json!(cfg.cni_version));
             Ok(Some(result))
         }
         "DEL" => {
@@ -289,7 +317,7 @@ fn main() {
     let outcome = match read {
         Ok(_) => run(&command, &stdin),
         Err(err) => Err(error(
-            5,
+            IO_FAILURE,
             "cannot read the network configuration",
             err.to_string(),
         )),
@@ -347,10 +375,21 @@ mod tests {
             (err.code, err.msg.as_str()),
             (INVALID_CONFIG, "invalid failPolicy")
         );
+        assert!(parse_config(br#"{"cniVersion":"1.1.0"}"#).is_ok());
         let err = parse_config(br#"{"cniVersion":"9.9.9"}"#).unwrap_err();
         assert_eq!(err.code, INCOMPATIBLE_VERSION);
         let err = parse_config(b"not json").unwrap_err();
         assert_eq!(err.code, DECODE_FAILURE);
+    }
+
+    #[test]
+    fn del_succeeds_whatever_the_configuration() {
+        assert!(matches!(run("DEL", b"not json"), Ok(None)));
+        assert!(matches!(
+            run("DEL", br#"{"cniVersion":"1.0.0","failPolicy":"maybe"}"#),
+            Ok(None)
+        ));
+        assert!(run("ADD", b"not json").is_err());
     }
 
     #[test]

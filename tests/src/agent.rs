@@ -94,8 +94,13 @@ impl Agent {
             format!("--pods-cgroup={}", node.pods_cgroup().display()),
             format!("--pin-dir={}", pin_dir.display()),
             "--resync=200ms".to_string(),
-            // Each agent of a test its own socket: tests run side by side.
+            // Each agent of a test its own socket and snapshot: tests run
+            // side by side.
             format!("--cni-socket={}", work_dir.join("cni.sock").display()),
+            format!(
+                "--kubernetes-snapshot={}",
+                work_dir.join("kubernetes.snapshot").display()
+            ),
         ];
         // An extra `--flag=value` replaces the default of that flag (the
         // agent refuses a flag given twice).

@@ -394,6 +394,13 @@ fn handle(inner: &Inner, req: &Request<Incoming>) -> Response<Body> {
                     let _ = tx.send(event_line(kind_of_event, object));
                 }
             }
+            // A bookmark: where the stream stands, as a real server sends
+            // them (the client moves its resume point without an event).
+            let bookmark = json!({
+                "kind": kind.name(), "apiVersion": kind.api_version(),
+                "metadata": {"resourceVersion": state.version.to_string()}
+            });
+            let _ = tx.send(event_line("BOOKMARK", &bookmark));
             state.watchers.push(Watcher { kind, node, tx });
         }
         let timeout = query

@@ -277,3 +277,45 @@ fn without_the_agent_add_fails_closed_or_lets_the_pod_start_and_is_counted() {
         "captured from its first connect"
     );
 }
+
+/// An agent that has not listed the API yet (the server is unreachable and
+/// it has no snapshot) cannot tell whether a pod belongs in the mesh: the
+/// plugin fails closed with "try again later", never lets it start
+/// uncaptured.
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn before_the_agent_has_listed_the_api_add_is_retried() {
+    if !require_privileges("before_the_agent_has_listed_the_api_add_is_retried") {
+        return;
+    }
+    let mut node = SimNode::new("cniearly").expect("node");
+    let b1 = node.add_pod("web-0").expect("pod");
+    let (kube, args) = start_kube(&node, &[&b1], "notyet");
+    // The API server goes away before the agent ever lists it.
+    kube._api.stop();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _agent = Agent::start_with(&node, "services: []\n", &args).expect("agent");
+    let chain = CniChain::standard(
+        &node,
+        node_conflist(
+            &node,
+            &kube.dir.join("ipam"),
+            &Agent::cni_socket_of(&node),
+            "closed",
+        ),
+    )
+    .expect("chain");
+    let pod = node
+        .add_pod_sandbox("early", &new_pod_uid())
+        .expect("sandbox");
+    let err = chain
+        .add(&pod, "shop")
+        .expect_err("the agent cannot tell yet");
+    assert_eq!(
+        (err.plugin.as_str(), err.code),
+        ("dataplane-cni", 11),
+        "{err}"
+    );
+    assert!(err.details.contains("not read the Kubernetes API"), "{err}");
+    chain.del(&pod, "shop", None).expect("DEL");
+}

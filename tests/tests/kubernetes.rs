@@ -173,9 +173,17 @@ fn the_agent_serves_what_the_api_server_says() {
         Ok(())
     })
     .expect("opt-out");
+    // Deleted: the VIP leaves the data plane; an enrolled pod's connect to
+    // it is not captured any more (web-1's own connect, it is enrolled).
     api.delete(Kind::Service, "shop", "web").expect("delete");
     eventually("the service leaves", Duration::from_secs(10), || {
         anyhow::ensure!(metric(&agent, "dataplane_kubernetes_services") == 0.0);
+        let report = http_peers::load(
+            &node,
+            &b2,
+            &["--url", &url, "--requests", "1", "--timeout-ms", "500"],
+        )?;
+        anyhow::ensure!(report.ok == 0, "still served: {report:?}");
         Ok(())
     })
     .expect("deleted");
@@ -312,6 +320,91 @@ fn tenants_reach_their_own_services_and_those_exported_to_them() {
         ),
         "refused for want of an original destination"
     );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An agent restarted while the API server is unreachable routes from its
+/// snapshot of the API's last state: enrolled pods stay captured and the
+/// service keeps its endpoints.
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn an_agent_restarted_while_the_api_server_is_down_keeps_serving() {
+    if !require_privileges("an_agent_restarted_while_the_api_server_is_down_keeps_serving") {
+        return;
+    }
+    let mut node = SimNode::new("kubesnap").expect("node");
+    let client = node.add_pod("frontend").expect("pod");
+    let b1 = node.add_pod("web-0").expect("pod");
+    let _s1 = http_peers::serve(&node, &b1, "web-0").expect("serve");
+    let node_name = node.id().to_string();
+    let mut cluster = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {{mesh.sidecarless.dev/enrolled: \"true\"}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+         spec: {{clusterIP: {}, ports: [{{name: http, port: {}, protocol: TCP}}]}}\n---\n",
+        ECHO_VIP.ip(),
+        ECHO_VIP.port()
+    );
+    cluster.push_str(&slice_yaml(&[(&b1, true)]));
+    for pod in [&client, &b1] {
+        cluster.push_str("---\n");
+        cluster.push_str(&pod_yaml(pod, "shop", &node_name));
+    }
+    let api = KubeApiInNetns::start(node.netns(), &cluster).expect("API server");
+    let dir = std::env::temp_dir().join(format!("dp-kube-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = api.write_kubeconfig(&dir).expect("kubeconfig");
+    let mut agent = Agent::start_with(
+        &node,
+        "services: []\n",
+        &[
+            "--kubernetes",
+            &format!("--kubeconfig={}", kubeconfig.display()),
+            &format!("--node-name={node_name}"),
+        ],
+    )
+    .expect("agent");
+    let url = format!("http://{ECHO_VIP}/");
+    let load = |n: &str| {
+        http_peers::load(
+            &node,
+            &client,
+            &[
+                "--url",
+                &url,
+                "--requests",
+                n,
+                "--concurrency",
+                "2",
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+    };
+    eventually(
+        "served from the API's state",
+        Duration::from_secs(15),
+        || {
+            let report = load("1")?;
+            anyhow::ensure!(report.ok == 1, "{report:?}");
+            Ok(())
+        },
+    )
+    .expect("served");
+    let snapshot = Agent::work_dir_of(&node).join("kubernetes.snapshot");
+    eventually("the snapshot written", Duration::from_secs(10), || {
+        anyhow::ensure!(snapshot.is_file());
+        Ok(())
+    })
+    .expect("snapshot");
+
+    api.stop();
+    agent.kill().expect("kill");
+    agent.spawn(&node).expect("restart");
+    let report = load("50").expect("load");
+    assert_eq!(report.ok, 50, "served from the snapshot: {report:?}");
+    assert_eq!(metric(&agent, "dataplane_kubernetes_from_snapshot"), 1.0);
+    assert_eq!(metric(&agent, "dataplane_kubernetes_up"), 0.0);
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }

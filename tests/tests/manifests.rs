@@ -664,7 +664,7 @@ fn the_agent_reads_the_kubernetes_api_with_read_only_rights_on_what_it_watches()
     for rule in role["rules"].as_array().expect("rules") {
         assert_eq!(
             strings(&rule["verbs"]),
-            ["get", "list", "watch"],
+            ["list", "watch"],
             "read only: {rule}"
         );
         for group in strings(&rule["apiGroups"]) {

@@ -34,6 +34,9 @@ pub struct Runtime {
     /// The discovery sources beside the file (registry, Kubernetes), in
     /// the order they win VIP conflicts.
     sources: Vec<Box<dyn Source>>,
+    /// Whether every source has a whole state (the kernel tables are only
+    /// added to until then).
+    pub complete: Arc<std::sync::atomic::AtomicBool>,
     /// Shared with the blocking thread that reads the file.
     watcher: Arc<Mutex<ConfigWatcher>>,
     pub proxy: Arc<Proxy>,
@@ -130,6 +133,7 @@ impl Runtime {
             file: config.clone(),
             file_watch: tokio::sync::watch::Sender::new(config.clone()),
             sources: Vec::new(),
+            complete: Arc::new(true.into()),
             config,
             watcher: Arc::new(Mutex::new(watcher)),
             proxy,
@@ -159,6 +163,8 @@ impl Runtime {
             .map(|s| (s.name(), s.current()))
             .collect();
         let merged = crate::discovery::merge(&self.file, &current);
+        let complete = self.sources.iter().all(|s| s.complete());
+        self.complete.store(complete, Ordering::Release);
         self.apply(merged, why);
     }
 

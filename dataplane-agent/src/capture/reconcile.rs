@@ -13,19 +13,20 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
 
 use dataplane_common::{Endpoint, EnrolledPod, ExportKey, ServiceKey, ServiceValue};
 use tracing::{debug, info, warn};
 
 use super::enroll::{self, Enrollment};
 pub use super::tables::Enrolled;
-use super::tables::{CaptureStats, StatsReader, SyncReport, Tables};
+use super::tables::{CaptureStats, StatsReader, SyncMode, SyncReport, Tables};
 use super::watch::{OnPod, PodCgroupWatcher};
 use crate::config::MeshConfig;
 
 pub struct Reconciler {
     shared: Arc<Mutex<Shared>>,
+    /// Add only while a discovery source has not listed yet.
+    mode: SyncMode,
     stats: Arc<StatsReader>,
     pods_root: PathBuf,
     proxy_cgroup: PathBuf,
@@ -53,17 +54,17 @@ struct Shared {
     pending: HashMap<String, Pending>,
 }
 
-/// A pod enrolled by the CNI plugin ahead of the config.
+/// A pod enrolled by the CNI plugin ahead of the config. It stays
+/// enrolled until the config lists it (it governs from then on), the
+/// Kubernetes source knows it without listing it (its annotation opts it
+/// out), its cgroup is gone, or the runtime deletes its sandbox: never by
+/// a timer, so an API server outage does not take it out of the mesh.
 struct Pending {
-    since: Instant,
     tenant: Option<String>,
+    /// The sandbox the plugin enrolled it for: a late DEL of an earlier
+    /// sandbox of the same pod leaves it alone.
+    container: String,
 }
-
-/// How long a pod enrolled by the CNI plugin stays enrolled without the
-/// config listing it: the API server's watch delivers a new pod within
-/// moments; a pod it never lists (an annotation opting it out arrived
-/// late) leaves the mesh after this.
-pub const PENDING_GRACE: Duration = Duration::from_secs(30);
 
 /// Enrolls one pod now, for the CNI plugin: from any thread, without
 /// waiting for the periodic pass.
@@ -85,9 +86,15 @@ pub enum EnrollError {
 }
 
 impl Enroller {
-    /// Puts the pod's cgroup in the enrollment map, as a pod of `tenant`;
-    /// once this returns Ok, every connect from the pod is captured.
-    pub fn enroll(&self, uid: &str, tenant: Option<&str>) -> Result<Enrolled, EnrollError> {
+    /// Puts the pod's cgroup in the enrollment map, as a pod of `tenant`,
+    /// for the sandbox `container`; once this returns Ok, every connect
+    /// from the pod is captured.
+    pub fn enroll(
+        &self,
+        uid: &str,
+        tenant: Option<&str>,
+        container: &str,
+    ) -> Result<Enrolled, EnrollError> {
         let found = super::cgroup::find_pods(&self.pods_root);
         let dir = found.get(uid).ok_or_else(|| EnrollError::NoCgroup {
             uid: uid.to_string(),
@@ -115,17 +122,25 @@ impl Enroller {
             shared.pending.insert(
                 uid.to_string(),
                 Pending {
-                    since: Instant::now(),
                     tenant: tenant.map(str::to_string),
+                    container: container.to_string(),
                 },
             );
         }
         Ok(enrolled)
     }
 
-    /// The pod is gone (CNI DEL): no need to keep it pending.
-    pub fn forget(&self, uid: &str) {
-        lock(&self.shared).pending.remove(uid);
+    /// The pod's sandbox `container` is deleted (CNI DEL): no need to
+    /// keep the pod pending for it.
+    pub fn forget(&self, uid: &str, container: &str) {
+        let mut shared = lock(&self.shared);
+        if shared
+            .pending
+            .get(uid)
+            .is_some_and(|p| p.container == container)
+        {
+            shared.pending.remove(uid);
+        }
     }
 
     /// Whether the pod's cgroup is in the enrollment map now.
@@ -160,11 +175,13 @@ impl Reconciler {
         proxy_cgroup: PathBuf,
         node_seed: usize,
         cfg: &MeshConfig,
+        complete: bool,
     ) -> Self {
         let mut reconciler = Self::new(tables, pods_root, proxy_cgroup);
         reconciler.node_seed = node_seed;
+        reconciler.set_complete(complete);
         reconciler.services(cfg);
-        reconciler.enrollment(cfg);
+        reconciler.enrollment(cfg, &BTreeSet::new());
         reconciler
     }
 
@@ -190,6 +207,7 @@ impl Reconciler {
         };
         Self {
             shared,
+            mode: SyncMode::Exact,
             stats,
             pods_root,
             proxy_cgroup,
@@ -228,13 +246,27 @@ impl Reconciler {
         let mut shared = lock(&self.shared);
         // Exports first: a service that gains a tenant is never, for a
         // moment, closed to the tenants it is exported to.
-        log_report("exports", &shared.tables.sync_exports(&exports));
-        log_report("services", &shared.tables.sync_services(&desired));
+        let mode = self.mode;
+        log_report("exports", &shared.tables.sync_exports(&exports, mode));
+        log_report("services", &shared.tables.sync_services(&desired, mode));
+    }
+
+    /// Whether every discovery source has listed: until then, syncs only
+    /// add (see [`SyncMode::AddOnly`]).
+    pub fn set_complete(&mut self, complete: bool) {
+        self.mode = if complete {
+            SyncMode::Exact
+        } else {
+            SyncMode::AddOnly
+        };
     }
 
     /// Enrolls the pods of `cfg` that have a cgroup on this node now, and
     /// tells the watcher which pods to enroll when their cgroup appears.
-    pub fn enrollment(&mut self, cfg: &MeshConfig) {
+    /// `known`: every pod of this node the Kubernetes source knows,
+    /// enrolled or not (a pending pod it knows and `cfg` does not list has
+    /// opted out).
+    pub fn enrollment(&mut self, cfg: &MeshConfig, known: &BTreeSet<String>) {
         let (Enrollment { cgroups, absent }, report) = {
             let mut shared = lock(&self.shared);
             let wanted: HashMap<String, u32> = cfg
@@ -242,9 +274,9 @@ impl Reconciler {
                 .iter()
                 .map(|pod| (pod.uid.clone(), enroll::tenant_id(pod.tenant.as_deref())))
                 .collect();
-            shared.pending.retain(|uid, pending| {
-                !wanted.contains_key(uid) && pending.since.elapsed() < PENDING_GRACE
-            });
+            shared
+                .pending
+                .retain(|uid, _| !wanted.contains_key(uid) && !known.contains(uid));
             shared.wanted = wanted;
             let pods: Vec<crate::config::Pod> = cfg
                 .pods
@@ -263,7 +295,11 @@ impl Reconciler {
                 )
                 .collect();
             let enrollment = enroll::resolve(&pods, &self.pods_root, &self.proxy_cgroup);
-            let report = shared.tables.sync_enrolled(&enrollment.cgroups);
+            // A pending pod whose cgroup is gone is gone.
+            shared
+                .pending
+                .retain(|uid, _| !enrollment.absent.contains(uid));
+            let report = shared.tables.sync_enrolled(&enrollment.cgroups, self.mode);
             (enrollment, report)
         };
         log_report("enrollment", &report);

@@ -123,8 +123,12 @@ impl Tables {
     }
 
     /// Makes `DP_ENROLLED` hold exactly `desired` (cgroup id -> value).
-    pub fn sync_enrolled(&mut self, desired: &StdHashMap<u64, EnrolledPod>) -> SyncReport {
-        sync_map(&mut self.enrolled, desired, maps::ENROLLED)
+    pub fn sync_enrolled(
+        &mut self,
+        desired: &StdHashMap<u64, EnrolledPod>,
+        mode: SyncMode,
+    ) -> SyncReport {
+        sync_map(&mut self.enrolled, desired, maps::ENROLLED, mode)
     }
 
     /// Enrolls one cgroup and leaves every other entry alone: a pod whose
@@ -147,13 +151,21 @@ impl Tables {
     }
 
     /// Makes `DP_SERVICES` hold exactly `desired`.
-    pub fn sync_services(&mut self, desired: &StdHashMap<ServiceKey, ServiceValue>) -> SyncReport {
-        sync_map(&mut self.services, desired, maps::SERVICES)
+    pub fn sync_services(
+        &mut self,
+        desired: &StdHashMap<ServiceKey, ServiceValue>,
+        mode: SyncMode,
+    ) -> SyncReport {
+        sync_map(&mut self.services, desired, maps::SERVICES, mode)
     }
 
     /// Makes `DP_EXPORTS` hold exactly `desired`.
-    pub fn sync_exports(&mut self, desired: &StdHashMap<ExportKey, u8>) -> SyncReport {
-        sync_map(&mut self.exports, desired, maps::EXPORTS)
+    pub fn sync_exports(
+        &mut self,
+        desired: &StdHashMap<ExportKey, u8>,
+        mode: SyncMode,
+    ) -> SyncReport {
+        sync_map(&mut self.exports, desired, maps::EXPORTS, mode)
     }
 
     pub fn stats(&self) -> Arc<StatsReader> {
@@ -216,13 +228,27 @@ where
     }
 }
 
-/// Removes what is not desired, then writes what is missing or different.
+/// Whether a sync may remove entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// The table becomes exactly what is desired.
+    Exact,
+    /// Only writes: while a discovery source has not listed yet, what the
+    /// agent knows is partial, and removing what it does not know would
+    /// take pods and services a running agent (or the one before this)
+    /// put there out of the mesh.
+    AddOnly,
+}
+
+/// Removes what is not desired (unless `mode` says add only), then writes
+/// what is missing or different.
 /// Keeps going after a failed write so that one full map does not hide the
 /// rest of the changes; every failure is reported.
 fn sync_map<K, V>(
     map: &mut HashMap<MapData, K, V>,
     desired: &StdHashMap<K, V>,
     name: &str,
+    mode: SyncMode,
 ) -> SyncReport
 where
     K: Pod + Eq + Hash + std::fmt::Debug,
@@ -230,7 +256,10 @@ where
 {
     let mut report = SyncReport::default();
     let current: StdHashMap<K, V> = map.iter().filter_map(Result::ok).collect();
-    let diff = Diff::between(&current, desired);
+    let mut diff = Diff::between(&current, desired);
+    if mode == SyncMode::AddOnly {
+        diff.remove.clear();
+    }
     for key in &diff.remove {
         match map.remove(key) {
             Ok(()) => report.removed += 1,

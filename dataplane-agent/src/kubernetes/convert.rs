@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 
 use crate::config::{self, Protocol, TrafficPolicy, UpstreamProtocol};
 
@@ -277,6 +277,26 @@ fn endpoints_for(
     slices: &[&EndpointSlice],
     skipped: &mut Vec<Skipped>,
 ) -> Vec<config::Endpoint> {
+    let ready = endpoints_in(port_name, slices, skipped, |c| c.ready.unwrap_or(true));
+    if !ready.is_empty() {
+        return ready;
+    }
+    // None ready: the terminating ones that still serve take the requests,
+    // as kube-proxy does (a single replica's rollout, a Recreate
+    // deployment), rather than every request failing.
+    endpoints_in(port_name, slices, &mut Vec::new(), |c| {
+        c.serving.unwrap_or(false) && c.terminating.unwrap_or(false)
+    })
+}
+
+/// The endpoints of one service port whose conditions pass `wanted` (no
+/// conditions at all: ready, serving, not terminating).
+fn endpoints_in(
+    port_name: &str,
+    slices: &[&EndpointSlice],
+    skipped: &mut Vec<Skipped>,
+    wanted: impl Fn(&EndpointConditions) -> bool,
+) -> Vec<config::Endpoint> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for slice in slices {
@@ -312,12 +332,12 @@ fn endpoints_for(
             continue;
         };
         for (k, endpoint) in slice.endpoints.iter().enumerate() {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            if !ready {
+            let default = EndpointConditions {
+                ready: Some(true),
+                serving: Some(true),
+                terminating: Some(false),
+            };
+            if !wanted(endpoint.conditions.as_ref().unwrap_or(&default)) {
                 continue;
             }
             let Some(first) = endpoint.addresses.first() else {
@@ -432,9 +452,13 @@ pub fn pods<'a>(
         if !enrolled || host_network || finished {
             continue;
         }
-        let ip = status
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse().ok());
+        // The IPv4 one of a dual-stack pod, whichever family is primary.
+        let ip = status.and_then(|s| {
+            s.pod_ip
+                .iter()
+                .chain(s.pod_ips.iter().flatten().map(|p| &p.ip))
+                .find_map(|ip| ip.parse().ok())
+        });
         out.insert(
             uid.to_string(),
             config::Pod {

@@ -13,6 +13,8 @@ pub struct KubernetesMetrics {
     pub up: Gauge,
     /// Seconds since the API server was last reachable (0 while it is).
     stale_seconds: Gauge,
+    /// 1 while routing from the disk snapshot (nothing listed yet).
+    pub from_snapshot: Gauge,
     pub services: Gauge,
     pub endpoints: Gauge,
     pub pods: Gauge,
@@ -36,6 +38,11 @@ impl KubernetesMetrics {
             "stale_seconds",
             "Seconds since the Kubernetes API was last reachable (0 while it is)",
             self.stale_seconds.clone(),
+        );
+        r.register(
+            "from_snapshot",
+            "1 while routing from the disk snapshot (the API not listed yet)",
+            self.from_snapshot.clone(),
         );
         r.register(
             "services",

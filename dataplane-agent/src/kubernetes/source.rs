@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 use super::KubernetesConfig;
 use super::convert::{self, Skipped};
 use super::metrics::KubernetesMetrics;
-use crate::discovery::Discovered;
+use crate::discovery::{Discovered, snapshot};
 
 /// How long the state thread lets a burst of events settle before it
 /// converts: a rolling update changes many slices within milliseconds.
@@ -62,12 +62,14 @@ pub fn start(
     cfg: &KubernetesConfig,
     metrics: KubernetesMetrics,
 ) -> std::io::Result<watch::Receiver<Arc<Discovered>>> {
-    let (tx, rx) = watch::channel(Arc::new(Discovered::default()));
+    let initial = initial_state(cfg, &metrics);
+    let (tx, rx) = watch::channel(Arc::new(initial));
     let (updates, inbox) = mpsc::channel::<Update>();
     let node = cfg.node.clone();
+    let snapshot = cfg.snapshot.clone();
     std::thread::Builder::new()
         .name("kubernetes-state".into())
-        .spawn(move || own_state(inbox, tx, node, metrics))?;
+        .spawn(move || own_state(inbox, tx, node, snapshot, metrics))?;
     let base = watcher::Config::default().timeout(WATCH_TIMEOUT_S);
     let pods = base.clone().fields(&format!("spec.nodeName={}", cfg.node));
     tokio::spawn(watch_kind::<Service>(
@@ -87,6 +89,46 @@ pub fn start(
     ));
     tokio::spawn(watch_kind::<Pod>(Api::all(client), pods, updates));
     Ok(rx)
+}
+
+/// What the snapshot was written for: another node's is not used.
+fn snapshot_scope(node: &str) -> String {
+    format!("kubernetes node={node}")
+}
+
+/// How often at most the snapshot is written (a busy cluster changes many
+/// times a second; the last state of the last few seconds is enough).
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+
+/// The snapshot's state, or an empty, incomplete one (with a log line
+/// saying why).
+fn initial_state(cfg: &KubernetesConfig, metrics: &KubernetesMetrics) -> Discovered {
+    let Some(path) = &cfg.snapshot else {
+        return Discovered::default();
+    };
+    let scope = snapshot_scope(&cfg.node);
+    match snapshot::read::<Discovered>(path, &scope, cfg.snapshot_max_age) {
+        Ok(snap) => {
+            info!(
+                path = %path.display(),
+                services = snap.services.services.len(),
+                pods = snap.services.pods.len(),
+                age_s = snap.age.as_secs(),
+                "routing from the Kubernetes snapshot until the API server is listed"
+            );
+            metrics.from_snapshot.set(1);
+            snap.services
+        }
+        Err(snapshot::SnapshotError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Discovered::default()
+        }
+        Err(err) => {
+            warn!(%err, "Kubernetes snapshot not used");
+            Discovered::default()
+        }
+    }
 }
 
 /// A change to the stores, sent by a watch to the state thread.
@@ -285,6 +327,8 @@ impl Stores {
             known_pods: convert::known_pods(self.pods.values(), node),
             enrolled_namespaces: convert::enrolled_namespaces(self.namespaces.values()),
             namespace_tenants: tenants,
+            // Converted only once every kind has been listed.
+            complete: true,
         };
         (discovered, skipped)
     }
@@ -296,8 +340,11 @@ fn own_state(
     inbox: mpsc::Receiver<Update>,
     tx: watch::Sender<Arc<Discovered>>,
     node: String,
+    snapshot_path: Option<std::path::PathBuf>,
     metrics: KubernetesMetrics,
 ) {
+    let mut unsaved = false;
+    let mut last_saved: Option<Instant> = None;
     let mut stores = Stores {
         services: Objects::new(),
         slices: Objects::new(),
@@ -339,9 +386,20 @@ fn own_state(
                 "Kubernetes API still unreachable: routing on the last state"
             );
         }
+        if unsaved
+            && let Some(path) = &snapshot_path
+            && last_saved.is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY)
+        {
+            unsaved = false;
+            last_saved = Some(Instant::now());
+            if let Err(err) = snapshot::write(path, &snapshot_scope(&node), &**tx.borrow()) {
+                warn!(%err, "cannot write the Kubernetes snapshot");
+            }
+        }
         if !(stores.dirty && all_listed) {
             continue;
         }
+        metrics.from_snapshot.set(0);
         stores.dirty = false;
         let (discovered, skipped) = stores.convert(&node);
         report(&mut reported, skipped, &metrics);
@@ -350,13 +408,14 @@ fn own_state(
             discovered.services.iter().map(|s| s.endpoints.len()).sum(),
         ));
         metrics.pods.set(count(discovered.pods.len()));
-        tx.send_if_modified(|current| {
+        let changed = tx.send_if_modified(|current| {
             if **current == discovered {
                 return false;
             }
             *current = Arc::new(discovered);
             true
         });
+        unsaved |= changed;
     }
 }
 

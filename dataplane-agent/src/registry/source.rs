@@ -22,9 +22,9 @@ use super::client;
 use super::guard::{GuardConfig, RemovalGuard};
 use super::layout::read_prefixes;
 use super::metrics::RegistryMetrics;
-use super::snapshot;
 use super::state::RegistryState;
 use crate::config;
+use crate::discovery::snapshot;
 
 /// How to reach the registry and what to do with it.
 #[derive(Debug, Clone)]
@@ -94,7 +94,7 @@ fn initial_state(cfg: &RegistryConfig, metrics: &RegistryMetrics) -> Vec<config:
         return Vec::new();
     };
     let scope = snapshot_scope(&read_prefixes(&cfg.prefix, &cfg.tenants));
-    match snapshot::read(path, &scope, cfg.snapshot_max_age) {
+    match snapshot::read::<Vec<config::Service>>(path, &scope, cfg.snapshot_max_age) {
         Ok(snap) => {
             info!(
                 path = %path.display(),
@@ -163,7 +163,11 @@ async fn write_snapshots(
         }
         let services = Arc::clone(&published.borrow_and_update());
         let (path, scope) = (path.clone(), scope.clone());
-        match tokio::task::spawn_blocking(move || snapshot::write(&path, &scope, &services)).await {
+        match tokio::task::spawn_blocking(move || {
+            snapshot::write(&path, &scope, services.as_slice())
+        })
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(err)) => warn!(%err, "registry: snapshot not written"),
             Err(err) => warn!(%err, "registry: snapshot not written"),

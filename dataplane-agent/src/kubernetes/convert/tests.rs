@@ -275,3 +275,42 @@ fn a_namespaces_tenant_label_gives_its_services_and_pods_a_tenant() {
     let pods = pods(&o.pods, &o.namespaces, &tenants, "node-a", &mut skipped);
     assert_eq!(pods[0].tenant.as_deref(), Some("acme"));
 }
+
+#[test]
+fn with_no_ready_endpoint_the_serving_terminating_ones_take_the_requests() {
+    let o = load(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: one, namespace: shop}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: one-x\n  namespace: shop\n  labels: {kubernetes.io/service-name: one}\n\
+         addressType: IPv4\nendpoints:\n\
+         - addresses: [10.244.1.1]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+         - addresses: [10.244.1.2]\n  conditions: {ready: false, serving: false, terminating: true}\n\
+         ports: [{port: 8080}]\n",
+    );
+    let (services, _) = convert(&o);
+    assert_eq!(
+        services[0]
+            .endpoints
+            .iter()
+            .map(|e| e.address)
+            .collect::<Vec<_>>(),
+        [addr([10, 244, 1, 1], 8080)],
+        "the one still serving"
+    );
+}
+
+#[test]
+fn a_dual_stack_pod_is_known_by_its_ipv4_address_whichever_comes_first() {
+    let o = load(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {mesh.sidecarless.dev/enrolled: \"true\"}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop, uid: u1}\nspec: {nodeName: node-a, containers: []}\n\
+         status: {podIP: \"fd00::5\", podIPs: [{ip: \"fd00::5\"}, {ip: 10.244.1.5}]}\n",
+    );
+    let pods = pods(
+        &o.pods,
+        &o.namespaces,
+        &BTreeMap::new(),
+        "node-a",
+        &mut Vec::new(),
+    );
+    assert_eq!(pods[0].ip, Some(Ipv4Addr::new(10, 244, 1, 5)));
+}

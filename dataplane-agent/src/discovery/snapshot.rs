@@ -1,5 +1,6 @@
-//! The last good registry state on disk, so that an agent started while
-//! every registry member is down still routes. Written atomically (a
+//! A discovery source's last good state on disk, so that an agent started
+//! while its source is down (every registry member, the API server) still
+//! routes. Written atomically (a
 //! temporary file in the same directory, fsync, rename, fsync of the
 //! directory), so a crash leaves the old snapshot or the new one, never
 //! half of one. Read defensively: an unknown format, a wrong length or
@@ -7,7 +8,8 @@
 //! beyond the limit is an error that says which, and the agent starts
 //! without it.
 //!
-//! Format: one header line of JSON, then the body (JSON, the services):
+//! Format: one header line of JSON, then the body (JSON: the registry's
+//! services, the Kubernetes source's whole state):
 //! `{"format":1,"writtenAtMs":<unix ms>,"scope":"<prefixes read>","length":<body bytes>,"fnv1a64":"<hex>"}`.
 //! `scope` names what was read (prefix and tenants): an agent that reads
 //! something else does not route from it.
@@ -46,8 +48,8 @@ struct Header {
 
 /// A snapshot read back.
 #[derive(Debug)]
-pub struct Snapshot {
-    pub services: Vec<config::Service>,
+pub struct Snapshot<T = Vec<config::Service>> {
+    pub services: T,
     /// How old it is.
     pub age: Duration,
 }
@@ -65,8 +67,13 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Writes `services`, read from `scope`, to `path` atomically.
-pub fn write(path: &Path, scope: &str, services: &[config::Service]) -> Result<(), SnapshotError> {
+/// Writes `services` (a source's state), read from `scope`, to `path`
+/// atomically.
+pub fn write<T: Serialize + ?Sized>(
+    path: &Path,
+    scope: &str,
+    services: &T,
+) -> Result<(), SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
@@ -103,7 +110,11 @@ pub fn write(path: &Path, scope: &str, services: &[config::Service]) -> Result<(
 
 /// Reads the snapshot at `path`; written for another `scope` or older than
 /// `max_age`: an error.
-pub fn read(path: &Path, scope: &str, max_age: Duration) -> Result<Snapshot, SnapshotError> {
+pub fn read<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    scope: &str,
+    max_age: Duration,
+) -> Result<Snapshot<T>, SnapshotError> {
     let text = std::fs::read(path).map_err(|source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
@@ -156,7 +167,7 @@ pub fn read(path: &Path, scope: &str, max_age: Duration) -> Result<Snapshot, Sna
             max_age.as_secs()
         )));
     }
-    let services: Vec<config::Service> =
+    let services: T =
         serde_json::from_slice(body).map_err(|e| invalid(format!("unreadable body: {e}")))?;
     Ok(Snapshot { services, age })
 }
@@ -185,7 +196,7 @@ mod tests {
     fn round_trips() {
         let path = tmp("ok");
         write(&path, S, &services()).unwrap();
-        let snap = read(&path, S, DAY).unwrap();
+        let snap = read::<Vec<config::Service>>(&path, S, DAY).unwrap();
         assert_eq!(snap.services, services());
         assert!(snap.age < Duration::from_secs(60));
         let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
@@ -217,7 +228,9 @@ mod tests {
         ];
         for (want, bytes) in cases {
             std::fs::write(&path, bytes).unwrap();
-            let err = read(&path, S, DAY).expect_err(want).to_string();
+            let err = read::<Vec<config::Service>>(&path, S, DAY)
+                .expect_err(want)
+                .to_string();
             assert!(err.contains(want), "{want}: {err}");
             assert!(err.contains("ignored"), "{err}");
         }
@@ -226,11 +239,13 @@ mod tests {
         let at = text.find("\"writtenAtMs\":").unwrap() + "\"writtenAtMs\":".len();
         let end = at + text[at..].find(',').unwrap();
         std::fs::write(&path, format!("{}1000{}", &text[..at], &text[end..])).unwrap();
-        let err = read(&path, S, DAY).expect_err("too old").to_string();
+        let err = read::<Vec<config::Service>>(&path, S, DAY)
+            .expect_err("too old")
+            .to_string();
         assert!(err.contains("trusted"), "{err}");
         // Another agent's scope (other tenants): not used.
         write(&path, S, &services()).unwrap();
-        let err = read(&path, "/dataplane/v1/services/b/", DAY)
+        let err = read::<Vec<config::Service>>(&path, "/dataplane/v1/services/b/", DAY)
             .expect_err("scope")
             .to_string();
         assert!(err.contains("written for"), "{err}");
