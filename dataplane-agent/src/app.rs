@@ -105,9 +105,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         sources.push(Box::new(crate::registry::RegistryFeed(rx)));
     }
     if let Some(cfg) = &settings.kubernetes {
-        let client = crate::kubernetes::client(cfg).await?;
+        // Checked here, so that a bad kubeconfig stops the agent with a
+        // clear error; the source makes its own on its own thread.
+        crate::kubernetes::client(cfg).await?;
         info!(node = %cfg.node, "reading the Kubernetes API server");
-        let rx = crate::kubernetes::source::start(client, cfg, kubernetes_metrics.clone())
+        let rx = crate::kubernetes::source::start(cfg, kubernetes_metrics.clone())
             .context("starting the Kubernetes source's thread")?;
         kubernetes_state = Some(rx.clone());
         sources.push(Box::new(crate::discovery::Feed::new("kubernetes", rx)));

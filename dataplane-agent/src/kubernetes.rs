@@ -6,10 +6,13 @@
 //! - [`source`]: the watches, the stores they fill, and the state they
 //!   publish; an API server outage keeps the last state (its age is a
 //!   metric), and every watch relists when the server is back.
+//! - [`policy`]: the `TrafficPolicy` custom resource (a Service's traffic
+//!   policy), its CRD, and how policies resolve.
 //! - [`metrics`]: the `dataplane_kubernetes_*` series.
 
 pub mod convert;
 pub mod metrics;
+pub mod policy;
 pub mod source;
 
 use std::path::PathBuf;

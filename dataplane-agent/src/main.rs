@@ -140,6 +140,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the TrafficPolicy CustomResourceDefinition (YAML), as
+    /// deploy/base/crd.yaml holds it.
+    Crd,
     /// Detach the capture programs and remove every pinned object.
     Cleanup {
         #[arg(long, env = "DATAPLANE_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
@@ -573,6 +576,10 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("the agent at {admin_addr} sent unreadable JSON"))?;
                 print!("{}", app::status::render(&clusters));
             }
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", dataplane_agent::kubernetes::policy::crd_yaml());
             Ok(())
         }
         Command::Cleanup { pin_dir } => {

@@ -40,6 +40,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Pod,
+    /// The mesh's custom resource (its CRD installed).
+    TrafficPolicy,
 }
 
 impl Kind {
@@ -49,6 +51,7 @@ impl Kind {
             "Service" => Self::Service,
             "EndpointSlice" => Self::EndpointSlice,
             "Pod" => Self::Pod,
+            "TrafficPolicy" => Self::TrafficPolicy,
             _ => return None,
         })
     }
@@ -59,6 +62,7 @@ impl Kind {
             "/api/v1/services" => Self::Service,
             "/apis/discovery.k8s.io/v1/endpointslices" => Self::EndpointSlice,
             "/api/v1/pods" => Self::Pod,
+            "/apis/mesh.sidecarless.dev/v1alpha1/trafficpolicies" => Self::TrafficPolicy,
             _ => return None,
         })
     }
@@ -69,12 +73,14 @@ impl Kind {
             Self::Service => "ServiceList",
             Self::EndpointSlice => "EndpointSliceList",
             Self::Pod => "PodList",
+            Self::TrafficPolicy => "TrafficPolicyList",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::TrafficPolicy => "mesh.sidecarless.dev/v1alpha1",
             _ => "v1",
         }
     }
@@ -85,6 +91,7 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::Pod => "Pod",
+            Self::TrafficPolicy => "TrafficPolicy",
         }
     }
 }
@@ -115,6 +122,8 @@ struct State {
     watchers: Vec<Watcher>,
     /// Requests served, as `LIST <kind>` or `WATCH <kind>`.
     requests: Vec<String>,
+    /// Kinds this cluster does not have (a CRD not installed): 404.
+    missing: std::collections::BTreeSet<Kind>,
 }
 
 struct Watcher {
@@ -182,6 +191,39 @@ impl KubeApi {
             let version = state.version;
             object["metadata"]["resourceVersion"] = json!(version.to_string());
             let key = key(&object);
+            // What the API server maintains itself: the generation (bumped
+            // when the spec changes), the creation time, and the status
+            // (written through its own subresource, not by an apply).
+            let old = state.objects.get(&kind).and_then(|o| o.get(&key)).cloned();
+            let generation = match &old {
+                None => 1,
+                Some(old) => {
+                    let before = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                    before + i64::from(old["spec"] != object["spec"])
+                }
+            };
+            object["metadata"]["generation"] = json!(generation);
+            if object["metadata"]["creationTimestamp"].is_null() {
+                let created = old
+                    .as_ref()
+                    .map(|o| o["metadata"]["creationTimestamp"].clone())
+                    .unwrap_or_else(|| {
+                        let s = version % 86_400;
+                        json!(format!(
+                            "2026-12-01T{:02}:{:02}:{:02}Z",
+                            s / 3600,
+                            s / 60 % 60,
+                            s % 60
+                        ))
+                    });
+                object["metadata"]["creationTimestamp"] = created;
+            }
+            if let Some(old) = &old
+                && object.get("status").is_none()
+                && !old["status"].is_null()
+            {
+                object["status"] = old["status"].clone();
+            }
             let existed = state
                 .objects
                 .entry(kind)
@@ -258,6 +300,26 @@ impl KubeApi {
         Ok(())
     }
 
+    /// Makes `kind` unknown to the server (its CRD uninstalled) or known
+    /// again.
+    pub fn set_installed(&self, kind: Kind, installed: bool) {
+        let mut state = self.state();
+        if installed {
+            state.missing.remove(&kind);
+        } else {
+            state.missing.insert(kind);
+        }
+    }
+
+    /// The object as the server holds it now (status included).
+    pub fn object(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        self.state()
+            .objects
+            .get(&kind)?
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
+    }
+
     /// Watches open now.
     pub fn open_watches(&self) -> usize {
         self.state().watchers.len()
@@ -287,7 +349,7 @@ impl KubeApi {
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let inner = Arc::clone(&handler);
-                        async move { Ok::<_, Infallible>(handle(&inner, &req)) }
+                        async move { Ok::<_, Infallible>(handle(&inner, req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -360,10 +422,20 @@ fn gone_status(oldest: u64) -> Value {
 
 type Body = BoxBody<Bytes, Infallible>;
 
-fn handle(inner: &Inner, req: &Request<Incoming>) -> Response<Body> {
+async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
+    if req.method() == http::Method::PATCH {
+        return patch_status(inner, req).await;
+    }
     let Some(kind) = Kind::from_path(req.uri().path()) else {
         return status(StatusCode::NOT_FOUND, "NotFound", "no such resource here");
     };
+    if lock(&inner.state).missing.contains(&kind) {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
     let query: BTreeMap<String, String> = req
         .uri()
         .query()
@@ -439,6 +511,77 @@ fn handle(inner: &Inner, req: &Request<Incoming>) -> Response<Body> {
         "items": items,
     });
     json_response(StatusCode::OK, &list)
+}
+
+/// `PATCH .../namespaces/<ns>/trafficpolicies/<name>/status` with a JSON
+/// merge patch: the object's status changes, watchers see `MODIFIED`.
+async fn patch_status(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let [
+        "apis",
+        "mesh.sidecarless.dev",
+        "v1alpha1",
+        "namespaces",
+        namespace,
+        "trafficpolicies",
+        name,
+        "status",
+    ] = parts.as_slice()
+    else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "only TrafficPolicy status is patched here",
+        );
+    };
+    let Ok(body) = req.into_body().collect().await else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+    };
+    let Ok(patch) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+    };
+    let mut state = lock(&inner.state);
+    state.requests.push("PATCH TrafficPolicy/status".into());
+    let key = format!("{namespace}/{name}");
+    let Some(mut object) = state
+        .objects
+        .get(&Kind::TrafficPolicy)
+        .and_then(|o| o.get(&key))
+        .cloned()
+    else {
+        return status(StatusCode::NOT_FOUND, "NotFound", "no such TrafficPolicy");
+    };
+    merge(&mut object["status"], &patch["status"]);
+    state.version += 1;
+    object["metadata"]["resourceVersion"] = json!(state.version.to_string());
+    state
+        .objects
+        .entry(Kind::TrafficPolicy)
+        .or_default()
+        .insert(key, object.clone());
+    state.publish(Kind::TrafficPolicy, "MODIFIED", object.clone());
+    json_response(StatusCode::OK, &object)
+}
+
+/// JSON merge patch (RFC 7386).
+fn merge(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (key, value) in fields {
+        if value.is_null() {
+            if let Some(map) = target.as_object_mut() {
+                map.remove(key);
+            }
+        } else {
+            merge(&mut target[key.as_str()], value);
+        }
+    }
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response<Body> {

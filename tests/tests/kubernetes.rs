@@ -53,6 +53,41 @@ fn metric(agent: &Agent, name: &str) -> f64 {
         .sum()
 }
 
+/// The stand-in API server serving `cluster` in the node's namespace, and
+/// the agent run as the DaemonSet runs it against it (the config file has
+/// no services and no pods: all comes from the API).
+struct KubeNode {
+    api: KubeApiInNetns,
+    agent: Agent,
+    dir: std::path::PathBuf,
+}
+
+impl KubeNode {
+    fn start(node: &SimNode, cluster: &str, name: &str) -> Self {
+        let api = KubeApiInNetns::start(node.netns(), cluster).expect("API server");
+        let dir = std::env::temp_dir().join(format!("dp-kube-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let kubeconfig = api.write_kubeconfig(&dir).expect("kubeconfig");
+        let agent = Agent::start_with(
+            node,
+            "services: []\n",
+            &[
+                "--kubernetes",
+                &format!("--kubeconfig={}", kubeconfig.display()),
+                &format!("--node-name={}", node.id()),
+            ],
+        )
+        .expect("agent");
+        Self { api, agent, dir }
+    }
+}
+
+impl Drop for KubeNode {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 #[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn the_agent_serves_what_the_api_server_says() {
@@ -86,26 +121,12 @@ fn the_agent_serves_what_the_api_server_says() {
         cluster.push_str("---\n");
         cluster.push_str(&pod_yaml(pod, ns, &node_name));
     }
-    let api = KubeApiInNetns::start(node.netns(), &cluster).expect("API server");
-    let dir = std::env::temp_dir().join(format!("dp-kube-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = api.write_kubeconfig(&dir).expect("kubeconfig");
-
-    // The config file has no services and no pods: all comes from the API.
-    let agent = Agent::start_with(
-        &node,
-        "services: []\n",
-        &[
-            "--kubernetes",
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            &format!("--node-name={node_name}"),
-        ],
-    )
-    .expect("agent");
+    let mut kube = KubeNode::start(&node, &cluster, "e2e");
+    let (api, agent) = (&kube.api, &mut kube.agent);
     eventually("the API state applied", Duration::from_secs(15), || {
-        anyhow::ensure!(metric(&agent, "dataplane_kubernetes_up") == 1.0);
+        anyhow::ensure!(metric(agent, "dataplane_kubernetes_up") == 1.0);
         // frontend, web-0 and web-1 are in the enrolled namespace.
-        anyhow::ensure!(metric(&agent, "dataplane_kubernetes_pods") == 3.0);
+        anyhow::ensure!(metric(agent, "dataplane_kubernetes_pods") == 3.0);
         Ok(())
     })
     .expect("synced");
@@ -169,7 +190,7 @@ fn the_agent_serves_what_the_api_server_says() {
     ))
     .expect("apply");
     eventually("the pod leaves the mesh", Duration::from_secs(10), || {
-        anyhow::ensure!(metric(&agent, "dataplane_kubernetes_pods") == 2.0);
+        anyhow::ensure!(metric(agent, "dataplane_kubernetes_pods") == 2.0);
         Ok(())
     })
     .expect("opt-out");
@@ -177,7 +198,7 @@ fn the_agent_serves_what_the_api_server_says() {
     // it is not captured any more (web-1's own connect, it is enrolled).
     api.delete(Kind::Service, "shop", "web").expect("delete");
     eventually("the service leaves", Duration::from_secs(10), || {
-        anyhow::ensure!(metric(&agent, "dataplane_kubernetes_services") == 0.0);
+        anyhow::ensure!(metric(agent, "dataplane_kubernetes_services") == 0.0);
         let report = http_peers::load(
             &node,
             &b2,
@@ -187,8 +208,6 @@ fn the_agent_serves_what_the_api_server_says() {
         Ok(())
     })
     .expect("deleted");
-    drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Tenants from namespace labels: a pod of tenant `a` cannot reach tenant
@@ -234,20 +253,8 @@ fn tenants_reach_their_own_services_and_those_exported_to_them() {
         cluster.push_str("---\n");
         cluster.push_str(&pod_yaml(pod, ns, &node_name));
     }
-    let api = KubeApiInNetns::start(node.netns(), &cluster).expect("API server");
-    let dir = std::env::temp_dir().join(format!("dp-kube-tenants-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = api.write_kubeconfig(&dir).expect("kubeconfig");
-    let agent = Agent::start_with(
-        &node,
-        "services: []\n",
-        &[
-            "--kubernetes",
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            &format!("--node-name={node_name}"),
-        ],
-    )
-    .expect("agent");
+    let mut kube = KubeNode::start(&node, &cluster, "tenants");
+    let (api, agent) = (&kube.api, &mut kube.agent);
     let url = format!("http://{ECHO_VIP}/");
     let one = |pod: &Pod| {
         http_peers::load(
@@ -276,7 +283,7 @@ fn tenants_reach_their_own_services_and_those_exported_to_them() {
         "refused at once, not timed out: {took:?}"
     );
     assert!(
-        metric(&agent, "dataplane_capture_tenant_denied") >= 1.0,
+        metric(agent, "dataplane_capture_tenant_denied") >= 1.0,
         "counted by the connect hook"
     );
 
@@ -320,8 +327,6 @@ fn tenants_reach_their_own_services_and_those_exported_to_them() {
         ),
         "refused for want of an original destination"
     );
-    drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An agent restarted while the API server is unreachable routes from its
@@ -350,20 +355,8 @@ fn an_agent_restarted_while_the_api_server_is_down_keeps_serving() {
         cluster.push_str("---\n");
         cluster.push_str(&pod_yaml(pod, "shop", &node_name));
     }
-    let api = KubeApiInNetns::start(node.netns(), &cluster).expect("API server");
-    let dir = std::env::temp_dir().join(format!("dp-kube-snap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = api.write_kubeconfig(&dir).expect("kubeconfig");
-    let mut agent = Agent::start_with(
-        &node,
-        "services: []\n",
-        &[
-            "--kubernetes",
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            &format!("--node-name={node_name}"),
-        ],
-    )
-    .expect("agent");
+    let mut kube = KubeNode::start(&node, &cluster, "snap");
+    let (api, agent) = (&kube.api, &mut kube.agent);
     let url = format!("http://{ECHO_VIP}/");
     let load = |n: &str| {
         http_peers::load(
@@ -403,8 +396,6 @@ fn an_agent_restarted_while_the_api_server_is_down_keeps_serving() {
     agent.spawn(&node).expect("restart");
     let report = load("50").expect("load");
     assert_eq!(report.ok, 50, "served from the snapshot: {report:?}");
-    assert_eq!(metric(&agent, "dataplane_kubernetes_from_snapshot"), 1.0);
-    assert_eq!(metric(&agent, "dataplane_kubernetes_up"), 0.0);
-    drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(metric(agent, "dataplane_kubernetes_from_snapshot"), 1.0);
+    assert_eq!(metric(agent, "dataplane_kubernetes_up"), 0.0);
 }

@@ -235,14 +235,20 @@ fn base_is_valid_for_kubernetes_1_30_to_1_37() {
             "ClusterRole",
             "ClusterRoleBinding",
             "ConfigMap",
+            "CustomResourceDefinition",
             "DaemonSet",
             "Namespace",
             "ServiceAccount"
         ]),
     );
     for obj in &base().objects {
-        if !["Namespace", "ClusterRole", "ClusterRoleBinding"]
-            .contains(&obj["kind"].as_str().unwrap_or_default())
+        if ![
+            "Namespace",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+        ]
+        .contains(&obj["kind"].as_str().unwrap_or_default())
         {
             assert_eq!(
                 obj["metadata"]["namespace"], "dataplane-system",
@@ -642,7 +648,7 @@ fn dockerfile_uses_the_bpf_linker_of_setup() {
 }
 
 #[test]
-fn the_agent_reads_the_kubernetes_api_with_read_only_rights_on_what_it_watches() {
+fn the_agent_may_read_what_it_watches_and_write_only_policy_status() {
     let agent = container(pod_spec(daemonset()), "agent");
     assert_eq!(env(agent, "DATAPLANE_KUBERNETES")["value"], "true");
     assert_eq!(
@@ -662,27 +668,36 @@ fn the_agent_reads_the_kubernetes_api_with_read_only_rights_on_what_it_watches()
     let role = find(&base().objects, "ClusterRole", "dataplane-agent");
     let mut granted = BTreeSet::new();
     for rule in role["rules"].as_array().expect("rules") {
-        assert_eq!(
-            strings(&rule["verbs"]),
-            ["list", "watch"],
-            "read only: {rule}"
-        );
+        let verbs = strings(&rule["verbs"]).join(",");
         for group in strings(&rule["apiGroups"]) {
             for resource in strings(&rule["resources"]) {
-                granted.insert(format!("{group}/{resource}"));
+                granted.insert(format!("{group}/{resource}: {verbs}"));
             }
         }
     }
-    // Exactly what the Kubernetes source watches.
+    // Exactly what the Kubernetes source watches, and the one write: the
+    // status of traffic policies.
     assert_eq!(
         granted,
-        BTreeSet::from([
-            "/namespaces".to_string(),
-            "/pods".to_string(),
-            "/services".to_string(),
-            "discovery.k8s.io/endpointslices".to_string(),
-        ])
+        BTreeSet::from(
+            [
+                "/namespaces: list,watch",
+                "/pods: list,watch",
+                "/services: list,watch",
+                "discovery.k8s.io/endpointslices: list,watch",
+                "mesh.sidecarless.dev/trafficpolicies: list,watch",
+                "mesh.sidecarless.dev/trafficpolicies/status: patch",
+            ]
+            .map(String::from)
+        )
     );
+    // The CRD it reads is installed with it.
+    let crd = find(
+        &base().objects,
+        "CustomResourceDefinition",
+        "trafficpolicies.mesh.sidecarless.dev",
+    );
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
     let binding = find(&base().objects, "ClusterRoleBinding", "dataplane-agent");
     assert_eq!(binding["roleRef"]["name"], "dataplane-agent");
     assert_eq!(binding["subjects"][0]["name"], account);

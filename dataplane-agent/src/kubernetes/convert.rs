@@ -57,6 +57,7 @@ pub fn services<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     tenants: &BTreeMap<String, String>,
+    policies: &HashMap<(String, String), TrafficPolicy>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<config::Service> {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
@@ -90,9 +91,13 @@ pub fn services<'a>(
         let before = out.len();
         convert_service(service, namespace, name, slices, skipped, &mut out);
         let export_to = export_to(service, &tenant, skipped);
+        let policy = policies.get(&(namespace.to_string(), name.to_string()));
         for converted in &mut out[before..] {
             converted.tenant.clone_from(&tenant);
             converted.export_to.clone_from(&export_to);
+            if let Some(policy) = policy {
+                converted.traffic_policy = policy.clone();
+            }
         }
     }
     out

@@ -1,11 +1,12 @@
 //! The watches of the Kubernetes source and the state they publish.
 //!
-//! One kube-rs watcher per kind (Services, EndpointSlices and Namespaces
-//! of the whole cluster, the Pods of this node by field selector) sends
-//! what it sees to one thread that owns the stores. That thread converts
-//! them ([`super::convert`]) once a burst of events has settled and
-//! publishes the result: on its own thread, so converting a large cluster
-//! never holds up a proxy worker.
+//! One kube-rs watcher per kind (Services, EndpointSlices, Namespaces and
+//! TrafficPolicies of the whole cluster, the Pods of this node by field
+//! selector), all on one thread of their own, sends what it sees to
+//! another thread that owns the stores. That thread converts them
+//! ([`super::convert`], [`super::policy`]) once a burst of events has
+//! settled and publishes the result. Neither listing nor converting a
+//! large cluster ever holds up a proxy worker.
 //!
 //! Outages: a watch that fails (API server unreachable, stream dropped,
 //! `410 Gone`) is dropped and started again after a backoff, which lists
@@ -14,7 +15,7 @@
 //! objects in one step, so no request ever sees it half-listed. How long
 //! the state has been stale is logged and exported.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -32,6 +33,8 @@ use tracing::{debug, info, warn};
 use super::KubernetesConfig;
 use super::convert::{self, Skipped};
 use super::metrics::KubernetesMetrics;
+use super::policy::{self, PolicyCondition, TrafficPolicyObject};
+use crate::config;
 use crate::discovery::{Discovered, snapshot};
 
 /// How long the state thread lets a burst of events settle before it
@@ -58,7 +61,6 @@ const WATCH_TIMEOUT_S: u32 = 60;
 /// Starts the watches; the state is published once every kind has been
 /// listed (until then the receiver holds an empty state).
 pub fn start(
-    client: kube::Client,
     cfg: &KubernetesConfig,
     metrics: KubernetesMetrics,
 ) -> std::io::Result<watch::Receiver<Arc<Discovered>>> {
@@ -67,27 +69,53 @@ pub fn start(
     let (updates, inbox) = mpsc::channel::<Update>();
     let node = cfg.node.clone();
     let snapshot = cfg.snapshot.clone();
+    let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("kubernetes-state".into())
-        .spawn(move || own_state(inbox, tx, node, snapshot, metrics))?;
+        .spawn(move || own_state(inbox, tx, node, snapshot, status_tx, metrics))?;
     let base = watcher::Config::default().timeout(WATCH_TIMEOUT_S);
     let pods = base.clone().fields(&format!("spec.nodeName={}", cfg.node));
-    tokio::spawn(watch_kind::<Service>(
-        Api::all(client.clone()),
-        base.clone(),
-        updates.clone(),
-    ));
-    tokio::spawn(watch_kind::<EndpointSlice>(
-        Api::all(client.clone()),
-        base.clone(),
-        updates.clone(),
-    ));
-    tokio::spawn(watch_kind::<Namespace>(
-        Api::all(client.clone()),
-        base,
-        updates.clone(),
-    ));
-    tokio::spawn(watch_kind::<Pod>(Api::all(client), pods, updates));
+    let cfg = cfg.clone();
+    // The client, its connections, the watches and their JSON decoding
+    // (whole-cluster listings) run on their own thread and runtime, never
+    // on the proxy's workers.
+    std::thread::Builder::new()
+        .name("kubernetes-watch".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => return warn!(%err, "cannot start the Kubernetes watches"),
+            };
+            runtime.block_on(async move {
+                let client = match super::client(&cfg).await {
+                    Ok(client) => client,
+                    Err(err) => return warn!(%err, "cannot start the Kubernetes watches"),
+                };
+                tokio::join!(
+                    write_policy_status(client.clone(), status_rx),
+                    watch_kind::<Service>(Api::all(client.clone()), base.clone(), updates.clone()),
+                    watch_kind::<EndpointSlice>(
+                        Api::all(client.clone()),
+                        base.clone(),
+                        updates.clone()
+                    ),
+                    watch_kind::<Namespace>(
+                        Api::all(client.clone()),
+                        base.clone(),
+                        updates.clone()
+                    ),
+                    watch_kind::<TrafficPolicyObject>(
+                        Api::all(client.clone()),
+                        base,
+                        updates.clone()
+                    ),
+                    watch_kind::<Pod>(Api::all(client), pods, updates),
+                );
+            });
+        })?;
     Ok(rx)
 }
 
@@ -137,7 +165,14 @@ type Update = Box<dyn FnOnce(&mut Stores) + Send>;
 /// One kind's objects by namespace/name.
 type Objects<K> = BTreeMap<String, K>;
 
-const KINDS: usize = 4;
+const KINDS: usize = 5;
+
+/// How often a kind whose CRD is not installed is looked for again.
+const ABSENT_RETRY: Duration = Duration::from_secs(60);
+
+/// How long a status write is awaited before it is tried again (it may
+/// have failed: the API server down, no right to write it).
+const STATUS_RETRY: Duration = Duration::from_secs(30);
 
 /// A kind the source watches.
 trait Watched:
@@ -146,6 +181,9 @@ trait Watched:
     /// Its slot in [`Stores::listed`] and [`Stores::failing`].
     const INDEX: usize;
     const KIND: &'static str;
+    /// A kind of a CRD the cluster may not have installed: its absence
+    /// (404) counts as an empty listing, not as an outage.
+    const OPTIONAL: bool = false;
     fn objects(stores: &mut Stores) -> &mut Objects<Self>;
 }
 
@@ -165,6 +203,15 @@ watched!(Service, 0, "Service", services);
 watched!(EndpointSlice, 1, "EndpointSlice", slices);
 watched!(Namespace, 2, "Namespace", namespaces);
 watched!(Pod, 3, "Pod", pods);
+
+impl Watched for TrafficPolicyObject {
+    const INDEX: usize = 4;
+    const KIND: &'static str = "TrafficPolicy";
+    const OPTIONAL: bool = true;
+    fn objects(stores: &mut Stores) -> &mut Objects<Self> {
+        &mut stores.policies
+    }
+}
 
 fn key<K: Resource>(obj: &K) -> String {
     let meta = obj.meta();
@@ -229,6 +276,13 @@ async fn watch_kind<K: Watched>(
                         s.streaming::<K>();
                     })
                 }
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                    if K::OPTIONAL && status.code == 404 =>
+                {
+                    let _ = updates.send(Box::new(|s: &mut Stores| s.absent::<K>()));
+                    tokio::time::sleep(ABSENT_RETRY).await;
+                    break;
+                }
                 Err(err) => {
                     let err = err.to_string();
                     let _ = updates.send(Box::new(move |s: &mut Stores| s.failed::<K>(&err)));
@@ -251,6 +305,15 @@ struct Stores {
     slices: Objects<EndpointSlice>,
     namespaces: Objects<Namespace>,
     pods: Objects<Pod>,
+    policies: Objects<TrafficPolicyObject>,
+    /// Per policy, the last version that parsed (kept in force while a
+    /// later one is invalid).
+    last_good: HashMap<String, config::TrafficPolicy>,
+    /// Status writes asked for, by policy, and when.
+    status_asked: HashMap<String, (PolicyCondition, Instant)>,
+    status_tx: tokio::sync::mpsc::UnboundedSender<(String, String, PolicyCondition)>,
+    /// Kinds whose CRD is missing, as last reported.
+    absent: [bool; KINDS],
     /// Kinds listed at least once: nothing is published before all are,
     /// or a start would route with services but no endpoints yet.
     listed: [bool; KINDS],
@@ -267,6 +330,7 @@ impl Stores {
         debug!(kind = K::KIND, objects = objects.len(), "listed");
         *K::objects(self) = objects;
         self.listed[K::INDEX] = true;
+        self.absent[K::INDEX] = false;
         self.streaming::<K>();
     }
 
@@ -305,13 +369,37 @@ impl Stores {
         self.failing.iter().flatten().min().copied()
     }
 
-    fn convert(&self, node: &str) -> (Discovered, Vec<Skipped>) {
+    /// A kind's CRD is not installed: an empty listing.
+    fn absent<K: Watched>(&mut self) {
+        if !self.absent[K::INDEX] {
+            self.absent[K::INDEX] = true;
+            warn!(
+                kind = K::KIND,
+                "the {} CRD is not installed (deploy/base/crd.yaml): none is read; looked for again every minute",
+                K::KIND
+            );
+        }
+        K::objects(self).clear();
+        self.listed[K::INDEX] = true;
+        self.dirty = true;
+        self.failing[K::INDEX] = None;
+    }
+
+    fn convert(&mut self, node: &str) -> (Discovered, Vec<Skipped>) {
         let mut skipped = Vec::new();
         let tenants = convert::namespace_tenants(self.namespaces.values());
+        let services_seen = &self.services;
+        let resolved = policy::resolve(
+            self.policies.values(),
+            |namespace, name| services_seen.contains_key(&format!("{namespace}/{name}")),
+            &mut self.last_good,
+        );
+        self.report_policies(&resolved.conditions, &mut skipped);
         let services = convert::services(
             self.services.values(),
             self.slices.values(),
             &tenants,
+            &resolved.by_service,
             &mut skipped,
         );
         let pods = convert::pods(
@@ -334,6 +422,76 @@ impl Stores {
     }
 }
 
+impl Stores {
+    /// Asks for the status writes that would change what a policy shows,
+    /// and reports invalid policies like other bad objects.
+    fn report_policies(
+        &mut self,
+        conditions: &[(String, PolicyCondition)],
+        skipped: &mut Vec<Skipped>,
+    ) {
+        for (key, condition) in conditions {
+            if condition.reason == "Invalid" {
+                skipped.push(Skipped {
+                    object: format!("TrafficPolicy {key}"),
+                    field: "spec".into(),
+                    why: condition.message.clone(),
+                    invalid: true,
+                });
+            }
+            let shown = self.policies.get(key).and_then(|p| {
+                p.status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == policy::ACCEPTED)
+                    .cloned()
+            });
+            if shown.as_ref() == Some(condition) {
+                self.status_asked.remove(key);
+                continue;
+            }
+            let asked = self
+                .status_asked
+                .get(key)
+                .is_some_and(|(c, at)| c == condition && at.elapsed() < STATUS_RETRY);
+            if asked {
+                continue;
+            }
+            let Some((namespace, name)) = key.split_once('/') else {
+                continue;
+            };
+            let _ = self
+                .status_tx
+                .send((namespace.into(), name.into(), condition.clone()));
+            self.status_asked
+                .insert(key.clone(), (condition.clone(), Instant::now()));
+        }
+        self.status_asked
+            .retain(|key, _| conditions.iter().any(|(k, _)| k == key));
+    }
+}
+
+/// Writes policies' `Accepted` conditions to their status subresource.
+/// Every agent computes the same verdict and writes only what the object
+/// does not show yet, so the writes stop once one has landed.
+async fn write_policy_status(
+    client: kube::Client,
+    mut asked: tokio::sync::mpsc::UnboundedReceiver<(String, String, PolicyCondition)>,
+) {
+    use kube::api::{Patch, PatchParams};
+    while let Some((namespace, name, condition)) = asked.recv().await {
+        let api: Api<TrafficPolicyObject> = Api::namespaced(client.clone(), &namespace);
+        let patch = serde_json::json!({"status": {"conditions": [condition]}});
+        if let Err(err) = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(policy = %format!("{namespace}/{name}"), %err, "cannot write the TrafficPolicy status");
+        }
+    }
+}
+
 /// The state thread: applies the watches' updates, converts when a burst
 /// has settled, publishes, and keeps the outage metrics current.
 fn own_state(
@@ -341,6 +499,7 @@ fn own_state(
     tx: watch::Sender<Arc<Discovered>>,
     node: String,
     snapshot_path: Option<std::path::PathBuf>,
+    status_tx: tokio::sync::mpsc::UnboundedSender<(String, String, PolicyCondition)>,
     metrics: KubernetesMetrics,
 ) {
     let mut unsaved = false;
@@ -350,6 +509,11 @@ fn own_state(
         slices: Objects::new(),
         namespaces: Objects::new(),
         pods: Objects::new(),
+        policies: Objects::new(),
+        last_good: HashMap::new(),
+        status_asked: HashMap::new(),
+        status_tx,
+        absent: [false; KINDS],
         listed: [false; KINDS],
         failing: [None; KINDS],
         dirty: false,

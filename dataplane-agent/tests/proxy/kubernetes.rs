@@ -74,9 +74,9 @@ async fn watch_with(
         snapshot,
         snapshot_max_age: Duration::from_secs(3600),
     };
-    let client = kubernetes::client(&cfg).await.unwrap();
+    kubernetes::client(&cfg).await.unwrap();
     let metrics = KubernetesMetrics::default();
-    let rx = source::start(client, &cfg, metrics.clone()).unwrap();
+    let rx = source::start(&cfg, metrics.clone()).unwrap();
     Watching {
         api,
         rx,
@@ -91,7 +91,7 @@ impl Watching {
         self.until(Duration::from_secs(10), |s| !s.services.is_empty())
             .await;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.api.open_watches() < 4 {
+        while self.api.open_watches() < 5 {
             assert!(Instant::now() < deadline, "the watches never started");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -508,9 +508,8 @@ async fn an_agent_started_while_the_api_server_is_down_routes_from_its_snapshot(
             snapshot: Some(path.clone()),
             snapshot_max_age: Duration::from_secs(3600),
         };
-        let client = kubernetes::client(&cfg).await.unwrap();
         let metrics = KubernetesMetrics::default();
-        let rx = source::start(client, &cfg, metrics).unwrap();
+        let rx = source::start(&cfg, metrics).unwrap();
         assert_eq!(*rx.borrow().clone(), *listed, "the snapshot's state, whole");
 
         // Another node's snapshot is not used.
@@ -518,9 +517,145 @@ async fn an_agent_started_while_the_api_server_is_down_routes_from_its_snapshot(
             node: "node-b".into(),
             ..cfg
         };
-        let client = kubernetes::client(&other).await.unwrap();
-        let rx = source::start(client, &other, KubernetesMetrics::default()).unwrap();
+        let rx = source::start(&other, KubernetesMetrics::default()).unwrap();
         assert!(!rx.borrow().complete, "nothing to route from");
+    })
+    .await;
+}
+
+fn attempts_of(state: &Discovered, name: &str) -> Option<u32> {
+    state
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.traffic_policy.retries.attempts)
+}
+
+fn policy_yaml(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: mesh.sidecarless.dev/v1alpha1\nkind: TrafficPolicy\n\
+         metadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n"
+    )
+}
+
+/// The `Accepted` condition the agent wrote on a policy.
+fn accepted(api: &KubeApi, name: &str) -> Option<(String, String, String)> {
+    let object = api.object(Kind::TrafficPolicy, "shop", name)?;
+    let condition = object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")?
+        .clone();
+    let text = |k: &str| condition[k].as_str().unwrap_or_default().to_string();
+    Some((text("status"), text("reason"), text("message")))
+}
+
+async fn until_accepted(
+    api: &KubeApi,
+    name: &str,
+    check: impl Fn(&(String, String, String)) -> bool,
+) -> (String, String, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(condition) = accepted(api, name)
+            && check(&condition)
+        {
+            return condition;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status of {name} never reached: {:?}",
+            accepted(api, name)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn traffic_policies_apply_to_their_service_and_bad_ones_keep_the_last_good() {
+    bounded(async {
+        let mut w = watch_api("policy", CLUSTER).await;
+        w.watching_all().await;
+        assert_eq!(attempts_of(&w.rx.borrow(), "cart"), Some(2), "the default");
+        w.api
+            .apply_yaml(&policy_yaml(
+                "cart-resilience",
+                "{targetRef: {kind: Service, name: cart}, retries: {attempts: 4}}",
+            ))
+            .unwrap();
+        w.until(Duration::from_secs(5), |s| {
+            attempts_of(s, "cart") == Some(4)
+        })
+        .await;
+        until_accepted(&w.api, "cart-resilience", |c| c.0 == "True").await;
+
+        // A typo: reported on the object, naming the field; the last good
+        // version stays in force.
+        w.api
+            .apply_yaml(&policy_yaml(
+                "cart-resilience",
+                "{targetRef: {kind: Service, name: cart}, retries: {attempts: lots}}",
+            ))
+            .unwrap();
+        let (status, reason, message) =
+            until_accepted(&w.api, "cart-resilience", |c| c.1 == "Invalid").await;
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Invalid"));
+        assert!(message.contains("spec.retries.attempts"), "{message}");
+        assert!(message.contains("last good version stays"), "{message}");
+        assert_eq!(attempts_of(&w.rx.borrow(), "cart"), Some(4));
+        assert_eq!(w.metric("dataplane_kubernetes_skipped_objects"), 1.0);
+
+        // A second policy for the same Service: the older one applies.
+        w.api
+            .apply_yaml(&policy_yaml(
+                "cart-other",
+                "{targetRef: {name: cart}, retries: {attempts: 1}}",
+            ))
+            .unwrap();
+        until_accepted(&w.api, "cart-other", |c| c.1 == "Conflicted").await;
+        assert_eq!(attempts_of(&w.rx.borrow(), "cart"), Some(4));
+
+        // Fixed, then deleted: the default comes back.
+        w.api
+            .apply_yaml(&policy_yaml(
+                "cart-resilience",
+                "{targetRef: {kind: Service, name: cart}, retries: {attempts: 3}}",
+            ))
+            .unwrap();
+        w.until(Duration::from_secs(5), |s| {
+            attempts_of(s, "cart") == Some(3)
+        })
+        .await;
+        until_accepted(&w.api, "cart-resilience", |c| c.0 == "True").await;
+        w.api
+            .delete(Kind::TrafficPolicy, "shop", "cart-other")
+            .unwrap();
+        w.api
+            .delete(Kind::TrafficPolicy, "shop", "cart-resilience")
+            .unwrap();
+        w.until(Duration::from_secs(5), |s| {
+            attempts_of(s, "cart") == Some(2)
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cluster_without_the_crd_is_read_all_the_same() {
+    bounded(async {
+        let api = KubeApi::start(CLUSTER, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .unwrap();
+        api.set_installed(Kind::TrafficPolicy, false);
+        let scratch = Scratch::new("nocrd");
+        let kubeconfig = api.write_kubeconfig(&scratch.0).unwrap();
+        let mut w = watch_with(api, scratch, kubeconfig, None).await;
+        w.until(Duration::from_secs(10), |s| {
+            s.complete && !s.services.is_empty()
+        })
+        .await;
+        assert_eq!(w.metric("dataplane_kubernetes_up"), 1.0);
     })
     .await;
 }

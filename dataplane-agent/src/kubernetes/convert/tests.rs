@@ -51,7 +51,13 @@ fn addr(a: [u8; 4], port: u16) -> SocketAddrV4 {
 fn convert(o: &Objects) -> (Vec<config::Service>, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let tenants = namespace_tenants(&o.namespaces);
-    let services = services(&o.services, &o.slices, &tenants, &mut skipped);
+    let services = services(
+        &o.services,
+        &o.slices,
+        &tenants,
+        &HashMap::new(),
+        &mut skipped,
+    );
     (services, skipped)
 }
 
@@ -259,7 +265,13 @@ fn a_namespaces_tenant_label_gives_its_services_and_pods_a_tenant() {
     assert_eq!(tenants.get("shop").map(String::as_str), Some("acme"));
     assert!(!tenants.contains_key("open"));
     let mut skipped = Vec::new();
-    let services = services(&o.services, &o.slices, &tenants, &mut skipped);
+    let services = services(
+        &o.services,
+        &o.slices,
+        &tenants,
+        &HashMap::new(),
+        &mut skipped,
+    );
     assert_eq!(services[0].tenant, "acme");
     assert_eq!(services[0].export_to, ["globex", "initech"]);
     assert_eq!(
