@@ -10,7 +10,8 @@
 //!
 //! - `DATAPLANE_BENCH_ONLY`: comma-separated parts to run, of `latency`
 //!   (the latency, rate and bulk runs), `memory` (memory against pods)
-//!   and `churn` (memory under churn); default all.
+//!   `churn` (memory under churn) and `discovery` (the agent reading a
+//!   large cluster from the Kubernetes API); default all.
 //! - `DATAPLANE_BENCH_MODES`: comma-separated modes for the latency part,
 //!   of `direct`, `node`, `sidecar`, `haproxy`; default all (keep
 //!   `direct`: the added latencies are measured against it).
@@ -18,6 +19,7 @@
 //!   600, `--quick` 15).
 
 pub mod churn;
+pub mod discovery;
 pub mod memory;
 pub mod render;
 pub mod report;
@@ -50,6 +52,7 @@ struct Parts {
     latency: bool,
     memory: bool,
     churn: bool,
+    discovery: bool,
 }
 
 impl Parts {
@@ -60,6 +63,7 @@ impl Parts {
                 latency: true,
                 memory: true,
                 churn: true,
+                discovery: true,
             }),
         }
     }
@@ -69,20 +73,24 @@ impl Parts {
             latency: false,
             memory: false,
             churn: false,
+            discovery: false,
         };
         for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "latency" => parts.latency = true,
                 "memory" => parts.memory = true,
                 "churn" => parts.churn = true,
+                "discovery" => parts.discovery = true,
                 other => {
-                    bail!("DATAPLANE_BENCH_ONLY: unknown part {other:?} (latency, memory, churn)")
+                    bail!(
+                        "DATAPLANE_BENCH_ONLY: unknown part {other:?} (latency, memory, churn, discovery)"
+                    )
                 }
             }
         }
         ensure!(
-            parts.latency || parts.memory || parts.churn,
-            "DATAPLANE_BENCH_ONLY names no part (latency, memory, churn)"
+            parts.latency || parts.memory || parts.churn || parts.discovery,
+            "DATAPLANE_BENCH_ONLY names no part (latency, memory, churn, discovery)"
         );
         Ok(parts)
     }
@@ -149,6 +157,9 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
     if parts.churn {
         total += churn_plan.steps();
     }
+    if parts.discovery {
+        total += 1;
+    }
     let bar = progress(total);
     let mut report = Report {
         machine: machine(),
@@ -173,9 +184,33 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
     if parts.churn {
         report.churn = Some(churn::measure(&churn_plan, &bar).context("memory under churn")?);
     }
+    if parts.discovery {
+        bar.set_message("discovery at scale");
+        report.discovery = Some(discovery::measure(options.quick).context("discovery at scale")?);
+        bar.inc(1);
+    }
     bar.finish_with_message("done");
     if let Some(churn) = &report.churn {
         println!("{}", churn_summary(churn));
+    }
+    if let Some(d) = &report.discovery {
+        println!(
+            "discovery: {} services, {} endpoints, {} pods: synced in {:.1} s, agent RSS {:.1} MiB \
+             (PSS {:.1}); {} endpoint changes in {:.1} s: agent CPU {:.2} cores; new Service to \
+             first answered request p50 {:.0} ms, p99 {:.0} ms ({} samples)",
+            d.services,
+            d.endpoints,
+            d.pods,
+            d.sync_s,
+            d.rss_bytes as f64 / f64::from(1 << 20),
+            d.pss_bytes as f64 / f64::from(1 << 20),
+            d.changes,
+            d.churn_s,
+            d.churn_cpu_cores,
+            d.effective_p50_ms,
+            d.effective_p99_ms,
+            d.effective_ms.len()
+        );
     }
     if options.quick {
         check_quick(&report, parts)?;
@@ -267,6 +302,16 @@ fn check_quick(report: &Report, parts: Parts) -> anyhow::Result<()> {
     if parts.churn {
         let churn = report.churn.as_ref().context("churn not measured")?;
         check_churn_ran(churn)?;
+    }
+    if parts.discovery {
+        let d = report
+            .discovery
+            .as_ref()
+            .context("discovery not measured")?;
+        ensure!(
+            d.sync_s > 0.0 && d.rss_bytes > 0 && d.changes > 0 && !d.effective_ms.is_empty(),
+            "discovery at scale measured nothing: {d:?}"
+        );
     }
     Ok(())
 }
@@ -388,7 +433,8 @@ mod tests {
             Parts {
                 latency: false,
                 memory: false,
-                churn: true
+                churn: true,
+                discovery: false,
             }
         );
         let two = Parts::parse(" memory, churn ")?;

@@ -26,6 +26,35 @@ pub struct Report {
     /// that part did not run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub churn: Option<Churn>,
+    /// Discovery from the Kubernetes API at scale (absent when that part
+    /// did not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryScale>,
+}
+
+/// The agent reading a large cluster (see `bench/discovery.rs`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiscoveryScale {
+    pub services: u32,
+    pub endpoints: u32,
+    /// Pods of the node in the API.
+    pub pods: u32,
+    /// From the agent's start to every Service in its state.
+    pub sync_s: f64,
+    /// The agent's memory 5 s after that.
+    pub rss_bytes: u64,
+    pub pss_bytes: u64,
+    /// Endpoint changes made at the API during the churn window, and its
+    /// length.
+    pub changes: u64,
+    pub churn_s: f64,
+    /// The agent's CPU over the churn window, in cores.
+    pub churn_cpu_cores: f64,
+    /// From a new Service at the API to the first request answered
+    /// through its VIP, each sample (ms), while the churn runs.
+    pub effective_ms: Vec<f64>,
+    pub effective_p50_ms: f64,
+    pub effective_p99_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
