@@ -41,6 +41,15 @@ use crate::discovery::{Discovered, snapshot};
 /// converts: a rolling update changes many slices within milliseconds.
 const SETTLE: Duration = Duration::from_millis(20);
 
+/// Under a steady stream of changes, each publication costs a conversion
+/// here and a rebuild of the proxy's tables and a sync of the kernel's
+/// downstream, all in proportion to the cluster's size: the next one
+/// waits this many times as long as the last conversion took (at most
+/// [`MAX_PACE`]), so that a large cluster's churn cannot keep the agent
+/// busy, while a small one's changes still apply within milliseconds.
+const PACE_FACTOR: u32 = 5;
+const MAX_PACE: Duration = Duration::from_secs(1);
+
 /// How often the outage age is exported, and how often a continuing
 /// outage is logged again.
 const TICK: Duration = Duration::from_secs(1);
@@ -520,12 +529,13 @@ fn own_state(
         metrics: metrics.clone(),
     };
     let mut reported = BTreeSet::new();
+    let mut pace = Duration::ZERO;
     let mut last_outage_log = Instant::now();
     loop {
         match inbox.recv_timeout(TICK) {
             Ok(update) => {
                 update(&mut stores);
-                let settled = Instant::now() + SETTLE;
+                let settled = Instant::now() + SETTLE.max(pace);
                 while let Some(left) = settled.checked_duration_since(Instant::now()) {
                     match inbox.recv_timeout(left) {
                         Ok(update) => update(&mut stores),
@@ -565,7 +575,9 @@ fn own_state(
         }
         metrics.from_snapshot.set(0);
         stores.dirty = false;
+        let converting = Instant::now();
         let (discovered, skipped) = stores.convert(&node);
+        pace = (converting.elapsed() * PACE_FACTOR).min(MAX_PACE);
         report(&mut reported, skipped, &metrics);
         metrics.services.set(count(discovered.services.len()));
         metrics.endpoints.set(count(
