@@ -394,6 +394,123 @@ async fn steady_load(
     all
 }
 
+/// The proxy as the agent runs it, with an empty config file and the
+/// Kubernetes source attached, serving the VIP of `cart`.
+async fn proxy_fed_by(
+    w: &Watching,
+    name: &str,
+) -> (TestProxy, tokio::task::JoinHandle<()>, Scratch) {
+    let scratch = Scratch::new(&format!("{name}-config"));
+    let file = scratch.0.join("mesh.yaml");
+    std::fs::write(&file, "services: []\n").unwrap();
+    let config = MeshConfig::load(&file).unwrap();
+    let watcher = ConfigWatcher::new(file.clone(), "services: []\n".into());
+    let admin = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let mut rt = Runtime::start((config, watcher), NodeContext::default(), admin, |_| {});
+    rt.attach(Box::new(Feed::new("kubernetes", w.rx.clone())));
+    let proxy = TestProxy::serve(Arc::clone(&rt.proxy), vip([10, 96, 0, 10], 80), None).await;
+    let run = tokio::spawn(async move {
+        rt.run_until_shutdown(Duration::from_secs(1), |_, _| {})
+            .await;
+    });
+    (proxy, run, scratch)
+}
+
+/// Namespace `shop`, Service `cart` at 10.96.0.10:80, a slice per backend.
+fn cart_cluster(backends: &[&Backend]) -> String {
+    let mut cluster = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, protocol: TCP}]}\n",
+    );
+    for (i, b) in backends.iter().enumerate() {
+        cluster.push_str("---\n");
+        cluster.push_str(&slice(
+            &format!("cart-{i}"),
+            *b.addr.ip(),
+            b.addr.port(),
+            true,
+        ));
+    }
+    cluster
+}
+
+/// A terminating endpoint finishes the requests it has and gets no new
+/// ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_endpoint_finishes_its_requests_and_gets_no_new_ones() {
+    bounded(async {
+        let slow = Backend::start("slow", Mode::Delay(Duration::from_secs(2))).await;
+        let fast = Backend::start("fast", Mode::Ok).await;
+        let mut w = watch_api("terminating", &cart_cluster(&[&slow, &fast])).await;
+        w.until(Duration::from_secs(10), |s| {
+            endpoints_of(s, "cart").len() == 2
+        })
+        .await;
+        let (proxy, run, _scratch) = proxy_fed_by(&w, "terminating").await;
+        let cart = vip([10, 96, 0, 10], 80);
+        let in_proxy = |addr: SocketAddrV4| {
+            proxy
+                .proxy
+                .services
+                .load()
+                .get(&cart)
+                .is_some_and(|s| s.endpoints.iter().any(|e| e.addr == addr))
+        };
+        assert!(
+            crate::support::eventually(Duration::from_secs(5), || in_proxy(slow.addr)).await,
+            "the proxy has both endpoints"
+        );
+
+        // Requests until one is in flight on the slow endpoint.
+        let url = proxy.url();
+        let mut pending = Vec::new();
+        for _ in 0..6 {
+            let url = url.clone();
+            pending.push(tokio::spawn(async move {
+                let req = Request::get(url).body(Full::default()).unwrap();
+                let resp = client(false)
+                    .request(req)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((status, body.to_bytes()))
+            }));
+        }
+        slow.arrived(1).await;
+        // Its pod starts terminating: not ready, still serving.
+        w.api
+            .apply_yaml(&slice("cart-0", *slow.addr.ip(), slow.addr.port(), false))
+            .unwrap();
+        assert!(
+            crate::support::eventually(Duration::from_secs(3), || !in_proxy(slow.addr)).await,
+            "the terminating endpoint leaves the proxy's table"
+        );
+        let arrived = slow.arrivals().len();
+        for _ in 0..20 {
+            let req = Request::get(proxy.url()).body(Full::default()).unwrap();
+            let resp = client(false).request(req).await.unwrap();
+            assert_eq!(resp.status(), http::StatusCode::OK);
+        }
+        // What it had in flight finished, on its connection.
+        for p in pending {
+            let (status, body) = p.await.unwrap().expect("an in-flight request finished");
+            assert_eq!(status, http::StatusCode::OK, "{body:?}");
+        }
+        assert!(slow.hits() >= 1, "the slow endpoint answered its request");
+        assert_eq!(slow.arrivals().len(), arrived, "no new request reached it");
+        run.abort();
+    })
+    .await;
+}
+
 /// The proxy as the agent runs it, fed by the Kubernetes source: under
 /// steady load, the API server's streams reset, its history expires (410)
 /// and it is unreachable for 30 s. No request fails, and an endpoint added
@@ -427,21 +544,7 @@ async fn api_server_failures_under_load_fail_no_request() {
         })
         .await;
 
-        let scratch = Scratch::new("load-config");
-        let file = scratch.0.join("mesh.yaml");
-        std::fs::write(&file, "services: []\n").unwrap();
-        let config = MeshConfig::load(&file).unwrap();
-        let watcher = ConfigWatcher::new(file.clone(), "services: []\n".into());
-        let admin = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .unwrap();
-        let mut rt = Runtime::start((config, watcher), NodeContext::default(), admin, |_| {});
-        rt.attach(Box::new(Feed::new("kubernetes", w.rx.clone())));
-        let proxy = TestProxy::serve(Arc::clone(&rt.proxy), vip([10, 96, 0, 10], 80), None).await;
-        let run = tokio::spawn(async move {
-            rt.run_until_shutdown(Duration::from_secs(1), |_, _| {})
-                .await;
-        });
+        let (proxy, run, _scratch) = proxy_fed_by(&w, "load").await;
 
         let stop = Arc::new(AtomicBool::new(false));
         let load = tokio::spawn(steady_load(proxy.addr, 4, Arc::clone(&stop)));
