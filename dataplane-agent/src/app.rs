@@ -124,7 +124,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Until every source has listed, the tables are only added to: the
     // pinned tables a running agent (or the one before this) filled keep
     // what this agent does not know yet.
-    let complete = sources.iter().all(|s| s.complete());
+    let complete = sources.iter().all(|s| s.listed());
     // Tables first, links second: the programs capture from the instant
     // they are attached, even when their tables are new, empty maps (a new
     // maps directory, or a pinned map of another layout replaced); until
@@ -218,16 +218,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     info!(proxy = %settings.proxy_addr, admin = %settings.admin_addr, "agent ready");
 
     let sources_complete = Arc::clone(&rt.complete);
+    let known_pods = Arc::clone(&rt.known_pods);
     rt.run_until_shutdown(settings.resync, |config, reloaded| {
         reconciler.set_complete(sources_complete.load(std::sync::atomic::Ordering::Acquire));
+        // Pods first: a namespace that just got a tenant has its pods'
+        // tenant written before its services', so its own pods are never
+        // refused by them meanwhile. `known` is of the same state as
+        // `config`.
+        let known = known_pods.lock().map(|k| k.clone()).unwrap_or_default();
+        reconciler.enrollment(config, &known);
         if reloaded {
             reconciler.services(config);
         }
-        let known = kubernetes_state
-            .as_ref()
-            .map(|rx| rx.borrow().known_pods.clone())
-            .unwrap_or_default();
-        reconciler.enrollment(config, &known);
         reconciler.check_kernel_counters();
         fail_open_log.check();
     })

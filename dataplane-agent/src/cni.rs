@@ -86,7 +86,7 @@ pub enum Decision {
 /// Kubernetes source knows and does not list is not (its namespace is not
 /// enrolled, or it opted out); one it does not know yet is enrolled when
 /// its namespace is (the watch has not delivered it; it stays enrolled
-/// pending that, see `capture::reconcile::PENDING_GRACE`).
+/// until it does, see `capture::reconcile`).
 pub fn decide(
     uid: &str,
     namespace: &str,
@@ -102,7 +102,7 @@ pub fn decide(
     if !kubernetes.complete {
         return Decision::NotYet;
     }
-    // The source's own view first: it may be ahead of the config in force
+    // Then the source's own view: it may be ahead of the config in force
     // (applied by the run loop a moment later).
     if let Some(pod) = kubernetes.pods.iter().find(|p| p.uid == uid) {
         return Decision::Enroll("enrolled by the Kubernetes API", pod.tenant.clone());

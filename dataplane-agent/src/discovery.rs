@@ -34,10 +34,16 @@ pub struct Discovered {
     pub enrolled_namespaces: BTreeSet<String>,
     /// Each namespace's tenant, for pods not known yet.
     pub namespace_tenants: BTreeMap<String, String>,
-    /// Whether this is a whole state (every kind listed at least once):
-    /// until then what the source lacks may exist, and nothing may be
-    /// removed from the kernel tables for its absence.
+    /// Whether this is a whole state (every kind listed at least once,
+    /// now or before a snapshot of it was written): enough to decide by,
+    /// as the CNI socket does.
     pub complete: bool,
+    /// Whether this agent itself has listed it. A state read back from a
+    /// snapshot is whole but old: what was created since may exist, and
+    /// nothing may be removed from the kernel tables for its absence
+    /// until this is true. Never written to a snapshot.
+    #[serde(skip)]
+    pub listed: bool,
 }
 
 /// A discovery source as the runtime sees it: its state, and a wake-up
@@ -50,9 +56,10 @@ pub trait Source: Send {
     fn current(&mut self) -> Arc<Discovered>;
     /// Resolves when the state changed since it was last seen.
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
-    /// Whether the source has a whole state yet (see
-    /// [`Discovered::complete`]).
-    fn complete(&self) -> bool {
+    /// Whether the source has listed its backend itself yet (see
+    /// [`Discovered::listed`]): until every source has, the kernel tables
+    /// are only added to.
+    fn listed(&self) -> bool {
         true
     }
 }
@@ -86,8 +93,8 @@ impl Source for Feed {
         })
     }
 
-    fn complete(&self) -> bool {
-        self.rx.borrow().complete
+    fn listed(&self) -> bool {
+        self.rx.borrow().listed
     }
 }
 

@@ -135,10 +135,14 @@ impl Proxy {
             return self.refuse(client, RefuseReason::NoService);
         };
         // Tenant isolation, again after the connect hooks: the caller is
-        // known by its pod address (a caller the config gives no address
-        // has no tenant here).
-        let tenant = table.tenant_at(peer.ip());
-        if !service.config.admits(tenant) {
+        // known by its pod address. One the proxy cannot place yet (its
+        // address not delivered: a pod just created) passed the connect
+        // hook's check, which knew its tenant, to get an original
+        // destination at all: it is admitted.
+        let known = table.tenant_at(peer.ip());
+        if let Some(tenant) = known
+            && !service.config.admits(tenant)
+        {
             debug!(%peer, %dst, tenant = tenant.unwrap_or_default(), "tenant may not call the service");
             let labels = crate::metrics::TenantLabels {
                 tenant: tenant.unwrap_or_default().to_string(),

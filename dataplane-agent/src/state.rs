@@ -80,10 +80,11 @@ impl ServiceTable {
         self.pods_by_ip.get(&ip).map(|p| p.uid.as_str())
     }
 
-    /// The tenant of the enrolled pod at `ip`: `None` for a pod without
-    /// one, or a caller the proxy does not know.
-    pub fn tenant_at(&self, ip: std::net::IpAddr) -> Option<&str> {
-        self.pods_by_ip.get(&ip).and_then(|p| p.tenant.as_deref())
+    /// The enrolled pod at `ip`, as far as tenants go: `None` for a caller
+    /// the proxy does not know (no address yet), `Some(None)` for a pod
+    /// without a tenant.
+    pub fn tenant_at(&self, ip: std::net::IpAddr) -> Option<Option<&str>> {
+        self.pods_by_ip.get(&ip).map(|p| p.tenant.as_deref())
     }
 
     pub fn get(&self, vip: &SocketAddrV4) -> Option<&Arc<Service>> {

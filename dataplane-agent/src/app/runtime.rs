@@ -37,6 +37,9 @@ pub struct Runtime {
     /// Whether every source has a whole state (the kernel tables are only
     /// added to until then).
     pub complete: Arc<std::sync::atomic::AtomicBool>,
+    /// Every pod of this node the sources know, enrolled or not, as of the
+    /// config in force (see `capture::reconcile::Reconciler::enrollment`).
+    pub known_pods: Arc<Mutex<std::collections::BTreeSet<String>>>,
     /// Shared with the blocking thread that reads the file.
     watcher: Arc<Mutex<ConfigWatcher>>,
     pub proxy: Arc<Proxy>,
@@ -134,6 +137,7 @@ impl Runtime {
             file_watch: tokio::sync::watch::Sender::new(config.clone()),
             sources: Vec::new(),
             complete: Arc::new(true.into()),
+            known_pods: Arc::default(),
             config,
             watcher: Arc::new(Mutex::new(watcher)),
             proxy,
@@ -163,8 +167,16 @@ impl Runtime {
             .map(|s| (s.name(), s.current()))
             .collect();
         let merged = crate::discovery::merge(&self.file, &current);
-        let complete = self.sources.iter().all(|s| s.complete());
-        self.complete.store(complete, Ordering::Release);
+        let listed = self.sources.iter().all(|s| s.listed());
+        self.complete.store(listed, Ordering::Release);
+        let known = current
+            .iter()
+            .flat_map(|(_, d)| d.known_pods.iter().cloned())
+            .collect();
+        *self
+            .known_pods
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = known;
         self.apply(merged, why);
     }
 

@@ -48,9 +48,8 @@ struct Shared {
     /// UIDs of the pods the config enrolls, with their tenant ids.
     wanted: HashMap<String, u32>,
     /// Pods enrolled at their creation by the CNI plugin that the config
-    /// does not list yet (the API server's word on them has not arrived),
-    /// with when: kept enrolled until the config lists them or for
-    /// [`PENDING_GRACE`].
+    /// does not list yet (the API server's word on them has not arrived);
+    /// see [`Pending`] for how long they stay.
     pending: HashMap<String, Pending>,
 }
 
@@ -244,11 +243,15 @@ impl Reconciler {
             .collect();
         let exports = exports(cfg);
         let mut shared = lock(&self.shared);
-        // Exports first: a service that gains a tenant is never, for a
-        // moment, closed to the tenants it is exported to.
+        // New exports before the services, stale ones after: a service is
+        // never, for a moment, closed to a tenant it is exported to.
         let mode = self.mode;
-        log_report("exports", &shared.tables.sync_exports(&exports, mode));
+        log_report(
+            "exports",
+            &shared.tables.sync_exports(&exports, SyncMode::AddOnly),
+        );
         log_report("services", &shared.tables.sync_services(&desired, mode));
+        log_report("exports", &shared.tables.sync_exports(&exports, mode));
     }
 
     /// Whether every discovery source has listed: until then, syncs only

@@ -137,6 +137,11 @@ fn snapshot_scope(node: &str) -> String {
 /// times a second; the last state of the last few seconds is enough).
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 
+/// How often an unchanged state is written again while the API server is
+/// reachable, so that a quiet cluster's snapshot stays younger than
+/// `--kubernetes-snapshot-max-age`.
+const SNAPSHOT_REFRESH: Duration = Duration::from_secs(3600);
+
 /// The snapshot's state, or an empty, incomplete one (with a log line
 /// saying why).
 fn initial_state(cfg: &KubernetesConfig, metrics: &KubernetesMetrics) -> Discovered {
@@ -285,8 +290,11 @@ async fn watch_kind<K: Watched>(
                         s.streaming::<K>();
                     })
                 }
+                // Not installed (404), or installed but not readable by
+                // this agent's ClusterRole (403: an upgrade that changed the
+                // image but not the RBAC): the rest must not wait for it.
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                    if K::OPTIONAL && status.code == 404 =>
+                    if K::OPTIONAL && (status.code == 404 || status.code == 403) =>
                 {
                     let _ = updates.send(Box::new(|s: &mut Stores| s.absent::<K>()));
                     tokio::time::sleep(ABSENT_RETRY).await;
@@ -384,7 +392,8 @@ impl Stores {
             self.absent[K::INDEX] = true;
             warn!(
                 kind = K::KIND,
-                "the {} CRD is not installed (deploy/base/crd.yaml): none is read; looked for again every minute",
+                "the {} CRD is not installed (deploy/base/crd.yaml) or this agent may not list it \
+                 (deploy/base/rbac.yaml): none is read; looked for again every minute",
                 K::KIND
             );
         }
@@ -426,6 +435,7 @@ impl Stores {
             namespace_tenants: tenants,
             // Converted only once every kind has been listed.
             complete: true,
+            listed: true,
         };
         (discovered, skipped)
     }
@@ -560,13 +570,23 @@ fn own_state(
                 "Kubernetes API still unreachable: routing on the last state"
             );
         }
-        if unsaved
+        // Written only while every watch is healthy: a stale state is not
+        // made to look young.
+        let due = match last_saved {
+            None => unsaved,
+            Some(at) => {
+                (unsaved && at.elapsed() >= SNAPSHOT_EVERY) || at.elapsed() >= SNAPSHOT_REFRESH
+            }
+        };
+        if due
+            && stale.is_none()
+            && all_listed
             && let Some(path) = &snapshot_path
-            && last_saved.is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY)
         {
             unsaved = false;
             last_saved = Some(Instant::now());
-            if let Err(err) = snapshot::write(path, &snapshot_scope(&node), &**tx.borrow()) {
+            let state = Arc::clone(&tx.borrow());
+            if let Err(err) = snapshot::write(path, &snapshot_scope(&node), &*state) {
                 warn!(%err, "cannot write the Kubernetes snapshot");
             }
         }

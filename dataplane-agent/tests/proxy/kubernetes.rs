@@ -613,7 +613,13 @@ async fn an_agent_started_while_the_api_server_is_down_routes_from_its_snapshot(
         };
         let metrics = KubernetesMetrics::default();
         let rx = source::start(&cfg, metrics).unwrap();
-        assert_eq!(*rx.borrow().clone(), *listed, "the snapshot's state, whole");
+        let mut expected = (*listed).clone();
+        expected.listed = false;
+        assert_eq!(
+            *rx.borrow().clone(),
+            expected,
+            "the snapshot's state, whole, but not listed by this agent"
+        );
 
         // Another node's snapshot is not used.
         let other = KubernetesConfig {
@@ -704,7 +710,6 @@ async fn traffic_policies_apply_to_their_service_and_bad_ones_keep_the_last_good
             until_accepted(&w.api, "cart-resilience", |c| c.1 == "Invalid").await;
         assert_eq!((status.as_str(), reason.as_str()), ("False", "Invalid"));
         assert!(message.contains("spec.retries.attempts"), "{message}");
-        assert!(message.contains("last good version stays"), "{message}");
         assert_eq!(attempts_of(&w.rx.borrow(), "cart"), Some(4));
         assert_eq!(w.metric("dataplane_kubernetes_skipped_objects"), 1.0);
 

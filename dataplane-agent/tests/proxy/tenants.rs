@@ -20,6 +20,9 @@ use crate::support::{Backend, Mode, TestProxy, bounded, client_from, config_with
 const TENANT_A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const TENANT_B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const NO_TENANT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+/// A caller the proxy has no address for (a pod whose IP has not been
+/// delivered yet): the connect hook, which knew its tenant, let it in.
+const UNKNOWN: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
 
 /// Service `echo` of tenant `b`, exported to `export_to`; pods of tenants
 /// a and b and one without a tenant.
@@ -64,10 +67,15 @@ async fn a_tenants_service_is_refused_to_other_tenants_until_exported_to_them() 
             Ok(StatusCode::OK),
             "its own tenant"
         );
+        assert_eq!(
+            get_from(&proxy, UNKNOWN).await,
+            Ok(StatusCode::OK),
+            "not placed by the proxy: the kernel's check stands"
+        );
         for (who, source) in [("tenant a", TENANT_A), ("no tenant", NO_TENANT)] {
             assert!(get_from(&proxy, source).await.is_err(), "{who}: refused");
         }
-        assert_eq!(backend.hits(), 1, "refused callers never reach the backend");
+        assert_eq!(backend.hits(), 2, "refused callers never reach the backend");
         assert_eq!(
             proxy.metric(
                 "dataplane_proxy_tenant_denied_connections_total",
