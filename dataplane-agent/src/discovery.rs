@@ -86,16 +86,24 @@ impl Source for Feed {
     }
 
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            if self.rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        })
+        changed(&mut self.rx)
     }
 
     fn listed(&self) -> bool {
         self.rx.borrow().listed
     }
+}
+
+/// [`Source::changed`] for a source publishing in a watch channel: a
+/// channel whose sender is gone never wakes the runtime again.
+pub fn changed<T: Send + Sync>(
+    rx: &mut watch::Receiver<T>,
+) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    })
 }
 
 /// The config in force: the file's, then each source's services whose VIP

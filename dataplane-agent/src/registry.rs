@@ -50,11 +50,7 @@ impl Source for RegistryFeed {
     }
 
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            if self.0.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        })
+        crate::discovery::changed(&mut self.0)
     }
 }
 

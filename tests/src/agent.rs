@@ -258,6 +258,12 @@ impl Agent {
         http_get_in_netns(&self.netns, self.admin, path)
     }
 
+    /// The sum of the samples whose `name{labels}` starts with `prefix`;
+    /// 0 while the admin endpoint does not answer.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        self.metrics().map_or(0.0, |m| m.sum(prefix))
+    }
+
     /// The Prometheus metrics, by `name{labels}` as printed.
     pub fn metrics(&self) -> anyhow::Result<Metrics> {
         Ok(Metrics::parse(&self.get("/metrics")?))

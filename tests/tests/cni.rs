@@ -47,14 +47,6 @@ fn cluster(backends: &[&Pod]) -> String {
     yaml
 }
 
-fn metric(agent: &Agent, name: &str, labels: &[&str]) -> f64 {
-    let text = agent.get("/metrics").unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 /// One request from `pod` to the service's VIP: whether it was answered.
 /// An uncaptured connect to the VIP fails at once (the node has no route
 /// to the service network).
@@ -94,7 +86,7 @@ fn start_kube(node: &SimNode, backends: &[&Pod], name: &str) -> (Kube, Vec<Strin
 
 fn wait_synced(agent: &Agent) {
     eventually("the API state applied", Duration::from_secs(15), || {
-        anyhow::ensure!(metric(agent, "dataplane_kubernetes_services", &[]) == 1.0);
+        anyhow::ensure!(agent.metric("dataplane_kubernetes_services") == 1.0);
         Ok(())
     })
     .expect("synced");
@@ -190,19 +182,11 @@ fn pods_made_in_a_burst_by_the_cni_chain_are_captured_from_their_first_connect()
     );
     assert_eq!(answered.load(Ordering::Relaxed), PODS);
     assert_eq!(
-        metric(
-            &agent,
-            "dataplane_cni_requests_total",
-            &["command=\"ADD\"", "outcome=\"enrolled\""]
-        ),
+        agent.metric("dataplane_cni_requests_total{command=\"ADD\",outcome=\"enrolled\"}"),
         PODS as f64
     );
     assert_eq!(
-        metric(
-            &agent,
-            "dataplane_cni_requests_total",
-            &["command=\"ADD\"", "outcome=\"not_enrolled\""]
-        ),
+        agent.metric("dataplane_cni_requests_total{command=\"ADD\",outcome=\"not_enrolled\"}"),
         1.0,
         "the outsider"
     );
@@ -265,7 +249,7 @@ fn without_the_agent_add_fails_closed_or_lets_the_pod_start_and_is_counted() {
     let agent = Agent::start_with(&node, "services: []\n", &args).expect("agent");
     wait_synced(&agent);
     eventually("the fail-open pod counted", Duration::from_secs(5), || {
-        anyhow::ensure!(metric(&agent, "dataplane_cni_fail_open_pods", &[]) == 1.0);
+        anyhow::ensure!(agent.metric("dataplane_cni_fail_open_pods") == 1.0);
         Ok(())
     })
     .expect("counted");

@@ -45,14 +45,6 @@ fn slice_yaml(backends: &[(&Pod, bool)]) -> String {
     yaml
 }
 
-fn metric(agent: &Agent, name: &str) -> f64 {
-    let text = agent.get("/metrics").unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 /// The stand-in API server serving `cluster` in the node's namespace, and
 /// the agent run as the DaemonSet runs it against it (the config file has
 /// no services and no pods: all comes from the API).
@@ -124,9 +116,9 @@ fn the_agent_serves_what_the_api_server_says() {
     let mut kube = KubeNode::start(&node, &cluster, "e2e");
     let (api, agent) = (&kube.api, &mut kube.agent);
     eventually("the API state applied", Duration::from_secs(15), || {
-        anyhow::ensure!(metric(agent, "dataplane_kubernetes_up") == 1.0);
+        anyhow::ensure!(agent.metric("dataplane_kubernetes_up") == 1.0);
         // frontend, web-0 and web-1 are in the enrolled namespace.
-        anyhow::ensure!(metric(agent, "dataplane_kubernetes_pods") == 3.0);
+        anyhow::ensure!(agent.metric("dataplane_kubernetes_pods") == 3.0);
         Ok(())
     })
     .expect("synced");
@@ -201,7 +193,7 @@ fn the_agent_serves_what_the_api_server_says() {
     ))
     .expect("apply");
     eventually("the pod leaves the mesh", Duration::from_secs(10), || {
-        anyhow::ensure!(metric(agent, "dataplane_kubernetes_pods") == 2.0);
+        anyhow::ensure!(agent.metric("dataplane_kubernetes_pods") == 2.0);
         Ok(())
     })
     .expect("opt-out");
@@ -209,7 +201,7 @@ fn the_agent_serves_what_the_api_server_says() {
     // it is not captured any more (web-1's own connect, it is enrolled).
     api.delete(Kind::Service, "shop", "web").expect("delete");
     eventually("the service leaves", Duration::from_secs(10), || {
-        anyhow::ensure!(metric(agent, "dataplane_kubernetes_services") == 0.0);
+        anyhow::ensure!(agent.metric("dataplane_kubernetes_services") == 0.0);
         let report = http_peers::load(
             &node,
             &b2,
@@ -300,7 +292,7 @@ fn tenants_reach_their_own_services_and_those_exported_to_them() {
         "refused at once, not timed out: {took:?}"
     );
     assert!(
-        metric(agent, "dataplane_capture_tenant_denied") >= 1.0,
+        agent.metric("dataplane_capture_tenant_denied") >= 1.0,
         "counted by the connect hook"
     );
 
@@ -413,6 +405,6 @@ fn an_agent_restarted_while_the_api_server_is_down_keeps_serving() {
     agent.spawn(&node).expect("restart");
     let report = load("50").expect("load");
     assert_eq!(report.ok, 50, "served from the snapshot: {report:?}");
-    assert_eq!(metric(agent, "dataplane_kubernetes_from_snapshot"), 1.0);
-    assert_eq!(metric(agent, "dataplane_kubernetes_up"), 0.0);
+    assert_eq!(agent.metric("dataplane_kubernetes_from_snapshot"), 1.0);
+    assert_eq!(agent.metric("dataplane_kubernetes_up"), 0.0);
 }

@@ -94,21 +94,7 @@ impl Enroller {
         tenant: Option<&str>,
         container: &str,
     ) -> Result<Enrolled, EnrollError> {
-        let found = super::cgroup::find_pods(&self.pods_root);
-        let dir = found.get(uid).ok_or_else(|| EnrollError::NoCgroup {
-            uid: uid.to_string(),
-            pods_root: self.pods_root.clone(),
-        })?;
-        let id = match enroll::cgroup_to_enroll(uid, dir, &self.proxy_cgroup) {
-            Ok(id) => id,
-            Err(enroll::NotEnrolled::ProxyPod) => return Err(EnrollError::ProxyPod(uid.into())),
-            Err(enroll::NotEnrolled::Gone) => {
-                return Err(EnrollError::NoCgroup {
-                    uid: uid.to_string(),
-                    pods_root: self.pods_root.clone(),
-                });
-            }
-        };
+        let id = self.cgroup_of(uid)?;
         let mut shared = lock(&self.shared);
         let pod = EnrolledPod {
             tenant: enroll::tenant_id(tenant),
@@ -144,14 +130,23 @@ impl Enroller {
 
     /// Whether the pod's cgroup is in the enrollment map now.
     pub fn is_enrolled(&self, uid: &str) -> bool {
-        let found = super::cgroup::find_pods(&self.pods_root);
-        let Some(Ok(id)) = found
-            .get(uid)
-            .map(|dir| enroll::cgroup_to_enroll(uid, dir, &self.proxy_cgroup))
-        else {
-            return false;
+        self.cgroup_of(uid)
+            .is_ok_and(|id| lock(&self.shared).tables.is_enrolled(id))
+    }
+
+    /// The cgroup id to enroll for pod `uid`, by the rule the periodic
+    /// pass and the watcher use.
+    fn cgroup_of(&self, uid: &str) -> Result<u64, EnrollError> {
+        let no_cgroup = || EnrollError::NoCgroup {
+            uid: uid.to_string(),
+            pods_root: self.pods_root.clone(),
         };
-        lock(&self.shared).tables.is_enrolled(id)
+        let found = super::cgroup::find_pods(&self.pods_root);
+        let dir = found.get(uid).ok_or_else(no_cgroup)?;
+        enroll::cgroup_to_enroll(uid, dir, &self.proxy_cgroup).map_err(|why| match why {
+            enroll::NotEnrolled::ProxyPod => EnrollError::ProxyPod(uid.into()),
+            enroll::NotEnrolled::Gone => no_cgroup(),
+        })
     }
 }
 

@@ -107,16 +107,6 @@ fn cluster(plan: &Plan, node: &SimNode, real_pods: &[&crate::Pod]) -> String {
     yaml
 }
 
-fn metric(agent: &Agent, name: &str) -> f64 {
-    agent
-        .get("/metrics")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -148,7 +138,7 @@ pub fn measure(quick: bool) -> anyhow::Result<DiscoveryScale> {
         ],
     )?;
     let deadline = started + Duration::from_secs(300);
-    while metric(&agent, "dataplane_kubernetes_services") < f64::from(plan.services) {
+    while agent.metric("dataplane_kubernetes_services") < f64::from(plan.services) {
         ensure!(
             Instant::now() < deadline,
             "the agent never read every Service"
