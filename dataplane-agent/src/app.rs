@@ -219,6 +219,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let sources_complete = Arc::clone(&rt.complete);
     let known_pods = Arc::clone(&rt.known_pods);
+    let mut ticks: u32 = 0;
+    let mut enrolled_for = None;
     rt.run_until_shutdown(settings.resync, |config, reloaded| {
         reconciler.set_complete(sources_complete.load(std::sync::atomic::Ordering::Acquire));
         // Pods first: a namespace that just got a tenant has its pods'
@@ -226,9 +228,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         // refused by them meanwhile. `known` is of the same state as
         // `config`.
         let known = known_pods.lock().map(|k| k.clone()).unwrap_or_default();
-        reconciler.enrollment(config, &known);
+        // Every periodic tick walks the cgroups; a change of services
+        // alone (most of a large cluster's changes) does not.
+        let pods = (config.pods.clone(), known);
+        if !reloaded || enrolled_for.as_ref() != Some(&pods) {
+            reconciler.enrollment(config, &pods.1);
+            enrolled_for = Some(pods);
+        }
         if reloaded {
             reconciler.services(config);
+        } else {
+            ticks = ticks.wrapping_add(1);
+            if ticks % VERIFY_SERVICES_EVERY == 0 {
+                reconciler.verify_services(config);
+            }
         }
         reconciler.check_kernel_counters();
         fail_open_log.check();
@@ -240,6 +253,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     drop(programs);
     Ok(())
 }
+
+/// Every this many periodic ticks, the kernel's service and export maps
+/// are read back and repaired (between two, the agent diffs against what
+/// it wrote).
+const VERIFY_SERVICES_EVERY: u32 = 12;
 
 /// The kernel setting that makes a restart or upgrade lose no connection:
 /// when the old agent closes its listening socket, the connections queued

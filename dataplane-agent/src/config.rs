@@ -14,6 +14,7 @@ mod service;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -38,8 +39,11 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshConfig {
     /// Mesh services, each reachable at a virtual IP and port.
+    /// Shared: a large discovered state is held once however many views
+    /// of it (the merged config, the admin endpoint, the proxy's table)
+    /// there are, and an unchanged service is recognised by its pointer.
     #[serde(default, deserialize_with = "unique_services")]
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// Pods enrolled in the mesh: their outbound connections to services are
     /// captured and sent to the node proxy.
     #[serde(default, deserialize_with = "unique_pods")]
@@ -65,8 +69,8 @@ pub struct Pod {
 }
 
 /// Two services on one VIP:port would make capture ambiguous.
-fn unique_services<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Service>, D::Error> {
-    let services = Vec::<Service>::deserialize(de)?;
+fn unique_services<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Arc<Service>>, D::Error> {
+    let services = Vec::<Arc<Service>>::deserialize(de)?;
     let mut seen = HashSet::new();
     for (i, svc) in services.iter().enumerate() {
         if !seen.insert(svc.vip) {

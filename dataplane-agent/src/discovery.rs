@@ -23,7 +23,7 @@ use crate::config::{MeshConfig, Pod, Service};
 /// What one source knows now.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Discovered {
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// Pods of this node to enroll.
     pub pods: Vec<Pod>,
     /// Every pod of this node the source knows, enrolled or not: for one
@@ -137,7 +137,7 @@ pub fn merge(file: &MeshConfig, sources: &[(&str, Arc<Discovered>)]) -> MeshConf
                 );
                 continue;
             }
-            merged.services.push(service.clone());
+            merged.services.push(Arc::clone(service));
         }
         for pod in &discovered.pods {
             if pods.insert(pod.uid.clone()) {

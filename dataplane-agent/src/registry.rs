@@ -44,7 +44,13 @@ impl Source for RegistryFeed {
 
     fn current(&mut self) -> Arc<Discovered> {
         Arc::new(Discovered {
-            services: self.0.borrow_and_update().as_ref().clone(),
+            services: self
+                .0
+                .borrow_and_update()
+                .iter()
+                .cloned()
+                .map(Arc::new)
+                .collect(),
             ..Discovered::default()
         })
     }
@@ -63,6 +69,9 @@ mod tests {
         MeshConfig::parse(yaml, std::path::Path::new("t"))
             .unwrap()
             .services
+            .into_iter()
+            .map(std::sync::Arc::unwrap_or_clone)
+            .collect()
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod service;
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::balance::Locality;
 use crate::config::MeshConfig;
@@ -25,8 +25,24 @@ pub use service::{Chosen, Endpoint, Service};
 /// enrolled pods by address (to know who is calling).
 #[derive(Debug, Default)]
 pub struct ServiceTable {
-    by_vip: HashMap<SocketAddrV4, Arc<Service>>,
+    by_vip: HashMap<SocketAddrV4, Arc<Entry>>,
     pods_by_ip: HashMap<std::net::IpAddr, CallerPod>,
+    node: NodeContext,
+}
+
+/// One service of the table: its config, and its runtime state once a
+/// connection or request has needed it.
+///
+/// The state (balancer, outlier detector, breaker, budget, a connection
+/// pool per endpoint) costs kilobytes per service, while a node's pods
+/// call a small part of a large cluster's services: built on first use,
+/// it costs nothing for the rest. An entry is shared by successive tables
+/// while its config stays the same, so the state built through one table
+/// is the state of the next.
+#[derive(Debug)]
+struct Entry {
+    config: Arc<crate::config::Service>,
+    state: OnceLock<Arc<Service>>,
 }
 
 /// An enrolled pod as the proxy knows its callers.
@@ -54,11 +70,27 @@ impl ServiceTable {
             .iter()
             .map(|svc| {
                 let old = previous.and_then(|table| table.by_vip.get(&svc.vip));
-                let service = match old {
-                    Some(old) if old.config == *svc => Arc::clone(old),
-                    _ => Arc::new(Service::new(svc, node, old.map(|o| &**o))),
+                let entry = match old {
+                    // The same shared config (most of a large discovered
+                    // state from one change to the next), or an equal one.
+                    Some(old) if Arc::ptr_eq(&old.config, svc) || *old.config == **svc => {
+                        Arc::clone(old)
+                    }
+                    // A changed service in use gets its new state now,
+                    // carrying over the old one's; one never used stays
+                    // lazy.
+                    _ => {
+                        let state = OnceLock::new();
+                        if let Some(old) = old.and_then(|old| old.state.get()) {
+                            let _ = state.set(Arc::new(Service::new(svc, node, Some(old))));
+                        }
+                        Arc::new(Entry {
+                            config: Arc::clone(svc),
+                            state,
+                        })
+                    }
                 };
-                (svc.vip, service)
+                (svc.vip, entry)
             })
             .collect();
         let pods_by_ip = cfg
@@ -72,7 +104,11 @@ impl ServiceTable {
                 Some((std::net::IpAddr::V4(pod.ip?), caller))
             })
             .collect();
-        Self { by_vip, pods_by_ip }
+        Self {
+            by_vip,
+            pods_by_ip,
+            node: node.clone(),
+        }
     }
 
     /// The UID of the enrolled pod at `ip`, if the config gave its address.
@@ -87,12 +123,34 @@ impl ServiceTable {
         self.pods_by_ip.get(&ip).map(|p| p.tenant.as_deref())
     }
 
+    /// The service at `vip`, its runtime state built if this is its first
+    /// use.
     pub fn get(&self, vip: &SocketAddrV4) -> Option<&Arc<Service>> {
-        self.by_vip.get(vip)
+        let entry = self.by_vip.get(vip)?;
+        Some(
+            entry
+                .state
+                .get_or_init(|| Arc::new(Service::new(&entry.config, &self.node, None))),
+        )
     }
 
+    /// The services in use (whose runtime state exists).
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
-        self.by_vip.values()
+        self.by_vip.values().filter_map(|entry| entry.state.get())
+    }
+
+    /// Every service's config.
+    pub fn configs(&self) -> impl Iterator<Item = &Arc<crate::config::Service>> {
+        self.by_vip.values().map(|entry| &entry.config)
+    }
+
+    /// Every service as it stands: its runtime state, or for one not used
+    /// yet, a fresh state that is not kept (for the admin view).
+    pub fn snapshot(&self) -> impl Iterator<Item = Arc<Service>> + '_ {
+        self.by_vip.values().map(|entry| match entry.state.get() {
+            Some(state) => Arc::clone(state),
+            None => Arc::new(Service::new(&entry.config, &self.node, None)),
+        })
     }
 }
 

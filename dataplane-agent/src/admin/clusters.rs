@@ -66,7 +66,7 @@ pub struct EndpointStatus {
 impl Clusters {
     pub fn of(table: &ServiceTable, now: Instant) -> Self {
         let mut services: Vec<ServiceStatus> =
-            table.services().map(|s| service_status(s, now)).collect();
+            table.snapshot().map(|s| service_status(&s, now)).collect();
         services.sort_by(|a, b| a.service.cmp(&b.service));
         Self { services }
     }

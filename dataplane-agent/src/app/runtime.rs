@@ -329,30 +329,40 @@ pub fn off_worker<R>(work: impl FnOnce() -> R) -> R {
 fn forget_departed(metrics: &ProxyMetrics, old: &MeshConfig, new: &MeshConfig) {
     use std::collections::{HashMap, HashSet};
     let id = |s: &crate::config::Service| format!("{}/{}", s.namespace, s.name);
-    // Linear in the size of both configs: a node config can hold
-    // thousands of services and endpoints.
-    let kept: HashMap<String, HashSet<std::net::SocketAddrV4>> = new
+    // Linear in the number of services, and in the endpoints of those
+    // that changed only: a discovered state of thousands of services
+    // changes a few at a time, and the rest are the same shared configs.
+    let kept: HashMap<(&str, &str), &Arc<crate::config::Service>> = new
         .services
         .iter()
-        .map(|s| (id(s), s.endpoints.iter().map(|e| e.address).collect()))
+        .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
         .collect();
     let old_pods = || old.pods.iter().map(|p| p.uid.as_str());
     for service in &old.services {
-        let service_id = id(service);
-        let endpoints = kept.get(&service_id);
-        if endpoints.is_none() {
-            metrics.forget_service(&service_id, old_pods());
+        let now = kept.get(&(service.namespace.as_str(), service.name.as_str()));
+        if now.is_some_and(|now| Arc::ptr_eq(now, service)) {
+            continue;
         }
+        let service_id = id(service);
+        let Some(now) = now else {
+            metrics.forget_service(&service_id, old_pods());
+            for ep in &service.endpoints {
+                metrics.forget_endpoint(&service_id, ep.address);
+            }
+            continue;
+        };
+        let endpoints: HashSet<_> = now.endpoints.iter().map(|e| e.address).collect();
         for ep in &service.endpoints {
-            if !endpoints.is_some_and(|kept| kept.contains(&ep.address)) {
+            if !endpoints.contains(&ep.address) {
                 metrics.forget_endpoint(&service_id, ep.address);
             }
         }
     }
-    let ids: Vec<String> = old.services.iter().map(id).collect();
     let new_pods: HashSet<&str> = new.pods.iter().map(|p| p.uid.as_str()).collect();
+    let mut ids: Option<Vec<String>> = None;
     for pod in &old.pods {
         if !new_pods.contains(pod.uid.as_str()) {
+            let ids = ids.get_or_insert_with(|| old.services.iter().map(|s| id(s)).collect());
             metrics.forget_pod(&pod.uid, ids.iter().map(String::as_str));
         }
     }

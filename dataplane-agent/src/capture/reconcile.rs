@@ -249,6 +249,14 @@ impl Reconciler {
         log_report("exports", &shared.tables.sync_exports(&exports, mode));
     }
 
+    /// Writes the services of `cfg` after reading the kernel's maps back,
+    /// which repairs any change made behind the agent's back (an older
+    /// agent still running during an upgrade, a hand edit).
+    pub fn verify_services(&mut self, cfg: &MeshConfig) {
+        lock(&self.shared).tables.forget_written();
+        self.services(cfg);
+    }
+
     /// Whether every discovery source has listed: until then, syncs only
     /// add (see [`SyncMode::AddOnly`]).
     pub fn set_complete(&mut self, complete: bool) {

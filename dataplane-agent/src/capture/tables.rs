@@ -23,6 +23,13 @@ pub struct Tables {
     exports: HashMap<MapData, ExportKey, u8>,
     listeners: SockMap<MapData>,
     stats: Arc<StatsReader>,
+    /// What the last syncs of `DP_SERVICES` and `DP_EXPORTS` left there,
+    /// when every write succeeded: the next sync diffs against it rather
+    /// than reading the map back (tens of thousands of lookups per change
+    /// in a large cluster). [`Tables::forget_written`] makes the next one
+    /// read the map again, which repairs what another writer changed.
+    services_written: Option<StdHashMap<ServiceKey, ServiceValue>>,
+    exports_written: Option<StdHashMap<ExportKey, u8>>,
 }
 
 /// Read access to the programs' per-CPU counters, shareable with the
@@ -95,6 +102,8 @@ impl Tables {
             exports,
             listeners,
             stats: Arc::new(StatsReader(stats)),
+            services_written: None,
+            exports_written: None,
         })
     }
 
@@ -128,7 +137,7 @@ impl Tables {
         desired: &StdHashMap<u64, EnrolledPod>,
         mode: SyncMode,
     ) -> SyncReport {
-        sync_map(&mut self.enrolled, desired, maps::ENROLLED, mode)
+        sync_map(&mut self.enrolled, &mut None, desired, maps::ENROLLED, mode)
     }
 
     /// Enrolls one cgroup and leaves every other entry alone: a pod whose
@@ -156,7 +165,19 @@ impl Tables {
         desired: &StdHashMap<ServiceKey, ServiceValue>,
         mode: SyncMode,
     ) -> SyncReport {
-        sync_map(&mut self.services, desired, maps::SERVICES, mode)
+        sync_map(
+            &mut self.services,
+            &mut self.services_written,
+            desired,
+            maps::SERVICES,
+            mode,
+        )
+    }
+
+    /// The next syncs of the service and export maps read them back.
+    pub fn forget_written(&mut self) {
+        self.services_written = None;
+        self.exports_written = None;
     }
 
     /// Makes `DP_EXPORTS` hold exactly `desired`.
@@ -165,7 +186,13 @@ impl Tables {
         desired: &StdHashMap<ExportKey, u8>,
         mode: SyncMode,
     ) -> SyncReport {
-        sync_map(&mut self.exports, desired, maps::EXPORTS, mode)
+        sync_map(
+            &mut self.exports,
+            &mut self.exports_written,
+            desired,
+            maps::EXPORTS,
+            mode,
+        )
     }
 
     pub fn stats(&self) -> Arc<StatsReader> {
@@ -241,11 +268,14 @@ pub enum SyncMode {
 }
 
 /// Removes what is not desired (unless `mode` says add only), then writes
-/// what is missing or different.
+/// what is missing or different. The map's content is read back unless
+/// `written` holds what the last sync left there; it holds this one's
+/// after it, when every write succeeded.
 /// Keeps going after a failed write so that one full map does not hide the
 /// rest of the changes; every failure is reported.
 fn sync_map<K, V>(
     map: &mut HashMap<MapData, K, V>,
+    written: &mut Option<StdHashMap<K, V>>,
     desired: &StdHashMap<K, V>,
     name: &str,
     mode: SyncMode,
@@ -255,22 +285,34 @@ where
     V: Pod + PartialEq,
 {
     let mut report = SyncReport::default();
-    let current: StdHashMap<K, V> = map.iter().filter_map(Result::ok).collect();
+    let mut current: StdHashMap<K, V> = match written.take() {
+        Some(written) => written,
+        None => map.iter().filter_map(Result::ok).collect(),
+    };
     let mut diff = Diff::between(&current, desired);
     if mode == SyncMode::AddOnly {
         diff.remove.clear();
     }
     for key in &diff.remove {
         match map.remove(key) {
-            Ok(()) => report.removed += 1,
+            Ok(()) => {
+                report.removed += 1;
+                current.remove(key);
+            }
             Err(err) => report.failed.push(format!("{name}: remove {key:?}: {err}")),
         }
     }
-    for (key, value) in &diff.upsert {
-        match insert(map, key, value, name) {
-            Ok(()) => report.added += 1,
+    for (key, value) in diff.upsert {
+        match insert(map, &key, &value, name) {
+            Ok(()) => {
+                report.added += 1;
+                current.insert(key, value);
+            }
             Err(failure) => report.failed.push(failure),
         }
+    }
+    if report.failed.is_empty() {
+        *written = Some(current);
     }
     report
 }

@@ -104,6 +104,7 @@ fn policy_of(yaml_policy: &str) -> TrafficPolicy {
         .services
         .remove(0)
         .traffic_policy
+        .clone()
 }
 
 #[test]

@@ -181,6 +181,9 @@ mod tests {
         config::MeshConfig::parse(yaml, Path::new("t"))
             .unwrap()
             .services
+            .into_iter()
+            .map(std::sync::Arc::unwrap_or_clone)
+            .collect()
     }
 
     fn tmp(name: &str) -> PathBuf {

@@ -55,24 +55,15 @@ impl std::fmt::Display for Skipped {
 /// them, and what was left out.
 pub fn services<'a>(
     services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a Slice>,
     tenants: &BTreeMap<String, String>,
     policies: &HashMap<(String, String), TrafficPolicy>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<config::Service> {
-    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    let mut by_service: HashMap<String, Vec<&Slice>> = HashMap::new();
     for slice in slices {
-        let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
-        let owner = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL));
-        if let Some(owner) = owner {
-            by_service
-                .entry((namespace, owner.as_str()))
-                .or_default()
-                .push(slice);
+        if let Some(owner) = slice.owner_key() {
+            by_service.entry(owner).or_default().push(slice);
         }
     }
     let mut out = Vec::new();
@@ -84,30 +75,130 @@ pub fn services<'a>(
             continue;
         };
         let slices = by_service
-            .get(&(namespace, name))
+            .get(&format!("{namespace}/{name}"))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let tenant = tenants.get(namespace).cloned().unwrap_or_default();
-        let before = out.len();
-        convert_service(service, namespace, name, slices, skipped, &mut out);
-        let export_to = export_to(service, &tenant, skipped);
+        let tenant = tenants
+            .get(namespace)
+            .map(String::as_str)
+            .unwrap_or_default();
         let policy = policies.get(&(namespace.to_string(), name.to_string()));
-        for converted in &mut out[before..] {
-            converted.tenant.clone_from(&tenant);
-            converted.export_to.clone_from(&export_to);
-            if let Some(policy) = policy {
-                converted.traffic_policy = policy.clone();
-            }
+        out.extend(self::service(service, slices, tenant, policy, skipped));
+    }
+    out
+}
+
+/// The mesh services of one Service (one per TCP port) with the endpoints
+/// of its `slices`, in its namespace's `tenant`, under `policy`.
+pub fn service(
+    service: &Service,
+    slices: &[&Slice],
+    tenant: &str,
+    policy: Option<&TrafficPolicy>,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<config::Service> {
+    let (Some(namespace), Some(name)) = (
+        service.metadata.namespace.as_deref(),
+        service.metadata.name.as_deref(),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    convert_service(service, namespace, name, slices, skipped, &mut out);
+    let export_to = export_to(service, tenant, skipped);
+    for converted in &mut out {
+        converted.tenant = tenant.to_string();
+        converted.export_to.clone_from(&export_to);
+        if let Some(policy) = policy {
+            converted.traffic_policy = policy.clone();
         }
     }
     out
+}
+
+/// What conversion reads of an EndpointSlice: kept instead of the object,
+/// which costs several times as much per endpoint (a cluster of 100,000
+/// endpoints is held in a few megabytes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    pub namespace: String,
+    pub name: String,
+    /// The Service it belongs to (its [`SERVICE_NAME_LABEL`]).
+    pub owner: Option<String>,
+    pub address_type: String,
+    /// Name and number of each port.
+    pub ports: Vec<(String, Option<i32>)>,
+    /// Empty for an address type that is not served.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of a [`Slice`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceEndpoint {
+    /// Its first address.
+    pub address: Address,
+    pub conditions: Option<EndpointConditions>,
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Address {
+    V4(Ipv4Addr),
+    /// Not an IPv4 address: kept to say so.
+    Invalid(Box<str>),
+    Missing,
+}
+
+impl Slice {
+    /// `namespace/name` of the Service it belongs to.
+    pub fn owner_key(&self) -> Option<String> {
+        let owner = self.owner.as_deref()?;
+        Some(format!("{}/{owner}", self.namespace))
+    }
+}
+
+impl From<EndpointSlice> for Slice {
+    fn from(slice: EndpointSlice) -> Self {
+        let meta = slice.metadata;
+        let served = slice.address_type == "IPv4";
+        Self {
+            namespace: meta.namespace.unwrap_or_default(),
+            name: meta.name.unwrap_or_default(),
+            owner: meta.labels.and_then(|mut l| l.remove(SERVICE_NAME_LABEL)),
+            address_type: slice.address_type,
+            ports: slice
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| (p.name.unwrap_or_default(), p.port))
+                .collect(),
+            endpoints: if served {
+                slice
+                    .endpoints
+                    .into_iter()
+                    .map(|e| SliceEndpoint {
+                        address: match e.addresses.first() {
+                            None => Address::Missing,
+                            Some(a) => a
+                                .parse()
+                                .map_or_else(|_| Address::Invalid(a.as_str().into()), Address::V4),
+                        },
+                        conditions: e.conditions,
+                        zone: e.zone,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
 }
 
 fn convert_service(
     service: &Service,
     namespace: &str,
     name: &str,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     skipped: &mut Vec<Skipped>,
     out: &mut Vec<config::Service>,
 ) {
@@ -279,7 +370,7 @@ fn protocol_of(port: &ServicePort) -> (Protocol, UpstreamProtocol) {
 /// their connections. A missing `ready` means ready, as the API says.
 fn endpoints_for(
     port_name: &str,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     skipped: &mut Vec<Skipped>,
 ) -> Vec<config::Endpoint> {
     let ready = endpoints_in(port_name, slices, skipped, |c| c.ready.unwrap_or(true));
@@ -298,18 +389,14 @@ fn endpoints_for(
 /// conditions at all: ready, serving, not terminating).
 fn endpoints_in(
     port_name: &str,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     skipped: &mut Vec<Skipped>,
     wanted: impl Fn(&EndpointConditions) -> bool,
 ) -> Vec<config::Endpoint> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for slice in slices {
-        let object = format!(
-            "EndpointSlice {}/{}",
-            slice.metadata.namespace.as_deref().unwrap_or_default(),
-            slice.metadata.name.as_deref().unwrap_or_default()
-        );
+        let object = format!("EndpointSlice {}/{}", slice.namespace, slice.name);
         if slice.address_type != "IPv4" {
             skipped.push(Skipped {
                 object,
@@ -319,19 +406,19 @@ fn endpoints_in(
             });
             continue;
         }
-        let ports = slice.ports.as_deref().unwrap_or_default();
-        let Some((j, port)) = ports
+        let Some((j, (_, port))) = slice
+            .ports
             .iter()
             .enumerate()
-            .find(|(_, p)| p.name.as_deref().unwrap_or_default() == port_name)
+            .find(|(_, (name, _))| name == port_name)
         else {
             continue;
         };
-        let Some(number) = port.port.and_then(port_number) else {
+        let Some(number) = port.and_then(port_number) else {
             skipped.push(Skipped {
                 object,
                 field: format!("ports[{j}].port"),
-                why: format!("{:?} is not a port number (1-65535)", port.port),
+                why: format!("{port:?} is not a port number (1-65535)"),
                 invalid: true,
             });
             continue;
@@ -345,17 +432,18 @@ fn endpoints_in(
             if !wanted(endpoint.conditions.as_ref().unwrap_or(&default)) {
                 continue;
             }
-            let Some(first) = endpoint.addresses.first() else {
-                continue;
-            };
-            let Ok(ip) = first.parse::<Ipv4Addr>() else {
-                skipped.push(Skipped {
-                    object: object.clone(),
-                    field: format!("endpoints[{k}].addresses[0]"),
-                    why: format!("{first:?} is not an IPv4 address"),
-                    invalid: true,
-                });
-                continue;
+            let ip = match &endpoint.address {
+                Address::V4(ip) => *ip,
+                Address::Missing => continue,
+                Address::Invalid(first) => {
+                    skipped.push(Skipped {
+                        object: object.clone(),
+                        field: format!("endpoints[{k}].addresses[0]"),
+                        why: format!("{first:?} is not an IPv4 address"),
+                        invalid: true,
+                    });
+                    continue;
+                }
             };
             let address = SocketAddrV4::new(ip, number);
             if seen.insert(address) {

@@ -15,7 +15,7 @@
 //! objects in one step, so no request ever sees it half-listed. How long
 //! the state has been stale is logged and exported.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::KubernetesConfig;
-use super::convert::{self, Skipped};
+use super::convert::{self, Skipped, Slice};
 use super::metrics::KubernetesMetrics;
 use super::policy::{self, PolicyCondition, TrafficPolicyObject};
 use crate::config;
@@ -192,39 +192,139 @@ const STATUS_RETRY: Duration = Duration::from_secs(30);
 trait Watched:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
 {
+    /// What the state thread keeps of an object: what conversion reads.
+    type Kept: Send + 'static;
     /// Its slot in [`Stores::listed`] and [`Stores::failing`].
     const INDEX: usize;
     const KIND: &'static str;
     /// A kind of a CRD the cluster may not have installed: its absence
     /// (404) counts as an empty listing, not as an outage.
     const OPTIONAL: bool = false;
-    fn objects(stores: &mut Stores) -> &mut Objects<Self>;
+    fn keep(self) -> Self::Kept;
+    fn objects(stores: &mut Stores) -> &mut Objects<Self::Kept>;
+    /// Marks what must be converted again now that the object at `key`
+    /// was `old` and is `new` (`None`: absent).
+    fn changed(stores: &mut Stores, key: &str, old: Option<&Self::Kept>, new: Option<&Self::Kept>);
+    /// The same after the whole kind was listed again.
+    fn relisted(stores: &mut Stores);
 }
 
-macro_rules! watched {
-    ($type:ty, $index:expr, $kind:expr, $field:ident) => {
-        impl Watched for $type {
-            const INDEX: usize = $index;
-            const KIND: &'static str = $kind;
-            fn objects(stores: &mut Stores) -> &mut Objects<Self> {
-                &mut stores.$field
+impl Watched for Service {
+    type Kept = Service;
+    const INDEX: usize = 0;
+    const KIND: &'static str = "Service";
+    fn keep(self) -> Service {
+        keep_service(self)
+    }
+    fn objects(stores: &mut Stores) -> &mut Objects<Service> {
+        &mut stores.services
+    }
+    fn changed(stores: &mut Stores, key: &str, _: Option<&Service>, _: Option<&Service>) {
+        stores.dirty_services.insert(key.to_string());
+    }
+    fn relisted(stores: &mut Stores) {
+        stores.all_dirty = true;
+    }
+}
+
+impl Watched for EndpointSlice {
+    type Kept = Slice;
+    const INDEX: usize = 1;
+    const KIND: &'static str = "EndpointSlice";
+    fn keep(self) -> Slice {
+        Slice::from(self)
+    }
+    fn objects(stores: &mut Stores) -> &mut Objects<Slice> {
+        &mut stores.slices
+    }
+    fn changed(stores: &mut Stores, key: &str, old: Option<&Slice>, new: Option<&Slice>) {
+        for (slice, added) in [(old, false), (new, true)] {
+            let Some(owner) = slice.and_then(Slice::owner_key) else {
+                continue;
+            };
+            let slices = stores.slices_of.entry(owner.clone()).or_default();
+            if added {
+                slices.insert(key.to_string());
+            } else {
+                slices.remove(key);
+                if slices.is_empty() {
+                    stores.slices_of.remove(&owner);
+                }
+            }
+            stores.dirty_services.insert(owner);
+        }
+    }
+    fn relisted(stores: &mut Stores) {
+        stores.slices_of.clear();
+        for (key, slice) in &stores.slices {
+            if let Some(owner) = slice.owner_key() {
+                stores
+                    .slices_of
+                    .entry(owner)
+                    .or_default()
+                    .insert(key.clone());
             }
         }
-    };
+        stores.all_dirty = true;
+    }
 }
 
-watched!(Service, 0, "Service", services);
-watched!(EndpointSlice, 1, "EndpointSlice", slices);
-watched!(Namespace, 2, "Namespace", namespaces);
-watched!(Pod, 3, "Pod", pods);
+impl Watched for Namespace {
+    type Kept = Namespace;
+    const INDEX: usize = 2;
+    const KIND: &'static str = "Namespace";
+    fn keep(self) -> Namespace {
+        trim(self)
+    }
+    fn objects(stores: &mut Stores) -> &mut Objects<Namespace> {
+        &mut stores.namespaces
+    }
+    fn changed(stores: &mut Stores, key: &str, _: Option<&Namespace>, _: Option<&Namespace>) {
+        // Its tenant is its Services' tenant. Namespaces are keyed `/name`.
+        let namespace = key.trim_start_matches('/');
+        let prefix = format!("{namespace}/");
+        let keys = stores
+            .services
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone());
+        stores.dirty_services.extend(keys.collect::<Vec<_>>());
+    }
+    fn relisted(stores: &mut Stores) {
+        stores.all_dirty = true;
+    }
+}
+
+impl Watched for Pod {
+    type Kept = Pod;
+    const INDEX: usize = 3;
+    const KIND: &'static str = "Pod";
+    fn keep(self) -> Pod {
+        keep_pod(self)
+    }
+    fn objects(stores: &mut Stores) -> &mut Objects<Pod> {
+        &mut stores.pods
+    }
+    // Pods are converted in full at each change.
+    fn changed(_: &mut Stores, _: &str, _: Option<&Pod>, _: Option<&Pod>) {}
+    fn relisted(_: &mut Stores) {}
+}
 
 impl Watched for TrafficPolicyObject {
+    type Kept = TrafficPolicyObject;
     const INDEX: usize = 4;
     const KIND: &'static str = "TrafficPolicy";
     const OPTIONAL: bool = true;
+    fn keep(self) -> Self {
+        trim(self)
+    }
     fn objects(stores: &mut Stores) -> &mut Objects<Self> {
         &mut stores.policies
     }
+    // Policies are resolved in full at each change; the Services whose
+    // policy changed are converted again.
+    fn changed(_: &mut Stores, _: &str, _: Option<&Self>, _: Option<&Self>) {}
+    fn relisted(_: &mut Stores) {}
 }
 
 fn key<K: Resource>(obj: &K) -> String {
@@ -245,7 +345,73 @@ fn trim<K: Resource>(mut obj: K) -> K {
     if let Some(annotations) = &mut meta.annotations {
         annotations.retain(|k, _| k.starts_with("mesh.sidecarless.dev/"));
     }
+    if let Some(labels) = &mut meta.labels {
+        labels.retain(|k, _| k.starts_with("mesh.sidecarless.dev/"));
+    }
     obj
+}
+
+/// The fields of a Service that conversion reads, and no other: a large
+/// cluster's Services are held for as long as the agent runs.
+fn keep_service(service: Service) -> Service {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    let service = trim(service);
+    let meta = service.metadata;
+    Service {
+        metadata: kube::api::ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            annotations: meta.annotations.filter(|a| !a.is_empty()),
+            ..Default::default()
+        },
+        spec: service.spec.map(|spec| ServiceSpec {
+            type_: spec.type_,
+            cluster_ip: spec.cluster_ip,
+            cluster_ips: spec.cluster_ips,
+            ports: spec.ports.map(|ports| {
+                ports
+                    .into_iter()
+                    .map(|p| ServicePort {
+                        name: p.name,
+                        protocol: p.protocol,
+                        port: p.port,
+                        app_protocol: p.app_protocol,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The fields of a Pod that conversion reads (its containers, volumes and
+/// environment can be most of a Pod's size).
+fn keep_pod(pod: Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+    let pod = trim(pod);
+    let meta = pod.metadata;
+    Pod {
+        metadata: kube::api::ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            uid: meta.uid,
+            annotations: meta.annotations.filter(|a| !a.is_empty()),
+            ..Default::default()
+        },
+        spec: pod.spec.map(|spec| PodSpec {
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            ..Default::default()
+        }),
+        status: pod.status.map(|status| PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..Default::default()
+        }),
+    }
 }
 
 /// Lists and watches one kind for as long as the agent runs, starting
@@ -258,7 +424,7 @@ async fn watch_kind<K: Watched>(
     let mut retry = RETRY_FIRST;
     loop {
         let mut stream = std::pin::pin!(watcher(api.clone(), config.clone()));
-        let mut listing: Option<Objects<K>> = None;
+        let mut listing: Option<Objects<K::Kept>> = None;
         while let Some(event) = stream.next().await {
             let update: Update = match event {
                 Ok(watcher::Event::Init) => {
@@ -267,7 +433,7 @@ async fn watch_kind<K: Watched>(
                 }
                 Ok(watcher::Event::InitApply(obj)) => {
                     if let Some(listing) = &mut listing {
-                        listing.insert(key(&obj), trim(obj));
+                        listing.insert(key(&obj), obj.keep());
                     }
                     continue;
                 }
@@ -277,18 +443,13 @@ async fn watch_kind<K: Watched>(
                     Box::new(move |s: &mut Stores| s.listed::<K>(objects))
                 }
                 Ok(watcher::Event::Apply(obj)) => {
-                    let obj = trim(obj);
-                    Box::new(move |s: &mut Stores| {
-                        K::objects(s).insert(key(&obj), obj);
-                        s.streaming::<K>();
-                    })
+                    let key = key(&obj);
+                    let obj = obj.keep();
+                    Box::new(move |s: &mut Stores| s.apply::<K>(key, Some(obj)))
                 }
                 Ok(watcher::Event::Delete(obj)) => {
                     let key = key(&obj);
-                    Box::new(move |s: &mut Stores| {
-                        K::objects(s).remove(&key);
-                        s.streaming::<K>();
-                    })
+                    Box::new(move |s: &mut Stores| s.apply::<K>(key, None))
                 }
                 // Not installed (404), or installed but not readable by
                 // this agent's ClusterRole (403: an upgrade that changed the
@@ -316,13 +477,25 @@ async fn watch_kind<K: Watched>(
     }
 }
 
-/// What the watches have seen.
+/// What the watches have seen, and what it converted to.
 struct Stores {
     services: Objects<Service>,
-    slices: Objects<EndpointSlice>,
+    slices: Objects<Slice>,
+    /// The keys of each Service's slices, by the Service's key.
+    slices_of: HashMap<String, BTreeSet<String>>,
     namespaces: Objects<Namespace>,
     pods: Objects<Pod>,
     policies: Objects<TrafficPolicyObject>,
+    /// Per Service key, its mesh services as last converted. Conversion is
+    /// incremental: only the Services a change touched are converted
+    /// again, and an unchanged result keeps its shared copy, by which the
+    /// proxy's table and the kernel sync recognise it as unchanged.
+    converted: BTreeMap<String, Converted>,
+    /// Services to convert again, and whether all must be (a relisting).
+    dirty_services: HashSet<String>,
+    all_dirty: bool,
+    /// The policy in force per Service, as last resolved.
+    policy_of: HashMap<(String, String), config::TrafficPolicy>,
     /// Per policy, the last version that parsed (kept in force while a
     /// later one is invalid).
     last_good: HashMap<String, config::TrafficPolicy>,
@@ -341,11 +514,65 @@ struct Stores {
     metrics: KubernetesMetrics,
 }
 
+/// One Service's conversion.
+#[derive(Default)]
+struct Converted {
+    services: Vec<Arc<config::Service>>,
+    skipped: Vec<Skipped>,
+}
+
+/// The state apart from the services, converted in full at each change
+/// (it is one node's pods and the cluster's namespaces: small).
+#[derive(PartialEq)]
+struct Rest {
+    pods: Vec<config::Pod>,
+    known_pods: BTreeSet<String>,
+    enrolled_namespaces: BTreeSet<String>,
+    namespace_tenants: BTreeMap<String, String>,
+}
+
 impl Stores {
-    fn listed<K: Watched>(&mut self, objects: Objects<K>) {
+    fn new(
+        status_tx: tokio::sync::mpsc::UnboundedSender<(String, String, PolicyCondition)>,
+        metrics: KubernetesMetrics,
+    ) -> Self {
+        Self {
+            services: Objects::new(),
+            slices: Objects::new(),
+            slices_of: HashMap::new(),
+            namespaces: Objects::new(),
+            pods: Objects::new(),
+            policies: Objects::new(),
+            converted: BTreeMap::new(),
+            dirty_services: HashSet::new(),
+            all_dirty: false,
+            policy_of: HashMap::new(),
+            last_good: HashMap::new(),
+            status_asked: HashMap::new(),
+            status_tx,
+            absent: [false; KINDS],
+            listed: [false; KINDS],
+            failing: [None; KINDS],
+            dirty: false,
+            metrics,
+        }
+    }
+
+    /// One object added, changed (`Some`) or deleted (`None`).
+    fn apply<K: Watched>(&mut self, key: String, new: Option<K::Kept>) {
+        let old = K::objects(self).remove(&key);
+        K::changed(self, &key, old.as_ref(), new.as_ref());
+        if let Some(new) = new {
+            K::objects(self).insert(key, new);
+        }
+        self.streaming::<K>();
+    }
+
+    fn listed<K: Watched>(&mut self, objects: Objects<K::Kept>) {
         self.metrics.listings.inc();
         debug!(kind = K::KIND, objects = objects.len(), "listed");
         *K::objects(self) = objects;
+        K::relisted(self);
         self.listed[K::INDEX] = true;
         self.absent[K::INDEX] = false;
         self.streaming::<K>();
@@ -398,12 +625,15 @@ impl Stores {
             );
         }
         K::objects(self).clear();
+        K::relisted(self);
         self.listed[K::INDEX] = true;
         self.dirty = true;
         self.failing[K::INDEX] = None;
     }
 
-    fn convert(&mut self, node: &str) -> (Discovered, Vec<Skipped>) {
+    /// Converts what changed since the last call. `None` when the result
+    /// is the same as `last`'s.
+    fn convert(&mut self, node: &str, last: &Discovered) -> (Option<Discovered>, Vec<Skipped>) {
         let mut skipped = Vec::new();
         let tenants = convert::namespace_tenants(self.namespaces.values());
         let services_seen = &self.services;
@@ -413,31 +643,103 @@ impl Stores {
             &mut self.last_good,
         );
         self.report_policies(&resolved.conditions, &mut skipped);
-        let services = convert::services(
-            self.services.values(),
-            self.slices.values(),
-            &tenants,
-            &resolved.by_service,
-            &mut skipped,
+        // Services whose policy in force changed.
+        for (target, policy) in &resolved.by_service {
+            if self.policy_of.get(target) != Some(policy) {
+                self.dirty_services
+                    .insert(format!("{}/{}", target.0, target.1));
+            }
+        }
+        for target in self.policy_of.keys() {
+            if !resolved.by_service.contains_key(target) {
+                self.dirty_services
+                    .insert(format!("{}/{}", target.0, target.1));
+            }
+        }
+        self.policy_of = resolved.by_service;
+        let dirty: Vec<String> = if std::mem::take(&mut self.all_dirty) {
+            self.dirty_services.clear();
+            let mut all: BTreeSet<String> = self.services.keys().cloned().collect();
+            all.extend(self.converted.keys().cloned());
+            all.into_iter().collect()
+        } else {
+            self.dirty_services.drain().collect()
+        };
+        let mut services_changed = false;
+        for key in dirty {
+            let Some(service) = self.services.get(&key) else {
+                services_changed |= self.converted.remove(&key).is_some();
+                continue;
+            };
+            let slices: Vec<&Slice> = self
+                .slices_of
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.slices.get(k))
+                .collect();
+            let namespace = key.split('/').next().unwrap_or_default();
+            let name = key.split_once('/').map(|(_, n)| n).unwrap_or_default();
+            let tenant = tenants
+                .get(namespace)
+                .map(String::as_str)
+                .unwrap_or_default();
+            let policy = self
+                .policy_of
+                .get(&(namespace.to_string(), name.to_string()));
+            let mut own_skipped = Vec::new();
+            let fresh = convert::service(service, &slices, tenant, policy, &mut own_skipped);
+            let entry = self.converted.entry(key).or_default();
+            entry.skipped = own_skipped;
+            let same = entry.services.len() == fresh.len()
+                && entry.services.iter().zip(&fresh).all(|(a, b)| **a == *b);
+            if !same {
+                entry.services = fresh.into_iter().map(Arc::new).collect();
+                services_changed = true;
+            }
+        }
+        skipped.extend(
+            self.converted
+                .values()
+                .flat_map(|c| c.skipped.iter().cloned()),
         );
-        let pods = convert::pods(
-            self.pods.values(),
-            self.namespaces.values(),
-            &tenants,
-            node,
-            &mut skipped,
-        );
-        let discovered = Discovered {
-            services,
-            pods,
+        let rest = Rest {
+            pods: convert::pods(
+                self.pods.values(),
+                self.namespaces.values(),
+                &tenants,
+                node,
+                &mut skipped,
+            ),
             known_pods: convert::known_pods(self.pods.values(), node),
             enrolled_namespaces: convert::enrolled_namespaces(self.namespaces.values()),
             namespace_tenants: tenants,
+        };
+        let rest_changed = last.pods != rest.pods
+            || last.known_pods != rest.known_pods
+            || last.enrolled_namespaces != rest.enrolled_namespaces
+            || last.namespace_tenants != rest.namespace_tenants;
+        // The first conversion after a snapshot was read always publishes
+        // (the state becomes this agent's own listing).
+        if !services_changed && !rest_changed && last.listed {
+            return (None, skipped);
+        }
+        let services = self
+            .converted
+            .values()
+            .flat_map(|c| c.services.iter().cloned())
+            .collect();
+        let discovered = Discovered {
+            services,
+            pods: rest.pods,
+            known_pods: rest.known_pods,
+            enrolled_namespaces: rest.enrolled_namespaces,
+            namespace_tenants: rest.namespace_tenants,
             // Converted only once every kind has been listed.
             complete: true,
             listed: true,
         };
-        (discovered, skipped)
+        (Some(discovered), skipped)
     }
 }
 
@@ -523,21 +825,7 @@ fn own_state(
 ) {
     let mut unsaved = false;
     let mut last_saved: Option<Instant> = None;
-    let mut stores = Stores {
-        services: Objects::new(),
-        slices: Objects::new(),
-        namespaces: Objects::new(),
-        pods: Objects::new(),
-        policies: Objects::new(),
-        last_good: HashMap::new(),
-        status_asked: HashMap::new(),
-        status_tx,
-        absent: [false; KINDS],
-        listed: [false; KINDS],
-        failing: [None; KINDS],
-        dirty: false,
-        metrics: metrics.clone(),
-    };
+    let mut stores = Stores::new(status_tx, metrics.clone());
     let mut reported = BTreeSet::new();
     let mut pace = Duration::ZERO;
     let mut last_outage_log = Instant::now();
@@ -596,22 +884,21 @@ fn own_state(
         metrics.from_snapshot.set(0);
         stores.dirty = false;
         let converting = Instant::now();
-        let (discovered, skipped) = stores.convert(&node);
+        let last = Arc::clone(&tx.borrow());
+        let (discovered, skipped) = stores.convert(&node, &last);
+        drop(last);
         pace = (converting.elapsed() * PACE_FACTOR).min(MAX_PACE);
         report(&mut reported, skipped, &metrics);
+        let Some(discovered) = discovered else {
+            continue;
+        };
         metrics.services.set(count(discovered.services.len()));
         metrics.endpoints.set(count(
             discovered.services.iter().map(|s| s.endpoints.len()).sum(),
         ));
         metrics.pods.set(count(discovered.pods.len()));
-        let changed = tx.send_if_modified(|current| {
-            if **current == discovered {
-                return false;
-            }
-            *current = Arc::new(discovered);
-            true
-        });
-        unsaved |= changed;
+        tx.send_replace(Arc::new(discovered));
+        unsaved = true;
     }
 }
 

@@ -25,7 +25,7 @@ use crate::upstream;
 /// The application on loopback, with the service's timeouts and no
 /// retries (retrying is the caller's side's job).
 fn local_app(service: &Service, dst: SocketAddrV4, mark: u32) -> Service {
-    let mut cfg = service.config.clone();
+    let mut cfg = config::Service::clone(&service.config);
     cfg.name = format!("inbound-{}", dst.port());
     // Not the service's VIP: the HTTP path looks services up by VIP per
     // request, and inbound requests must stay with the local application.
@@ -45,7 +45,7 @@ fn local_app(service: &Service, dst: SocketAddrV4, mark: u32) -> Service {
         mark,
         locality: Default::default(),
     };
-    Service::new(&cfg, &node, None)
+    Service::new(&std::sync::Arc::new(cfg), &node, None)
 }
 
 /// Connecting to the application in the same pod is local: a short bound.
@@ -62,10 +62,10 @@ impl Proxy {
     fn inbound_http_app(&self, dst: SocketAddrV4) -> Option<(Arc<Service>, Protocol)> {
         let service = {
             let table = self.services.load();
-            table
-                .services()
-                .find(|s| s.endpoints.iter().any(|ep| ep.addr == dst))
-                .cloned()
+            let config = table
+                .configs()
+                .find(|s| s.endpoints.iter().any(|ep| ep.address == dst))?;
+            table.get(&config.vip).cloned()
         }?;
         let protocol = service.config.protocol;
         if protocol == Protocol::Tcp {

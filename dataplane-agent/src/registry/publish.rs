@@ -22,9 +22,13 @@ const PERIOD: Duration = Duration::from_secs(3);
 const TTL: i64 = 10;
 
 /// The keys and values `services` are published as.
-pub fn records(prefix: &str, services: &[Service]) -> BTreeMap<String, String> {
+pub fn records<S: std::borrow::Borrow<Service>>(
+    prefix: &str,
+    services: &[S],
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for svc in services {
+        let svc: &Service = svc.borrow();
         let id = ServiceId {
             tenant: svc.namespace.clone(),
             name: svc.name.clone(),

@@ -71,7 +71,7 @@ mod tests {
         let yaml = "services:\n  - name: s\n    vip: 198.19.0.1:80\n    endpoints: [{address: 10.0.0.1:80}]\n    trafficPolicy:\n      outlierDetection:\n        consecutive5xxErrors: 1\n        baseEjectionTime: 1ms\n        halfOpen: {probeRequests: 2}\n";
         let config = MeshConfig::parse(yaml, std::path::Path::new("t.yaml")).unwrap();
         let table = ServiceTable::build(&config, None, &NodeContext::default());
-        let service = table.services().next().unwrap();
+        let service = table.get(&"198.19.0.1:80".parse().unwrap()).unwrap();
         let _ = service.record_outcome(0, Outcome::Status(503));
         std::thread::sleep(Duration::from_millis(5));
         let _ = service.outlier().unwrap().tick(Instant::now());

@@ -33,7 +33,7 @@ pub struct Service {
     /// Counters resolved on first use by this version of the service.
     pub counters: ServiceCounters,
     /// The config this runtime state was built from.
-    pub config: config::Service,
+    pub config: Arc<config::Service>,
     pub endpoints: Vec<Endpoint>,
     pub balancer: Balancer,
     /// `None` when outlier detection is off.
@@ -57,7 +57,7 @@ impl Service {
     /// same VIP) it keeps what must survive a reload: breaker occupancy,
     /// retry budget, rate-limit buckets and connection pools when their
     /// settings did not change, and the health of remaining endpoints.
-    pub fn new(cfg: &config::Service, node: &NodeContext, old: Option<&Service>) -> Self {
+    pub fn new(cfg: &Arc<config::Service>, node: &NodeContext, old: Option<&Service>) -> Self {
         let id = format!("{}/{}", cfg.namespace, cfg.name);
         let policy = &cfg.traffic_policy;
         let breaker = match old {
@@ -94,7 +94,7 @@ impl Service {
             },
             id,
             counters: ServiceCounters::default(),
-            config: cfg.clone(),
+            config: Arc::clone(cfg),
             endpoints,
             outlier,
             budget,

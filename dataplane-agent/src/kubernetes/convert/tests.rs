@@ -9,7 +9,7 @@ use super::*;
 #[derive(Default)]
 struct Objects {
     services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
+    slices: Vec<Slice>,
     pods: Vec<Pod>,
     namespaces: Vec<Namespace>,
 }
@@ -22,9 +22,9 @@ fn load(yaml: &str) -> Objects {
             "Service" => objects
                 .services
                 .push(serde_yaml_ng::from_value(value).unwrap()),
-            "EndpointSlice" => objects
-                .slices
-                .push(serde_yaml_ng::from_value(value).unwrap()),
+            "EndpointSlice" => objects.slices.push(Slice::from(
+                serde_yaml_ng::from_value::<EndpointSlice>(value).unwrap(),
+            )),
             "Pod" => objects.pods.push(serde_yaml_ng::from_value(value).unwrap()),
             "Namespace" => objects
                 .namespaces
