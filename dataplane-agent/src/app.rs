@@ -239,7 +239,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             reconciler.services(config);
         } else {
             ticks = ticks.wrapping_add(1);
-            if ticks % VERIFY_SERVICES_EVERY == 0 {
+            if ticks.is_multiple_of(VERIFY_SERVICES_EVERY) {
                 reconciler.verify_services(config);
             }
         }
