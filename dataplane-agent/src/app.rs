@@ -52,6 +52,8 @@ pub struct Settings {
     pub kubernetes: Option<crate::kubernetes::KubernetesConfig>,
     /// Where the CNI plugin asks the agent to enroll new pods.
     pub cni_socket: PathBuf,
+    /// Installs the CNI plugin on the node, if the agent does.
+    pub cni_install: Option<crate::cni::install::Installer>,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -207,6 +209,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             "cannot listen for the CNI plugin: new pods are enrolled by the cgroup watcher only"
         ),
     }
+    // Added to the node's network configuration only now that the socket
+    // answers, so that no pod waits on an agent not listening yet.
+    let mut cni_install = settings.cni_install.clone().map(|installer| {
+        crate::cni::install::Keeper::new(installer, cni_metrics.installed.clone())
+    });
+    if let Some(keeper) = &mut cni_install {
+        runtime::off_worker(|| keeper.pass());
+    }
     let mut fail_open_log = crate::cni::FailOpenLog::new(
         crate::cni::fail_open_log_path(&settings.cni_socket),
         cni_metrics,
@@ -241,6 +251,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(VERIFY_SERVICES_EVERY) {
                 reconciler.verify_services(config);
+            }
+            if let Some(keeper) = &mut cni_install {
+                keeper.pass();
             }
         }
         reconciler.check_kernel_counters();

@@ -8,6 +8,8 @@
 //! The protocol: one JSON request line, one JSON answer line
 //! ([`Request`], [`Answer`]). The socket is root's only (mode 0600).
 
+pub mod install;
+
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -131,6 +133,9 @@ pub struct CniMetrics {
     /// Pods the plugin let start without reaching the agent (fail-open),
     /// as its log file lists them.
     fail_open: Gauge,
+    /// Whether the node's network configuration calls the plugin, when
+    /// the agent installs it (`--cni-conf-dir`).
+    pub installed: Gauge,
 }
 
 impl CniMetrics {
@@ -145,6 +150,11 @@ impl CniMetrics {
             "fail_open_pods",
             "Pods the CNI plugin let start without reaching the agent (its fail-open log)",
             self.fail_open.clone(),
+        );
+        r.register(
+            "installed",
+            "1 while the node's primary CNI network configuration calls dataplane-cni (with --cni-conf-dir)",
+            self.installed.clone(),
         );
     }
 

@@ -143,10 +143,18 @@ enum Command {
     /// Print the TrafficPolicy CustomResourceDefinition (YAML), as
     /// deploy/base/crd.yaml holds it.
     Crd,
-    /// Detach the capture programs and remove every pinned object.
+    /// Detach the capture programs and remove every pinned object (and,
+    /// with --cni-conf-dir, the CNI plugin).
     Cleanup {
         #[arg(long, env = "DATAPLANE_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Also remove dataplane-cni from the network configurations in
+        /// this directory (the node's /etc/cni/net.d) ...
+        #[arg(long, env = "DATAPLANE_CNI_CONF_DIR", requires = "cni_bin_dir")]
+        cni_conf_dir: Option<PathBuf>,
+        /// ... and its binary from this one (the node's /opt/cni/bin).
+        #[arg(long, env = "DATAPLANE_CNI_BIN_DIR", requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
     },
 }
 
@@ -219,6 +227,65 @@ struct RunArgs {
     /// enroll a pod while its sandbox is created.
     #[arg(long, env = "DATAPLANE_CNI_SOCKET", default_value = dataplane_agent::cni::DEFAULT_SOCKET)]
     cni_socket: PathBuf,
+    #[command(flatten)]
+    cni_install: CniInstallArgs,
+}
+
+/// Installing the CNI plugin on the node.
+#[derive(clap::Args)]
+struct CniInstallArgs {
+    /// The node's CNI configuration directory (/etc/cni/net.d, as this
+    /// agent sees it). When set, the agent copies dataplane-cni into
+    /// --cni-bin-dir and adds it to the end of the node's primary network
+    /// configuration (the first file by name, as container runtimes pick
+    /// it), and puts it back at each --resync if the network plugin
+    /// rewrote the file. Unset: the plugin is installed by hand, or not.
+    #[arg(long, env = "DATAPLANE_CNI_CONF_DIR", requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI plugin directory (/opt/cni/bin, as this agent sees
+    /// it).
+    #[arg(long, env = "DATAPLANE_CNI_BIN_DIR", requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
+    /// The plugin binary to install [default: dataplane-cni beside this
+    /// executable].
+    #[arg(long, env = "DATAPLANE_CNI_PLUGIN")]
+    cni_plugin: Option<PathBuf>,
+    /// The installed plugin's failPolicy: closed (a pod created while no
+    /// agent answers is retried by the runtime, never started uncaptured)
+    /// or open (it starts, uncaptured until the agent's next pass; logged
+    /// and counted).
+    #[arg(long, env = "DATAPLANE_CNI_FAIL_POLICY", default_value = "closed", value_parser = ["closed", "open"])]
+    cni_fail_policy: String,
+}
+
+impl CniInstallArgs {
+    fn installer(
+        self,
+        socket: &std::path::Path,
+    ) -> anyhow::Result<Option<dataplane_agent::cni::install::Installer>> {
+        let (Some(conf_dir), Some(bin_dir)) = (self.cni_conf_dir, self.cni_bin_dir) else {
+            return Ok(None);
+        };
+        let plugin = match self.cni_plugin {
+            Some(plugin) => plugin,
+            None => std::env::current_exe()
+                .context("finding this executable's directory for --cni-plugin")?
+                .with_file_name(dataplane_agent::cni::install::PLUGIN),
+        };
+        anyhow::ensure!(
+            plugin.is_file(),
+            "--cni-plugin {}: no such file (build it with `cargo xtask build`, or point \
+             --cni-plugin at it)",
+            plugin.display()
+        );
+        Ok(Some(dataplane_agent::cni::install::Installer {
+            conf_dir,
+            bin_dir,
+            plugin,
+            socket: socket.to_path_buf(),
+            fail_policy: self.cni_fail_policy,
+        }))
+    }
 }
 
 /// Discovery from the Kubernetes API server.
@@ -505,6 +572,7 @@ fn main() -> anyhow::Result<()> {
                 fast_path: args.fast_path,
                 registry: args.registry.config()?,
                 kubernetes: args.kubernetes.config()?,
+                cni_install: args.cni_install.installer(&args.cni_socket)?,
                 cni_socket: args.cni_socket,
             };
             cli.worker_threads.build()?.block_on(app::run(settings))
@@ -582,7 +650,20 @@ fn main() -> anyhow::Result<()> {
             print!("{}", dataplane_agent::kubernetes::policy::crd_yaml());
             Ok(())
         }
-        Command::Cleanup { pin_dir } => {
+        Command::Cleanup {
+            pin_dir,
+            cni_conf_dir,
+            cni_bin_dir,
+        } => {
+            // The plugin first: once the capture is gone, a pod it would
+            // enroll could not be captured anyway.
+            if let (Some(conf_dir), Some(bin_dir)) = (cni_conf_dir, cni_bin_dir) {
+                let changed = dataplane_agent::cni::install::uninstall(&conf_dir, &bin_dir)
+                    .context("removing the CNI plugin")?;
+                for path in &changed {
+                    println!("cleanup: removed dataplane-cni from {}", path.display());
+                }
+            }
             let report = capture::uninstall(&pin_dir)
                 .with_context(|| format!("cleaning up {}", pin_dir.display()))?;
             println!(

@@ -160,6 +160,39 @@ fn parse_duration(text: &str) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// `httptool until-ok` running in a pod: requests to one URL, one after
+/// another, until one is answered.
+pub struct UntilOk(crate::proc::Proc);
+
+impl UntilOk {
+    /// Starts it in `pod` and waits until it runs: the change it is to
+    /// see may be made from then on.
+    pub fn start(node: &SimNode, pod: &Pod, url: &str, deadline: Duration) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(httptool()?);
+        cmd.args(["until-ok", "--url", url, "--attempt-timeout-ms", "20"])
+            .arg(format!("--deadline-ms={}", deadline.as_millis()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        let mut proc = node.spawn_in_pod(pod, cmd)?;
+        proc.wait_for_line(Duration::from_secs(10), |l| l == "ready")?;
+        Ok(Self(proc))
+    }
+
+    /// When the first answer came (wall clock), or an error if none came
+    /// before the deadline.
+    pub fn answered_at(mut self, deadline: Duration) -> anyhow::Result<std::time::SystemTime> {
+        let line = self
+            .0
+            .wait_for_line(deadline + SLACK, |l| l.starts_with('{'))?;
+        let report: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("httptool until-ok printed {line:?}"))?;
+        let us = report["answered_unix_us"]
+            .as_u64()
+            .with_context(|| format!("never answered: {line}"))?;
+        Ok(std::time::UNIX_EPOCH + Duration::from_micros(us))
+    }
+}
+
 /// One gRPC-shaped call (HTTP/2 prior knowledge) from `pod` to `url`.
 pub fn grpc(node: &SimNode, pod: &Pod, url: &str) -> anyhow::Result<GrpcReport> {
     let mut cmd = Command::new(httptool()?);

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dataplane_tests::agent::Agent;
-use dataplane_tests::cni::{CniChain, node_conflist, result_ip};
+use dataplane_tests::cni::{CniChain, DEBIAN_PLUGINS, node_conflist, result_ip};
 use dataplane_tests::http_peers;
 use dataplane_tests::kubeapi::KubeApiInNetns;
 use dataplane_tests::scenario::{ECHO_VIP, backend_addr};
@@ -302,4 +302,79 @@ fn before_the_agent_has_listed_the_api_add_is_retried() {
     );
     assert!(err.details.contains("not read the Kubernetes API"), "{err}");
     chain.del(&pod, "shop", None).expect("DEL");
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn the_agent_installs_the_plugin_in_the_nodes_network_configuration_and_keeps_it_there() {
+    if !require_privileges(
+        "the_agent_installs_the_plugin_in_the_nodes_network_configuration_and_keeps_it_there",
+    ) {
+        return;
+    }
+    let mut node = SimNode::new("cniinst").expect("node");
+    let b1 = node.add_pod("web-0").expect("pod");
+    let _s1 = http_peers::serve(&node, &b1, "web-0").expect("serve");
+    let (kube, args) = start_kube(&node, &[&b1], "install");
+    // The node's network plugin wrote its configuration: the usual chain
+    // without ours.
+    let conf_dir = kube.dir.join("net.d");
+    let bin_dir = kube.dir.join("bin");
+    std::fs::create_dir_all(&conf_dir).expect("conf dir");
+    std::fs::create_dir_all(&bin_dir).expect("bin dir");
+    let mut network = node_conflist(
+        &node,
+        &kube.dir.join("ipam"),
+        std::path::Path::new("/unused"),
+        "closed",
+    );
+    network["plugins"].as_array_mut().expect("plugins").pop();
+    let conf = conf_dir.join("10-bridge.conflist");
+    std::fs::write(&conf, network.to_string()).expect("conflist");
+    let mut args: Vec<String> = args;
+    args.push(format!("--cni-conf-dir={}", conf_dir.display()));
+    args.push(format!("--cni-bin-dir={}", bin_dir.display()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // --cni-plugin left to its default: dataplane-cni beside the agent.
+    let agent = Agent::start_with(&node, "services: []\n", &args).expect("agent");
+    wait_synced(&agent);
+    let installed = || -> anyhow::Result<serde_json::Value> {
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&conf)?)?;
+        let last = config["plugins"].as_array().and_then(|p| p.last()).cloned();
+        anyhow::ensure!(
+            last.as_ref().and_then(|p| p["type"].as_str()) == Some("dataplane-cni"),
+            "not installed: {config}"
+        );
+        Ok(config)
+    };
+    let config =
+        eventually("the plugin installed", Duration::from_secs(10), installed).expect("installed");
+    assert_eq!(
+        config["plugins"][1]["agentSocket"].as_str(),
+        Some(Agent::cni_socket_of(&node).to_str().expect("utf-8")),
+        "the entry names the agent's socket"
+    );
+    assert!(
+        bin_dir.join("dataplane-cni").is_file(),
+        "the binary beside the plugins"
+    );
+    assert_eq!(agent.metric("dataplane_cni_installed"), 1.0);
+
+    // A runtime running the node's configuration as it now is, from the
+    // node's plugin directories: the pod is captured from its first
+    // connect.
+    let chain = CniChain::new(&node, config, &[DEBIAN_PLUGINS.into(), bin_dir.clone()]);
+    let pod = node
+        .add_pod_sandbox("fresh", &new_pod_uid())
+        .expect("sandbox");
+    chain.add(&pod, "shop").expect("ADD");
+    assert!(
+        reaches_vip(&node, &pod).expect("request"),
+        "captured from its first connect"
+    );
+
+    // The network plugin rewrites its file (its own upgrade): the entry is
+    // put back at the agent's next pass.
+    std::fs::write(&conf, network.to_string()).expect("rewrite");
+    eventually("the plugin put back", Duration::from_secs(10), installed).expect("put back");
 }

@@ -724,3 +724,58 @@ fn the_cni_plugin_reaches_the_agent_through_a_node_directory() {
         "the agent creates the socket there"
     );
 }
+
+/// The node directory a container mounts at `path`, writable.
+fn host_dir_at(pod: &Value, container: &Value, path: &str) -> String {
+    let mount = container["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["mountPath"] == path))
+        .unwrap_or_else(|| panic!("{} mounts {path}", container["name"]));
+    assert_ne!(mount["readOnly"], true, "{path} is written");
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == mount["name"]))
+        .expect("the mount's volume");
+    volume["hostPath"]["path"]
+        .as_str()
+        .expect("a hostPath")
+        .to_string()
+}
+
+#[test]
+fn the_agent_installs_the_cni_plugin_into_the_nodes_cni_directories_and_cleanup_removes_it() {
+    let pod = pod_spec(daemonset());
+    let agent = container(pod, "agent");
+    let env = |name: &str| -> String {
+        agent["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["name"] == name))
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("the agent sets {name}"))
+            .to_string()
+    };
+    let conf = env("DATAPLANE_CNI_CONF_DIR");
+    let bin = env("DATAPLANE_CNI_BIN_DIR");
+    assert_eq!(host_dir_at(pod, agent, &conf), "/etc/cni/net.d");
+    assert_eq!(host_dir_at(pod, agent, &bin), "/opt/cni/bin");
+    assert_eq!(env("DATAPLANE_CNI_FAIL_POLICY"), "closed");
+    // The uninstall Job removes it from the same directories.
+    let job_pod = pod_spec(&uninstall().objects[0]);
+    let cleanup = container(job_pod, "cleanup");
+    let args: Vec<&str> = cleanup["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    for (flag, node_dir) in [
+        ("--cni-conf-dir", "/etc/cni/net.d"),
+        ("--cni-bin-dir", "/opt/cni/bin"),
+    ] {
+        let dir = args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+            .unwrap_or_else(|| panic!("cleanup gets {flag}"));
+        assert_eq!(host_dir_at(job_pod, cleanup, dir), node_dir);
+    }
+}

@@ -27,6 +27,10 @@
 //! - `raw --to <ip:port> --request <text> [--pad-header-bytes n]`: sends
 //!   bytes that need not be valid HTTP; prints the status line received.
 //!
+//! - `until-ok --url <http://...> [--attempt-timeout-ms ms] [--deadline-ms
+//!   ms]`: one request after another until one is answered; prints when
+//!   (see `httptool/until_ok.rs`).
+//!
 //! Exit codes: 0 when the tool ran (failed requests are reported, the
 //! caller judges), 1 when it could not (port in use), 2 on bad arguments.
 
@@ -49,6 +53,8 @@ mod report;
 mod respond;
 #[path = "httptool/serve.rs"]
 mod serve;
+#[path = "httptool/until_ok.rs"]
+mod until_ok;
 
 use std::process::ExitCode;
 
@@ -60,7 +66,8 @@ const USAGE: &str = "usage:
                 [--rate <req/s>] [--http2] [--no-resend] [--header \"k: v\"]... [--method <m>]
                 [--body-bytes <n>] [--timeout-ms <ms>] [--max-duration <n>s|<n>ms]
   httptool grpc --url <http://host[:port]/pkg.Svc/Method> [--header \"k: v\"]... [--timeout-ms <ms>]
-  httptool raw --to <ip:port> [--request <text, \\r\\n escaped>] [--pad-header-bytes <n>] [--timeout-ms <ms>]";
+  httptool raw --to <ip:port> [--request <text, \\r\\n escaped>] [--pad-header-bytes <n>] [--timeout-ms <ms>]
+  httptool until-ok --url <http://host[:port]/path> [--attempt-timeout-ms <ms>] [--deadline-ms <ms>]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -90,6 +97,7 @@ fn run(command: &str, opts: &Opts) -> Result<(), Failure> {
         "load" => runtime.block_on(load::run(opts)),
         "grpc" => runtime.block_on(grpc::run(opts)),
         "raw" => runtime.block_on(raw::run(opts)),
+        "until-ok" => runtime.block_on(until_ok::run(opts)),
         other => Err(Failure::Usage(format!("unknown subcommand {other:?}"))),
     }
 }
