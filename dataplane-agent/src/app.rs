@@ -148,6 +148,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     let cni_metrics = crate::cni::CniMetrics::default();
+    let heap_metrics = crate::metrics::heap::HeapMetrics::default();
     let fast_path_active = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     fast_path_active.set(i64::from(fast_path));
     let mut rt = Runtime::start(
@@ -168,6 +169,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 kubernetes_metrics.register(r);
             }
             cni_metrics.register(r);
+            heap_metrics.register(r);
         },
     );
     if !sources.is_empty() {
@@ -256,6 +258,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 keeper.pass();
             }
         }
+        heap_metrics.refresh();
         reconciler.check_kernel_counters();
         fail_open_log.check();
     })

@@ -121,11 +121,13 @@ pub fn merge(file: &MeshConfig, sources: &[(&str, Arc<Discovered>)]) -> MeshConf
     let mut merged = file.clone();
     for (source, discovered) in sources {
         for service in &discovered.services {
-            if own.contains(&(
-                service.namespace.as_str(),
-                service.name.as_str(),
-                service.vip,
-            )) {
+            if !own.is_empty()
+                && own.contains(&(
+                    service.namespace.as_str(),
+                    service.name.as_str(),
+                    service.vip,
+                ))
+            {
                 continue;
             }
             if !taken.insert(service.vip) {

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the agent: proxy connection outcomes and the
 //! capture programs' kernel counters.
 
+pub mod heap;
+
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 

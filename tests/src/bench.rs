@@ -196,7 +196,7 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
     if let Some(d) = &report.discovery {
         println!(
             "discovery: {} services, {} endpoints, {} pods: synced in {:.1} s, agent RSS {:.1} MiB \
-             (PSS {:.1}); {} endpoint changes in {:.1} s: agent CPU {:.2} cores; new Service to \
+             (PSS {:.1}, heap allocated {:.1}); {} endpoint changes in {:.1} s: agent CPU {:.2} cores; new Service to \
              first answered request p50 {:.0} ms, p99 {:.0} ms ({} samples)",
             d.services,
             d.endpoints,
@@ -204,6 +204,7 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
             d.sync_s,
             d.rss_bytes as f64 / f64::from(1 << 20),
             d.pss_bytes as f64 / f64::from(1 << 20),
+            d.heap_allocated_bytes as f64 / f64::from(1 << 20),
             d.changes,
             d.churn_s,
             d.churn_cpu_cores,

@@ -170,7 +170,7 @@ impl UntilOk {
     pub fn start(node: &SimNode, pod: &Pod, url: &str, deadline: Duration) -> anyhow::Result<Self> {
         let mut cmd = Command::new(httptool()?);
         cmd.args(["until-ok", "--url", url, "--attempt-timeout-ms", "20"])
-            .arg(format!("--deadline-ms={}", deadline.as_millis()))
+            .args(["--deadline-ms", &deadline.as_millis().to_string()])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped());
         let mut proc = node.spawn_in_pod(pod, cmd)?;

@@ -488,15 +488,51 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
         );
     }
     state.requests.push(format!("LIST {}", kind.name()));
-    let items: Vec<Value> = state
+    // Pages, as a real server serves them to a client that sets `limit`
+    // (kube-rs's watcher asks for 500 at a time): `metadata.continue`
+    // names where the next page starts and the listing's resource
+    // version, which every page reports. Objects changed between two pages
+    // are not held back as etcd would; the watch from that version then
+    // delivers them.
+    let limit: Option<usize> = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0);
+    let (version, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
+        None => (state.version, 0),
+        Some(token) => match parse_continue(token) {
+            Some((version, _)) if version + 1 < state.oldest => {
+                return status(
+                    StatusCode::GONE,
+                    "Expired",
+                    "the provided continue parameter is too old",
+                );
+            }
+            Some(at) => at,
+            None => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "invalid continue token",
+                );
+            }
+        },
+    };
+    let matching: Vec<&Value> = state
         .objects
         .get(&kind)
         .into_iter()
         .flat_map(|o| o.values())
         .filter(|o| matches_node(o, node.as_deref()))
+        .collect();
+    let end = limit.map_or(matching.len(), |l| (offset + l).min(matching.len()));
+    let items: Vec<Value> = matching
+        .get(offset..end)
+        .unwrap_or_default()
+        .iter()
         .map(|o| {
             // Items of a real list carry no kind or apiVersion.
-            let mut item = o.clone();
+            let mut item = (*o).clone();
             if let Some(map) = item.as_object_mut() {
                 map.remove("kind");
                 map.remove("apiVersion");
@@ -504,13 +540,24 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
             item
         })
         .collect();
+    let mut metadata = json!({"resourceVersion": version.to_string()});
+    if end < matching.len() {
+        metadata["continue"] = json!(format!("v{version}o{end}"));
+        metadata["remainingItemCount"] = json!(matching.len() - end);
+    }
     let list = json!({
         "kind": kind.list_kind(),
         "apiVersion": kind.api_version(),
-        "metadata": {"resourceVersion": state.version.to_string()},
+        "metadata": metadata,
         "items": items,
     });
     json_response(StatusCode::OK, &list)
+}
+
+/// `v<version>o<offset>`, as pages name the next one.
+fn parse_continue(token: &str) -> Option<(u64, usize)> {
+    let (version, offset) = token.strip_prefix('v')?.split_once('o')?;
+    Some((version.parse().ok()?, offset.parse().ok()?))
 }
 
 /// `PATCH .../namespaces/<ns>/trafficpolicies/<name>/status` with a JSON

@@ -331,18 +331,25 @@ fn forget_departed(metrics: &ProxyMetrics, old: &MeshConfig, new: &MeshConfig) {
     let id = |s: &crate::config::Service| format!("{}/{}", s.namespace, s.name);
     // Linear in the number of services, and in the endpoints of those
     // that changed only: a discovered state of thousands of services
-    // changes a few at a time, and the rest are the same shared configs.
-    let kept: HashMap<(&str, &str), &Arc<crate::config::Service>> = new
+    // changes a few at a time, and the rest are the same shared configs
+    // (recognised by address, without hashing their names).
+    let ptrs = |config: &MeshConfig| -> HashSet<*const crate::config::Service> {
+        config.services.iter().map(Arc::as_ptr).collect()
+    };
+    let (old_ptrs, new_ptrs) = (ptrs(old), ptrs(new));
+    // A changed service's new version is one of the new configs.
+    let fresh: HashMap<(&str, &str), &Arc<crate::config::Service>> = new
         .services
         .iter()
+        .filter(|s| !old_ptrs.contains(&Arc::as_ptr(s)))
         .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
         .collect();
     let old_pods = || old.pods.iter().map(|p| p.uid.as_str());
     for service in &old.services {
-        let now = kept.get(&(service.namespace.as_str(), service.name.as_str()));
-        if now.is_some_and(|now| Arc::ptr_eq(now, service)) {
+        if new_ptrs.contains(&Arc::as_ptr(service)) {
             continue;
         }
+        let now = fresh.get(&(service.namespace.as_str(), service.name.as_str()));
         let service_id = id(service);
         let Some(now) = now else {
             metrics.forget_service(&service_id, old_pods());

@@ -37,6 +37,9 @@ pub struct Reconciler {
     /// different slice on each node, so that an outage of every agent
     /// does not send the whole mesh to a service's first eight).
     node_seed: usize,
+    /// Each service's kernel value as last written, with the config it was
+    /// made of: an unchanged (same shared) config is not made again.
+    values: HashMap<ServiceKey, (Arc<crate::config::Service>, ServiceValue)>,
     /// None when inotify is unavailable: then only the periodic pass
     /// enrolls new pods.
     _watcher: Option<PodCgroupWatcher>,
@@ -209,6 +212,7 @@ impl Reconciler {
             last_enrolled: usize::MAX,
             last_stats: CaptureStats::default(),
             node_seed: 0,
+            values: HashMap::new(),
             _watcher: watcher,
         }
     }
@@ -224,18 +228,22 @@ impl Reconciler {
 
     /// Writes the services of `cfg` to `DP_SERVICES`.
     pub fn services(&mut self, cfg: &MeshConfig) {
-        let desired: HashMap<ServiceKey, ServiceValue> = cfg
-            .services
-            .iter()
-            .map(|svc| {
-                let key = ServiceKey {
-                    ip4: u32::from_ne_bytes(svc.vip.ip().octets()),
-                    port: svc.vip.port(),
-                    _pad: 0,
-                };
-                (key, service_value(svc, self.node_seed))
-            })
-            .collect();
+        let mut values = HashMap::with_capacity(cfg.services.len());
+        let mut desired = HashMap::with_capacity(cfg.services.len());
+        for svc in &cfg.services {
+            let key = ServiceKey {
+                ip4: u32::from_ne_bytes(svc.vip.ip().octets()),
+                port: svc.vip.port(),
+                _pad: 0,
+            };
+            let value = match self.values.get(&key) {
+                Some((made_of, value)) if Arc::ptr_eq(made_of, svc) => *value,
+                _ => service_value(svc, self.node_seed),
+            };
+            values.insert(key, (Arc::clone(svc), value));
+            desired.insert(key, value);
+        }
+        self.values = values;
         let exports = exports(cfg);
         let mut shared = lock(&self.shared);
         // New exports before the services, stale ones after: a service is

@@ -14,7 +14,7 @@
 //! `scope` names what was read (prefix and tenants): an agent that reads
 //! something else does not route from it.
 
-use std::io::Write as _;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,10 +56,34 @@ pub struct Snapshot<T = Vec<config::Service>> {
 
 /// FNV-1a, 64 bits: detects torn and corrupted files (not tampering: the
 /// file is the agent's own, on the node).
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+    fnv1a64_more(FNV_OFFSET, bytes)
+}
+
+fn fnv1a64_more(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// Counts and sums what is serialized into it, keeping none of it.
+struct Digest {
+    length: usize,
+    hash: u64,
+}
+
+impl Write for Digest {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.length += buf.len();
+        self.hash = fnv1a64_more(self.hash, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -78,17 +102,21 @@ pub fn write<T: Serialize + ?Sized>(
         path: path.to_path_buf(),
         source,
     };
-    let body = serde_json::to_vec(services).map_err(|e| io(std::io::Error::other(e)))?;
+    // Serialized twice, never held whole: once for the header's length and
+    // checksum, once into the file (a large cluster's state is tens of
+    // megabytes of JSON).
+    let mut digest = Digest {
+        length: 0,
+        hash: FNV_OFFSET,
+    };
+    serde_json::to_writer(&mut digest, services).map_err(|e| io(std::io::Error::other(e)))?;
     let header = Header {
         format: FORMAT,
         written_at_ms: unix_ms(SystemTime::now()),
         scope: scope.to_string(),
-        length: body.len(),
-        fnv1a64: format!("{:016x}", fnv1a64(&body)),
+        length: digest.length,
+        fnv1a64: format!("{:016x}", digest.hash),
     };
-    let mut text = serde_json::to_vec(&header).map_err(|e| io(std::io::Error::other(e)))?;
-    text.push(b'\n');
-    text.extend_from_slice(&body);
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -97,8 +125,11 @@ pub fn write<T: Serialize + ?Sized>(
     // Per process: an old and a new agent may write at once in an upgrade.
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&text).map_err(io)?;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        serde_json::to_writer(&mut file, &header).map_err(|e| io(std::io::Error::other(e)))?;
+        file.write_all(b"\n").map_err(io)?;
+        serde_json::to_writer(&mut file, services).map_err(|e| io(std::io::Error::other(e)))?;
+        let file = file.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, path).map_err(io)?;

@@ -161,37 +161,44 @@ impl From<EndpointSlice> for Slice {
     fn from(slice: EndpointSlice) -> Self {
         let meta = slice.metadata;
         let served = slice.address_type == "IPv4";
+        // Built into new vectors: collecting in place would keep the
+        // object's (several times larger) allocations alive.
+        let ports = slice
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| (p.name.unwrap_or_default(), p.port));
+        let endpoints = slice
+            .endpoints
+            .into_iter()
+            .filter(|_| served)
+            .map(|e| SliceEndpoint {
+                address: match e.addresses.first() {
+                    None => Address::Missing,
+                    Some(a) => a
+                        .parse()
+                        .map_or_else(|_| Address::Invalid(a.as_str().into()), Address::V4),
+                },
+                conditions: e.conditions,
+                zone: e.zone,
+            });
         Self {
             namespace: meta.namespace.unwrap_or_default(),
             name: meta.name.unwrap_or_default(),
             owner: meta.labels.and_then(|mut l| l.remove(SERVICE_NAME_LABEL)),
             address_type: slice.address_type,
-            ports: slice
-                .ports
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| (p.name.unwrap_or_default(), p.port))
-                .collect(),
-            endpoints: if served {
-                slice
-                    .endpoints
-                    .into_iter()
-                    .map(|e| SliceEndpoint {
-                        address: match e.addresses.first() {
-                            None => Address::Missing,
-                            Some(a) => a
-                                .parse()
-                                .map_or_else(|_| Address::Invalid(a.as_str().into()), Address::V4),
-                        },
-                        conditions: e.conditions,
-                        zone: e.zone,
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            ports: exact(ports),
+            endpoints: exact(endpoints),
         }
     }
+}
+
+/// A vector of exactly the items of `items`, in an allocation of its own.
+fn exact<T>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    out.extend(items);
+    out.shrink_to_fit();
+    out
 }
 
 fn convert_service(
@@ -457,6 +464,8 @@ fn endpoints_in(
         }
     }
     out.sort_by_key(|e| e.address);
+    // Held for as long as the service is: no spare capacity.
+    out.shrink_to_fit();
     out
 }
 

@@ -149,6 +149,7 @@ pub fn measure(quick: bool) -> anyhow::Result<DiscoveryScale> {
     let pid = agent.pid().context("the agent's pid")?;
     std::thread::sleep(Duration::from_secs(5));
     let (rss_bytes, pss_bytes) = (sched::rss_bytes(pid), sched::pss_bytes(pid));
+    let heap_allocated_bytes = agent.metric("dataplane_heap_allocated_bytes") as u64;
 
     // Endpoint changes at a steady rate, from another thread; the agent's
     // CPU over exactly that window.
@@ -187,6 +188,7 @@ pub fn measure(quick: bool) -> anyhow::Result<DiscoveryScale> {
         sync_s,
         rss_bytes,
         pss_bytes,
+        heap_allocated_bytes,
         changes,
         churn_s,
         churn_cpu_cores: cpu_ns as f64 / 1e9 / churn_s,

@@ -185,7 +185,7 @@ fn discovery_section(d: &crate::bench::report::DiscoveryScale) -> String {
          created one by one.\n\n\
          | measure | value |\n|:--|--:|\n\
          | start to every Service in the agent's state | {:.1} s |\n\
-         | agent RSS / PSS, settled | {:.1} / {:.1} MiB |\n\
+         | agent RSS / PSS, settled (heap allocated) | {:.1} / {:.1} ({:.1}) MiB |\n\
          | endpoint changes applied at the API | {} in {:.1} s |\n\
          | agent CPU meanwhile | {:.2} cores |\n\
          | new Service to the first request answered through its VIP, p50 / p99 ({} samples) | {:.0} / {:.0} ms |\n",
@@ -195,6 +195,7 @@ fn discovery_section(d: &crate::bench::report::DiscoveryScale) -> String {
         d.sync_s,
         mib(d.rss_bytes),
         mib(d.pss_bytes),
+        mib(d.heap_allocated_bytes),
         d.changes,
         d.churn_s,
         d.churn_cpu_cores,

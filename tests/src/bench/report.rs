@@ -44,6 +44,10 @@ pub struct DiscoveryScale {
     /// The agent's memory 5 s after that.
     pub rss_bytes: u64,
     pub pss_bytes: u64,
+    /// What the agent holds on its heap then (its allocator's count): the
+    /// rest of its RSS is code, stacks and memory the allocator keeps.
+    #[serde(default)]
+    pub heap_allocated_bytes: u64,
     /// Endpoint changes made at the API during the churn window, and its
     /// length.
     pub changes: u64,
