@@ -193,8 +193,9 @@ impl From<EndpointSlice> for Slice {
     }
 }
 
-/// A vector of exactly the items of `items`, in an allocation of its own.
-fn exact<T>(items: impl Iterator<Item = T>) -> Vec<T> {
+/// A vector of exactly the items of `items`, in an allocation of its own
+/// (never the source's, as collecting a vector's items in place does).
+pub fn exact<T>(items: impl Iterator<Item = T>) -> Vec<T> {
     let mut out = Vec::new();
     out.extend(items);
     out.shrink_to_fit();
