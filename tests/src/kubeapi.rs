@@ -325,6 +325,16 @@ impl KubeApi {
         self.state().watchers.len()
     }
 
+    /// How many policy status writes were served.
+    pub fn status_writes(&self) -> usize {
+        let state = self.state();
+        state
+            .requests
+            .iter()
+            .filter(|r| *r == "PATCH TrafficPolicy/status")
+            .count()
+    }
+
     /// How many lists and watches of `kind` were served.
     pub fn requests(&self, kind: Kind) -> (usize, usize) {
         let state = self.state();

@@ -188,6 +188,12 @@ const ABSENT_RETRY: Duration = Duration::from_secs(60);
 /// have failed: the API server down, no right to write it).
 const STATUS_RETRY: Duration = Duration::from_secs(30);
 
+/// Status writes of one verdict are spread over this long across the
+/// agents (see [`StatusWrite::due`]): with a watch delivering the first
+/// one in about 100 ms, a cluster of N nodes makes about 1 + N/30 writes
+/// instead of N.
+const STATUS_SPREAD: Duration = Duration::from_secs(3);
+
 /// A kind the source watches.
 trait Watched:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
@@ -534,7 +540,7 @@ struct Stores {
     /// later one is invalid).
     last_good: HashMap<String, config::TrafficPolicy>,
     /// Status writes asked for, by policy, and when.
-    status_asked: HashMap<String, (PolicyCondition, Instant)>,
+    status_asked: HashMap<String, StatusWrite>,
     status_tx: tokio::sync::mpsc::UnboundedSender<(String, String, PolicyCondition)>,
     /// Kinds whose CRD is missing, as last reported.
     absent: [bool; KINDS],
@@ -808,25 +814,60 @@ impl Stores {
                 self.status_asked.remove(key);
                 continue;
             }
-            let asked = self
-                .status_asked
-                .get(key)
-                .is_some_and(|(c, at)| c == condition && at.elapsed() < STATUS_RETRY);
-            if asked {
-                continue;
+            let current = self.status_asked.get(key).is_some_and(|w| {
+                w.condition == *condition && w.sent.is_none_or(|at| at.elapsed() < STATUS_RETRY)
+            });
+            if !current {
+                self.status_asked.insert(
+                    key.clone(),
+                    StatusWrite {
+                        condition: condition.clone(),
+                        due: Instant::now() + STATUS_SPREAD.mul_f64(fastrand::f64()),
+                        sent: None,
+                    },
+                );
             }
-            let Some((namespace, name)) = key.split_once('/') else {
-                continue;
-            };
-            let _ = self
-                .status_tx
-                .send((namespace.into(), name.into(), condition.clone()));
-            self.status_asked
-                .insert(key.clone(), (condition.clone(), Instant::now()));
         }
         self.status_asked
             .retain(|key, _| conditions.iter().any(|(k, _)| k == key));
     }
+
+    /// Sends the status writes whose time has come, unless the object
+    /// shows the condition by now (another agent's write landed).
+    fn send_due_status(&mut self) {
+        let now = Instant::now();
+        for (key, write) in &mut self.status_asked {
+            if write.sent.is_some() || write.due > now {
+                continue;
+            }
+            let shown = self
+                .policies
+                .get(key)
+                .and_then(|p| p.status.as_ref())
+                .is_some_and(|s| s.conditions.contains(&write.condition));
+            let Some((namespace, name)) = key.split_once('/') else {
+                continue;
+            };
+            write.sent = Some(now);
+            if !shown {
+                let _ =
+                    self.status_tx
+                        .send((namespace.into(), name.into(), write.condition.clone()));
+            }
+        }
+    }
+}
+
+/// A policy status write one agent may make.
+struct StatusWrite {
+    condition: PolicyCondition,
+    /// When it is sent: every agent computes the same verdict, and each
+    /// waits a random part of [`STATUS_SPREAD`] so that the first write
+    /// lands, is seen by the others' watches, and theirs are not sent.
+    due: Instant,
+    /// When it was sent; tried again after [`STATUS_RETRY`] if the object
+    /// does not show it by then.
+    sent: Option<Instant>,
 }
 
 /// Writes policies' `Accepted` conditions to their status subresource.
@@ -882,6 +923,7 @@ fn own_state(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
+        stores.send_due_status();
         let stale = stores.stale_since();
         metrics.set_stale(stale);
         let all_listed = stores.listed.iter().all(|l| *l);

@@ -767,3 +767,52 @@ async fn a_cluster_without_the_crd_is_read_all_the_same() {
     })
     .await;
 }
+
+/// Every agent computes the same verdict on a policy; each waits a random
+/// part of a few seconds before writing it and writes only if no other
+/// agent's write has landed meanwhile: four agents write it about once,
+/// not four times.
+#[tokio::test]
+async fn agents_mostly_leave_a_policy_status_to_the_first_writer() {
+    bounded(async {
+        let mut w = watch_api("spread", CLUSTER).await;
+        w.watching_all().await;
+        let cfg = KubernetesConfig {
+            kubeconfig: Some(w.api.write_kubeconfig(&w._scratch.0).unwrap()),
+            node: "node-b".into(),
+            snapshot: None,
+            snapshot_max_age: Duration::from_secs(3600),
+        };
+        let mut others = Vec::new();
+        for _ in 0..3 {
+            let mut rx = source::start(&cfg, KubernetesMetrics::default()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while rx.borrow_and_update().services.is_empty() {
+                assert!(Instant::now() < deadline, "another agent never listed");
+                let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+            }
+            others.push(rx);
+        }
+        while w.api.open_watches() < 20 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let before = w.api.status_writes();
+        w.api
+            .apply_yaml(&policy_yaml(
+                "cart-resilience",
+                "{targetRef: {kind: Service, name: cart}, retries: {attempts: 4}}",
+            ))
+            .unwrap();
+        until_accepted(&w.api, "cart-resilience", |c| c.0 == "True").await;
+        // Every agent's time to write has passed (3 s spread, 1 s tick).
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let writes = w.api.status_writes() - before;
+        // Measured: 1 each time; 3 when every agent wrote at once.
+        assert!(
+            (1..=2).contains(&writes),
+            "{writes} status writes by 4 agents"
+        );
+        drop(others);
+    })
+    .await;
+}
