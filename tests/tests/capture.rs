@@ -651,3 +651,59 @@ fn runs(outcomes: &[String]) -> String {
         .collect();
     runs.join(", ")
 }
+
+/// The kernel's service map follows the config with writes of what
+/// changed only: a removed service leaves it at the next pass, and an
+/// agent started after another removes what its predecessor wrote that its
+/// own config no longer lists.
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn the_kernel_service_map_follows_the_config_across_changes_and_restarts() {
+    if !require_privileges("the_kernel_service_map_follows_the_config_across_changes_and_restarts")
+    {
+        return;
+    }
+    let mut mesh = MeshNode::start("svcmap", 1).expect("mesh node");
+    let backend = backend_addr(&mesh.backends[0].0);
+    let vip = |i: u8| SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, 100 + i), 80);
+    let names: Vec<String> = (0..3).map(|i| format!("extra-{i}")).collect();
+    let config = |extra: u8| {
+        let mut services = vec![ServiceSpec::tcp("echo", ECHO_VIP, vec![backend])];
+        for (i, name) in (0..extra).zip(&names) {
+            services.push(ServiceSpec::tcp(name, vip(i), vec![backend]));
+        }
+        mesh_config(&services, &[&mesh.client])
+    };
+    let entries = |agent: &Agent| bpfmaps::agent_map_entries(agent.pin_dir(), "DP_SERVICES");
+    let wait_for = |agent: &Agent, n: usize, what: &str| {
+        dataplane_tests::eventually(what, Duration::from_secs(10), || {
+            let now = entries(agent)?;
+            anyhow::ensure!(now == n, "{now} entries, want {n}");
+            Ok(())
+        })
+        .expect(what);
+    };
+    mesh.agent.write_config(&config(3)).expect("config");
+    wait_for(&mesh.agent, 4, "three services added");
+    mesh.agent.write_config(&config(1)).expect("config");
+    wait_for(&mesh.agent, 2, "two services removed");
+
+    // The next agent's config lists none of the extra services.
+    mesh.agent.kill().expect("kill");
+    mesh.agent.write_config(&config(0)).expect("config");
+    assert_eq!(
+        entries(&mesh.agent).expect("entries"),
+        2,
+        "pinned: kept while no agent runs"
+    );
+    mesh.agent.spawn(&mesh.node).expect("restart");
+    // Before it reports ready (its first pass reads the map back), not at
+    // a later periodic verification.
+    assert_eq!(
+        entries(&mesh.agent).expect("entries"),
+        1,
+        "the predecessor's service removed at start"
+    );
+    let hellos = peers::hello(&mesh.node, &mesh.client, ECHO_VIP, 3).expect("hello");
+    assert!(hellos.iter().all(|h| h.ok), "{hellos:#?}");
+}

@@ -10,6 +10,7 @@
 //! either seen by the walk or written after the sync: never removed again
 //! by a pass that walked before it existed.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -39,10 +40,30 @@ pub struct Reconciler {
     node_seed: usize,
     /// Each service's kernel value as last written, with the config it was
     /// made of: an unchanged (same shared) config is not made again.
-    values: HashMap<ServiceKey, (Arc<crate::config::Service>, ServiceValue)>,
+    values: HashMap<ServiceKey, Written>,
+    /// Counts [`Reconciler::services`] passes.
+    pass: u64,
+    /// The next pass reads the kernel's maps back (see `services`).
+    verify_next: bool,
     /// None when inotify is unavailable: then only the periodic pass
     /// enrolls new pods.
     _watcher: Option<PodCgroupWatcher>,
+}
+
+/// A service's entry in `DP_SERVICES` as the agent wrote it.
+struct Written {
+    config: Arc<crate::config::Service>,
+    value: ServiceValue,
+    /// The last [`Reconciler::services`] pass that found it in the config.
+    seen: u64,
+}
+
+fn service_key(svc: &crate::config::Service) -> ServiceKey {
+    ServiceKey {
+        ip4: u32::from_ne_bytes(svc.vip.ip().octets()),
+        port: svc.vip.port(),
+        _pad: 0,
+    }
 }
 
 /// What the periodic pass, the cgroup watcher and the CNI enroller share.
@@ -213,6 +234,8 @@ impl Reconciler {
             last_stats: CaptureStats::default(),
             node_seed: 0,
             values: HashMap::new(),
+            pass: 0,
+            verify_next: true,
             _watcher: watcher,
         }
     }
@@ -226,24 +249,53 @@ impl Reconciler {
         }
     }
 
-    /// Writes the services of `cfg` to `DP_SERVICES`.
+    /// Writes the services of `cfg` to `DP_SERVICES`: what changed since
+    /// the last pass, found by the shared configs (an unchanged service is
+    /// the same `Arc`), without reading the map back.
     pub fn services(&mut self, cfg: &MeshConfig) {
-        let mut values = HashMap::with_capacity(cfg.services.len());
-        let mut desired = HashMap::with_capacity(cfg.services.len());
+        self.pass = self.pass.wrapping_add(1);
+        let pass = self.pass;
+        let mut upserts = Vec::new();
         for svc in &cfg.services {
-            let key = ServiceKey {
-                ip4: u32::from_ne_bytes(svc.vip.ip().octets()),
-                port: svc.vip.port(),
-                _pad: 0,
-            };
-            let value = match self.values.get(&key) {
-                Some((made_of, value)) if Arc::ptr_eq(made_of, svc) => *value,
-                _ => service_value(svc, self.node_seed),
-            };
-            values.insert(key, (Arc::clone(svc), value));
-            desired.insert(key, value);
+            let key = service_key(svc);
+            match self.values.entry(key) {
+                Entry::Occupied(mut entry) => {
+                    let written = entry.get_mut();
+                    written.seen = pass;
+                    if !Arc::ptr_eq(&written.config, svc) {
+                        written.config = Arc::clone(svc);
+                        let value = service_value(svc, self.node_seed);
+                        if value != written.value {
+                            written.value = value;
+                            upserts.push((key, value));
+                        }
+                    }
+                }
+                Entry::Vacant(entry) => {
+                    let value = service_value(svc, self.node_seed);
+                    entry.insert(Written {
+                        config: Arc::clone(svc),
+                        value,
+                        seen: pass,
+                    });
+                    upserts.push((key, value));
+                }
+            }
         }
-        self.values = values;
+        // Until every source has listed, nothing is removed (and what is
+        // not seen stays known, to be removed by the first whole pass).
+        let removals: Vec<ServiceKey> = match self.mode {
+            SyncMode::AddOnly => Vec::new(),
+            SyncMode::Exact => self
+                .values
+                .iter()
+                .filter(|(_, w)| w.seen != pass)
+                .map(|(key, _)| *key)
+                .collect(),
+        };
+        for key in &removals {
+            self.values.remove(key);
+        }
         let exports = exports(cfg);
         let mut shared = lock(&self.shared);
         // New exports before the services, stale ones after: a service is
@@ -253,21 +305,53 @@ impl Reconciler {
             "exports",
             &shared.tables.sync_exports(&exports, SyncMode::AddOnly),
         );
-        log_report("services", &shared.tables.sync_services(&desired, mode));
+        let (report, failed) = shared.tables.write_services(&upserts, &removals);
+        // Tried again at the next pass (a failed removal at the next
+        // verification, which reads the map back).
+        for key in failed {
+            self.values.remove(&key);
+        }
+        log_report("services", &report);
         log_report("exports", &shared.tables.sync_exports(&exports, mode));
+        drop(shared);
+        // The first pass, and the first after every source has listed,
+        // also removes what this agent never wrote (a previous agent's
+        // services no source lists any more).
+        if mode == SyncMode::Exact && std::mem::take(&mut self.verify_next) {
+            self.verify(cfg);
+        }
     }
 
-    /// Writes the services of `cfg` after reading the kernel's maps back,
-    /// which repairs any change made behind the agent's back (an older
-    /// agent still running during an upgrade, a hand edit).
+    /// Reads the kernel's service and export maps back and makes them
+    /// what this agent last wrote, which repairs any change made behind
+    /// its back (an older agent still running during an upgrade, a hand
+    /// edit).
     pub fn verify_services(&mut self, cfg: &MeshConfig) {
-        lock(&self.shared).tables.forget_written();
         self.services(cfg);
+        self.verify(cfg);
+    }
+
+    fn verify(&mut self, cfg: &MeshConfig) {
+        let desired: HashMap<ServiceKey, ServiceValue> =
+            self.values.iter().map(|(k, w)| (*k, w.value)).collect();
+        let mut shared = lock(&self.shared);
+        shared.tables.forget_written();
+        log_report(
+            "services",
+            &shared.tables.sync_services(&desired, self.mode),
+        );
+        log_report(
+            "exports",
+            &shared.tables.sync_exports(&exports(cfg), self.mode),
+        );
     }
 
     /// Whether every discovery source has listed: until then, syncs only
     /// add (see [`SyncMode::AddOnly`]).
     pub fn set_complete(&mut self, complete: bool) {
+        if complete && self.mode == SyncMode::AddOnly {
+            self.verify_next = true;
+        }
         self.mode = if complete {
             SyncMode::Exact
         } else {

@@ -23,12 +23,10 @@ pub struct Tables {
     exports: HashMap<MapData, ExportKey, u8>,
     listeners: SockMap<MapData>,
     stats: Arc<StatsReader>,
-    /// What the last syncs of `DP_SERVICES` and `DP_EXPORTS` left there,
-    /// when every write succeeded: the next sync diffs against it rather
-    /// than reading the map back (tens of thousands of lookups per change
-    /// in a large cluster). [`Tables::forget_written`] makes the next one
-    /// read the map again, which repairs what another writer changed.
-    services_written: Option<StdHashMap<ServiceKey, ServiceValue>>,
+    /// What the last sync of `DP_EXPORTS` left there, when every write
+    /// succeeded: the next sync diffs against it rather than reading the
+    /// map back. [`Tables::forget_written`] makes the next one read the
+    /// map again, which repairs what another writer changed.
     exports_written: Option<StdHashMap<ExportKey, u8>>,
 }
 
@@ -102,7 +100,6 @@ impl Tables {
             exports,
             listeners,
             stats: Arc::new(StatsReader(stats)),
-            services_written: None,
             exports_written: None,
         })
     }
@@ -165,18 +162,50 @@ impl Tables {
         desired: &StdHashMap<ServiceKey, ServiceValue>,
         mode: SyncMode,
     ) -> SyncReport {
-        sync_map(
-            &mut self.services,
-            &mut self.services_written,
-            desired,
-            maps::SERVICES,
-            mode,
-        )
+        sync_map(&mut self.services, &mut None, desired, maps::SERVICES, mode)
     }
 
-    /// The next syncs of the service and export maps read them back.
+    /// Writes `upserts` to `DP_SERVICES` and removes `removals`, nothing
+    /// else: the changes of one pass. Returns the keys whose write failed
+    /// with the report.
+    pub fn write_services(
+        &mut self,
+        upserts: &[(ServiceKey, ServiceValue)],
+        removals: &[ServiceKey],
+    ) -> (SyncReport, Vec<ServiceKey>) {
+        let mut report = SyncReport::default();
+        let mut failed = Vec::new();
+        for key in removals {
+            match self.services.remove(key) {
+                Ok(()) => report.removed += 1,
+                // Already gone (a hand edit, or an older agent's pass).
+                Err(MapError::SyscallError(err))
+                    if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    report.removed += 1;
+                }
+                Err(err) => {
+                    report
+                        .failed
+                        .push(format!("{}: remove {key:?}: {err}", maps::SERVICES));
+                    failed.push(*key);
+                }
+            }
+        }
+        for (key, value) in upserts {
+            match insert(&mut self.services, key, value, maps::SERVICES) {
+                Ok(()) => report.added += 1,
+                Err(failure) => {
+                    report.failed.push(failure);
+                    failed.push(*key);
+                }
+            }
+        }
+        (report, failed)
+    }
+
+    /// The next sync of the export map reads it back.
     pub fn forget_written(&mut self) {
-        self.services_written = None;
         self.exports_written = None;
     }
 
