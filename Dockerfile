@@ -59,8 +59,11 @@ COPY . .
 # is a cache mount, so the binary is copied out in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p dataplane-agent -p dataplane-cni \
-    && cp target/release/dataplane-agent target/release/dataplane-cni /usr/local/bin/
+    cargo build --release --locked -p dataplane-agent \
+    && cp target/release/dataplane-agent /usr/local/bin/dataplane-agent \
+    && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+        -p dataplane-cni --target x86_64-unknown-linux-gnu \
+    && cp target/x86_64-unknown-linux-gnu/release/dataplane-cni /usr/local/bin/dataplane-cni
 
 # Runtime: the binary alone on a slim Debian. Not distroless: the
 # DaemonSet's start-up script and bpffs check need /bin/sh, find, grep, tr
@@ -68,7 +71,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # DaemonSet grants (Kubernetes sets no ambient capabilities).
 FROM debian:${DEBIAN}-slim
 COPY --from=build /usr/local/bin/dataplane-agent /usr/local/bin/dataplane-agent
-# The CNI plugin, which the agent copies onto the node (--cni-bin-dir).
+# The CNI plugin, which the agent copies onto the node (--cni-bin-dir) and
+# the container runtime runs there, outside this image: linked statically
+# (it is std-only), so that it runs whatever the node's C library.
 COPY --from=build /usr/local/bin/dataplane-cni /usr/local/bin/dataplane-cni
 ENTRYPOINT ["dataplane-agent"]
 CMD ["--help"]

@@ -192,7 +192,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&rt.proxy).serve(listener));
     // New pods are enrolled by the CNI plugin from here on (the state it
     // decides by is in force).
-    match crate::cni::listen(&settings.cni_socket) {
+    let cni_listening = match crate::cni::listen(&settings.cni_socket) {
         Ok(cni) => {
             info!(socket = %settings.cni_socket.display(), "CNI plugin socket ready");
             tokio::spawn(crate::cni::serve(
@@ -204,18 +204,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     metrics: cni_metrics.clone(),
                 },
             ));
+            true
         }
-        Err(err) => warn!(
-            socket = %settings.cni_socket.display(),
-            %err,
-            "cannot listen for the CNI plugin: new pods are enrolled by the cgroup watcher only"
-        ),
+        Err(err) => {
+            warn!(
+                socket = %settings.cni_socket.display(),
+                %err,
+                "cannot listen for the CNI plugin: new pods are enrolled by the cgroup watcher only"
+            );
+            false
+        }
+    };
+    // Added to the node's network configuration only once the socket
+    // answers, so that no pod waits on an agent not listening yet; never
+    // without it (the plugin, failPolicy closed, would hold every new pod
+    // of the node).
+    if settings.cni_install.is_some() && !cni_listening {
+        warn!("the CNI plugin is not installed: this agent cannot answer it");
     }
-    // Added to the node's network configuration only now that the socket
-    // answers, so that no pod waits on an agent not listening yet.
-    let mut cni_install = settings.cni_install.clone().map(|installer| {
-        crate::cni::install::Keeper::new(installer, cni_metrics.installed.clone())
-    });
+    let mut cni_install = settings
+        .cni_install
+        .clone()
+        .filter(|_| cni_listening)
+        .map(|installer| {
+            crate::cni::install::Keeper::new(installer, cni_metrics.installed.clone())
+        });
     if let Some(keeper) = &mut cni_install {
         runtime::off_worker(|| keeper.pass());
     }
@@ -242,7 +255,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let known = known_pods.lock().map(|k| k.clone()).unwrap_or_default();
         // Every periodic tick walks the cgroups; a change of services
         // alone (most of a large cluster's changes) does not.
-        let pods = (config.pods.clone(), known);
+        let complete = sources_complete.load(std::sync::atomic::Ordering::Acquire);
+        let pods = (config.pods.clone(), known, complete);
         if !reloaded || enrolled_for.as_ref() != Some(&pods) {
             reconciler.enrollment(config, &pods.1);
             enrolled_for = Some(pods);

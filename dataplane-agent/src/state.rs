@@ -73,12 +73,19 @@ impl ServiceTable {
                 let entry = match old {
                     // The same shared config (most of a large discovered
                     // state from one change to the next), or an equal one.
-                    Some(old) if Arc::ptr_eq(&old.config, svc) || *old.config == **svc => {
+                    Some(old) if Arc::ptr_eq(&old.config, svc) => Arc::clone(old),
+                    // Equal but another copy (a file reload, the first
+                    // listing after a snapshot): a state in use is kept,
+                    // an unused entry takes the new copy so that the old
+                    // one is not held twice.
+                    Some(old) if *old.config == **svc && old.state.get().is_some() => {
                         Arc::clone(old)
                     }
                     // A changed service in use gets its new state now,
                     // carrying over the old one's; one never used stays
-                    // lazy.
+                    // lazy. (A connection on the old table that first uses
+                    // the service while this runs starts the new state
+                    // fresh: no carry-over for that one.)
                     _ => {
                         let state = OnceLock::new();
                         if let Some(old) = old.and_then(|old| old.state.get()) {

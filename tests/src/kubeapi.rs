@@ -500,16 +500,15 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
     state.requests.push(format!("LIST {}", kind.name()));
     // Pages, as a real server serves them to a client that sets `limit`
     // (kube-rs's watcher asks for 500 at a time): `metadata.continue`
-    // names where the next page starts and the listing's resource
-    // version, which every page reports. Objects changed between two pages
-    // are not held back as etcd would; the watch from that version then
-    // delivers them.
+    // names the last key served and the listing's resource version, which
+    // every page reports. Objects changed between two pages are not held
+    // back as etcd would; the watch from that version then delivers them.
     let limit: Option<usize> = query
         .get("limit")
         .and_then(|l| l.parse().ok())
         .filter(|l| *l > 0);
-    let (version, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
-        None => (state.version, 0),
+    let (version, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+        None => (state.version, None),
         Some(token) => match parse_continue(token) {
             Some((version, _)) if version + 1 < state.oldest => {
                 return status(
@@ -518,7 +517,7 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
                     "the provided continue parameter is too old",
                 );
             }
-            Some(at) => at,
+            Some((version, after)) => (version, Some(after)),
             None => {
                 return status(
                     StatusCode::BAD_REQUEST,
@@ -528,19 +527,22 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
             }
         },
     };
-    let matching: Vec<&Value> = state
+    let matching: Vec<(&String, &Value)> = state
         .objects
         .get(&kind)
         .into_iter()
-        .flat_map(|o| o.values())
-        .filter(|o| matches_node(o, node.as_deref()))
+        .flat_map(|o| o.iter())
+        .filter(|(key, o)| {
+            after
+                .as_ref()
+                .is_none_or(|after| key.as_str() > after.as_str())
+                && matches_node(o, node.as_deref())
+        })
         .collect();
-    let end = limit.map_or(matching.len(), |l| (offset + l).min(matching.len()));
-    let items: Vec<Value> = matching
-        .get(offset..end)
-        .unwrap_or_default()
+    let end = limit.map_or(matching.len(), |l| l.min(matching.len()));
+    let items: Vec<Value> = matching[..end]
         .iter()
-        .map(|o| {
+        .map(|(_, o)| {
             // Items of a real list carry no kind or apiVersion.
             let mut item = (*o).clone();
             if let Some(map) = item.as_object_mut() {
@@ -552,7 +554,8 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
         .collect();
     let mut metadata = json!({"resourceVersion": version.to_string()});
     if end < matching.len() {
-        metadata["continue"] = json!(format!("v{version}o{end}"));
+        let last = matching[end - 1].0;
+        metadata["continue"] = json!(format!("v{version}k{last}"));
         metadata["remainingItemCount"] = json!(matching.len() - end);
     }
     let list = json!({
@@ -564,10 +567,10 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
     json_response(StatusCode::OK, &list)
 }
 
-/// `v<version>o<offset>`, as pages name the next one.
-fn parse_continue(token: &str) -> Option<(u64, usize)> {
-    let (version, offset) = token.strip_prefix('v')?.split_once('o')?;
-    Some((version.parse().ok()?, offset.parse().ok()?))
+/// `v<version>k<last key>`, as pages name the next one.
+fn parse_continue(token: &str) -> Option<(u64, String)> {
+    let (version, last) = token.strip_prefix('v')?.split_once('k')?;
+    Some((version.parse().ok()?, last.to_string()))
 }
 
 /// `PATCH .../namespaces/<ns>/trafficpolicies/<name>/status` with a JSON

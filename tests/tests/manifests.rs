@@ -768,6 +768,14 @@ fn the_agent_installs_the_cni_plugin_into_the_nodes_cni_directories_and_cleanup_
         .iter()
         .filter_map(|a| a.as_str())
         .collect();
+    // The Job runs where the plugin may hold every other new pod.
+    assert_eq!(job_pod["hostNetwork"], true, "the cleanup Job needs no CNI");
+    // The plugin runs on the node, not in the image: static.
+    let dockerfile = std::fs::read_to_string(workspace().join("Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains("+crt-static") && dockerfile.contains("-p dataplane-cni"),
+        "the Dockerfile builds dataplane-cni statically linked"
+    );
     for (flag, node_dir) in [
         ("--cni-conf-dir", "/etc/cni/net.d"),
         ("--cni-bin-dir", "/opt/cni/bin"),

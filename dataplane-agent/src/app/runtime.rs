@@ -352,7 +352,15 @@ fn forget_departed(metrics: &ProxyMetrics, old: &MeshConfig, new: &MeshConfig) {
         let now = fresh.get(&(service.namespace.as_str(), service.name.as_str()));
         let service_id = id(service);
         let Some(now) = now else {
-            metrics.forget_service(&service_id, old_pods());
+            // The same name may stay at another VIP (the file's and a
+            // source's): its series are its too.
+            let stays = new
+                .services
+                .iter()
+                .any(|s| s.namespace == service.namespace && s.name == service.name);
+            if !stays {
+                metrics.forget_service(&service_id, old_pods());
+            }
             for ep in &service.endpoints {
                 metrics.forget_endpoint(&service_id, ep.address);
             }

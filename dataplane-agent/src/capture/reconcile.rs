@@ -56,6 +56,8 @@ struct Written {
     value: ServiceValue,
     /// The last [`Reconciler::services`] pass that found it in the config.
     seen: u64,
+    /// Its last write failed (map full): written again at the next pass.
+    failed: bool,
 }
 
 fn service_key(svc: &crate::config::Service) -> ServiceKey {
@@ -262,7 +264,12 @@ impl Reconciler {
                 Entry::Occupied(mut entry) => {
                     let written = entry.get_mut();
                     written.seen = pass;
-                    if !Arc::ptr_eq(&written.config, svc) {
+                    if written.failed {
+                        written.config = Arc::clone(svc);
+                        written.value = service_value(svc, self.node_seed);
+                        written.failed = false;
+                        upserts.push((key, written.value));
+                    } else if !Arc::ptr_eq(&written.config, svc) {
                         written.config = Arc::clone(svc);
                         let value = service_value(svc, self.node_seed);
                         if value != written.value {
@@ -277,6 +284,7 @@ impl Reconciler {
                         config: Arc::clone(svc),
                         value,
                         seen: pass,
+                        failed: false,
                     });
                     upserts.push((key, value));
                 }
@@ -307,9 +315,13 @@ impl Reconciler {
         );
         let (report, failed) = shared.tables.write_services(&upserts, &removals);
         // Tried again at the next pass (a failed removal at the next
-        // verification, which reads the map back).
+        // verification, which reads the map back). A failed write stays
+        // known, so that a verification does not remove what the map
+        // holds for that VIP meanwhile.
         for key in failed {
-            self.values.remove(&key);
+            if let Some(written) = self.values.get_mut(&key) {
+                written.failed = true;
+            }
         }
         log_report("services", &report);
         log_report("exports", &shared.tables.sync_exports(&exports, mode));
@@ -327,8 +339,11 @@ impl Reconciler {
     /// its back (an older agent still running during an upgrade, a hand
     /// edit).
     pub fn verify_services(&mut self, cfg: &MeshConfig) {
+        let verifies = self.mode == SyncMode::Exact && self.verify_next;
         self.services(cfg);
-        self.verify(cfg);
+        if !verifies {
+            self.verify(cfg);
+        }
     }
 
     fn verify(&mut self, cfg: &MeshConfig) {

@@ -105,7 +105,7 @@ impl Installer {
                 } else {
                     config.with_extension("conflist")
                 };
-                write_atomically(&target, pretty(&updated).as_bytes(), 0o644)?;
+                write_atomically(&target, pretty(&updated).as_bytes(), mode_of(&config))?;
                 if target != config {
                     std::fs::remove_file(&config).map_err(io(&config))?;
                 }
@@ -126,7 +126,7 @@ impl Installer {
     fn entry(&self) -> Value {
         json!({
             "type": PLUGIN,
-            "agentSocket": self.socket,
+            "agentSocket": self.socket.to_string_lossy(),
             "failPolicy": self.fail_policy,
         })
     }
@@ -273,7 +273,7 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> Result<Vec<PathBuf>, Instal
         let before = plugins.len();
         plugins.retain(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN));
         if plugins.len() != before {
-            write_atomically(&path, pretty(&config).as_bytes(), 0o644)?;
+            write_atomically(&path, pretty(&config).as_bytes(), mode_of(&path))?;
             changed.push(path);
         }
     }
@@ -286,6 +286,12 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> Result<Vec<PathBuf>, Instal
     Ok(changed)
 }
 
+/// A configuration file's permissions, kept when it is rewritten.
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).map_or(0o644, |m| m.permissions().mode() & 0o7777)
+}
+
 fn pretty(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
     text.push('\n');
@@ -294,25 +300,32 @@ fn pretty(value: &Value) -> String {
 
 /// Writes `path` through a hidden temporary file in the same directory
 /// and a rename: readers see the old file or the new one, never a part.
+/// A symbolic link is written through (its target is replaced). The
+/// temporary file is this process's own: during an upgrade two agents run
+/// on the node.
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
     use std::os::unix::fs::OpenOptionsExt as _;
+    let path = &std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let temp = path.with_file_name(format!(".{name}.dataplane-tmp"));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&temp)
-        .map_err(io(&temp))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(io(&temp))?;
-    drop(file);
-    // The mode asked for, whatever the umask.
-    std::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .map_err(io(&temp))?;
-    std::fs::rename(&temp, path).map_err(io(path))
+    let temp = path.with_file_name(format!(".{name}.dataplane-tmp.{}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        // The mode asked for, whatever the umask.
+        std::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        std::fs::rename(&temp, path)
+    })();
+    written.map_err(|err| {
+        let _ = std::fs::remove_file(&temp);
+        io(path)(err)
+    })
 }
 
 #[cfg(test)]
@@ -413,6 +426,34 @@ mod tests {
             }
         );
         assert_eq!(types(&read(&conf)), ["flannel", "portmap", PLUGIN]);
+    }
+
+    #[test]
+    fn a_configuration_keeps_its_permissions_and_a_link_is_written_through() {
+        let n = node();
+        let real = n.installer.conf_dir.join("real.json.txt");
+        std::fs::write(&real, FLANNEL).unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = n.installer.conf_dir.join("10-flannel.conflist");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        n.installer.ensure().unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(types(&read(&real)), ["flannel", "portmap", PLUGIN]);
+        assert_eq!(
+            std::fs::metadata(&real).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&n.installer.conf_dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains("dataplane-tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]

@@ -30,8 +30,9 @@ impl HeapMetrics {
         );
     }
 
-    /// Reads the allocator's statistics now. Zero where jemalloc is not the
-    /// allocator (the library's tests).
+    /// Reads the allocator's statistics now. Where jemalloc is linked but
+    /// not the global allocator (the library's tests), they are jemalloc's
+    /// own, not the program's.
     pub fn refresh(&self) {
         // The statistics are a snapshot taken when the epoch advances.
         let mut epoch: u64 = 1;
