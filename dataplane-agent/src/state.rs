@@ -151,13 +151,13 @@ impl ServiceTable {
         self.by_vip.values().map(|entry| &entry.config)
     }
 
-    /// Every service as it stands: its runtime state, or for one not used
-    /// yet, a fresh state that is not kept (for the admin view).
-    pub fn snapshot(&self) -> impl Iterator<Item = Arc<Service>> + '_ {
-        self.by_vip.values().map(|entry| match entry.state.get() {
-            Some(state) => Arc::clone(state),
-            None => Arc::new(Service::new(&entry.config, &self.node, None)),
-        })
+    /// Every service: its config, and its runtime state if it was used.
+    pub fn entries(
+        &self,
+    ) -> impl Iterator<Item = (&Arc<crate::config::Service>, Option<&Arc<Service>>)> {
+        self.by_vip
+            .values()
+            .map(|entry| (&entry.config, entry.state.get()))
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config;
 use crate::health::HostState;
 use crate::resilience::Limit;
 use crate::state::{Service, ServiceTable};
@@ -65,11 +66,61 @@ pub struct EndpointStatus {
 
 impl Clusters {
     pub fn of(table: &ServiceTable, now: Instant) -> Self {
-        let mut services: Vec<ServiceStatus> =
-            table.snapshot().map(|s| service_status(&s, now)).collect();
+        let mut services: Vec<ServiceStatus> = table
+            .entries()
+            .map(|(config, state)| match state {
+                Some(state) => service_status(state, now),
+                None => unused_status(config),
+            })
+            .collect();
         services.sort_by(|a, b| a.service.cmp(&b.service));
         Self { services }
     }
+}
+
+/// A service no connection has used yet, from its config alone (its
+/// runtime state is built on first use, and not for a status: a large
+/// cluster has thousands of them): every endpoint healthy and idle, every
+/// breaker empty.
+fn unused_status(config: &config::Service) -> ServiceStatus {
+    let pool = &config.traffic_policy.connection_pool;
+    ServiceStatus {
+        service: format!("{}/{}", config.namespace, config.name),
+        vip: config.vip.to_string(),
+        protocol: protocol_name(config.protocol),
+        outlier_detection: config.traffic_policy.outlier_detection.is_some(),
+        circuit_breakers: Limit::ALL
+            .iter()
+            .map(|&limit| BreakerStatus {
+                limit: limit.as_str().to_string(),
+                in_use: 0,
+                max: pool.max(limit),
+            })
+            .collect(),
+        endpoints: config
+            .endpoints
+            .iter()
+            .map(|ep| EndpointStatus {
+                address: ep.address.to_string(),
+                weight: ep.weight,
+                region: ep.region.clone(),
+                zone: ep.zone.clone(),
+                health: "healthy".into(),
+                ejected_for_ms: None,
+                ejections: None,
+                probes_in_flight: None,
+                probe_successes: None,
+                active: 0,
+            })
+            .collect(),
+    }
+}
+
+fn protocol_name(protocol: config::Protocol) -> String {
+    serde_json::to_value(protocol)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn service_status(service: &Service, now: Instant) -> ServiceStatus {
@@ -126,12 +177,32 @@ fn service_status(service: &Service, now: Instant) -> ServiceStatus {
     ServiceStatus {
         service: service.id.clone(),
         vip: service.config.vip.to_string(),
-        protocol: serde_json::to_value(service.config.protocol)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        protocol: protocol_name(service.config.protocol),
         outlier_detection: outlier.is_some(),
         circuit_breakers,
         endpoints,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MeshConfig;
+    use crate::state::NodeContext;
+
+    /// An unused service is shown from its config, as a fresh runtime
+    /// state would show it, and showing it builds no state.
+    #[test]
+    fn an_unused_service_shows_as_a_fresh_one_without_being_built() {
+        let yaml = "services:\n  - name: s\n    vip: 198.19.0.1:80\n    \
+                    endpoints: [{address: 10.0.0.1:80, zone: a}, {address: 10.0.0.2:80, weight: 3}]\n    \
+                    trafficPolicy: {connectionPool: {maxRequests: 7}}\n";
+        let config = MeshConfig::parse(yaml, std::path::Path::new("t.yaml")).unwrap();
+        let table = ServiceTable::build(&config, None, &NodeContext::default());
+        let now = Instant::now();
+        let shown = Clusters::of(&table, now);
+        assert_eq!(table.services().count(), 0, "no runtime state built");
+        let fresh = Service::new(&config.services[0], &NodeContext::default(), None);
+        assert_eq!(shown.services, [service_status(&fresh, now)]);
     }
 }
