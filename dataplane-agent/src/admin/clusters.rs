@@ -68,70 +68,29 @@ impl Clusters {
     pub fn of(table: &ServiceTable, now: Instant) -> Self {
         let mut services: Vec<ServiceStatus> = table
             .entries()
-            .map(|(config, state)| match state {
-                Some(state) => service_status(state, now),
-                None => unused_status(config),
-            })
+            .map(|(config, state)| service_status(config, state.map(|s| &**s), now))
             .collect();
         services.sort_by(|a, b| a.service.cmp(&b.service));
         Self { services }
     }
 }
 
-/// A service no connection has used yet, from its config alone (its
-/// runtime state is built on first use, and not for a status: a large
-/// cluster has thousands of them): every endpoint healthy and idle, every
-/// breaker empty.
-fn unused_status(config: &config::Service) -> ServiceStatus {
-    let pool = &config.traffic_policy.connection_pool;
-    ServiceStatus {
-        service: format!("{}/{}", config.namespace, config.name),
-        vip: config.vip.to_string(),
-        protocol: protocol_name(config.protocol),
-        outlier_detection: config.traffic_policy.outlier_detection.is_some(),
-        circuit_breakers: Limit::ALL
-            .iter()
-            .map(|&limit| BreakerStatus {
-                limit: limit.as_str().to_string(),
-                in_use: 0,
-                max: pool.max(limit),
-            })
-            .collect(),
-        endpoints: config
-            .endpoints
-            .iter()
-            .map(|ep| EndpointStatus {
-                address: ep.address.to_string(),
-                weight: ep.weight,
-                region: ep.region.clone(),
-                zone: ep.zone.clone(),
-                health: "healthy".into(),
-                ejected_for_ms: None,
-                ejections: None,
-                probes_in_flight: None,
-                probe_successes: None,
-                active: 0,
-            })
-            .collect(),
-    }
-}
-
-fn protocol_name(protocol: config::Protocol) -> String {
-    serde_json::to_value(protocol)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-fn service_status(service: &Service, now: Instant) -> ServiceStatus {
-    let outlier = service.outlier();
-    let endpoints = service
-        .config
+/// One service as its runtime `state` shows it, or, for a service no
+/// connection has used yet (its state is built on first use, and not for
+/// a status: a large cluster has thousands), as it would start: every
+/// endpoint healthy and idle, every breaker empty.
+fn service_status(
+    config: &config::Service,
+    state: Option<&Service>,
+    now: Instant,
+) -> ServiceStatus {
+    let outlier = state.and_then(Service::outlier);
+    let endpoints = config
         .endpoints
         .iter()
         .enumerate()
         .map(|(idx, ep)| {
-            let state = outlier
+            let health = outlier
                 .as_ref()
                 .map_or(HostState::Healthy, |o| o.state(idx));
             let mut status = EndpointStatus {
@@ -144,9 +103,9 @@ fn service_status(service: &Service, now: Instant) -> ServiceStatus {
                 ejections: None,
                 probes_in_flight: None,
                 probe_successes: None,
-                active: service.balancer.outstanding(idx),
+                active: state.map_or(0, |s| s.balancer.outstanding(idx)),
             };
-            match state {
+            match health {
                 HostState::Healthy => {}
                 HostState::Ejected { until, times } => {
                     status.health = "ejected".into();
@@ -166,19 +125,23 @@ fn service_status(service: &Service, now: Instant) -> ServiceStatus {
             status
         })
         .collect();
+    let pool = &config.traffic_policy.connection_pool;
     let circuit_breakers = Limit::ALL
         .iter()
         .map(|&limit| BreakerStatus {
             limit: limit.as_str().to_string(),
-            in_use: service.breaker.in_use(limit),
-            max: service.breaker.max(limit),
+            in_use: state.map_or(0, |s| s.breaker.in_use(limit)),
+            max: state.map_or(pool.max(limit), |s| s.breaker.max(limit)),
         })
         .collect();
     ServiceStatus {
-        service: service.id.clone(),
-        vip: service.config.vip.to_string(),
-        protocol: protocol_name(service.config.protocol),
-        outlier_detection: outlier.is_some(),
+        service: format!("{}/{}", config.namespace, config.name),
+        vip: config.vip.to_string(),
+        protocol: serde_json::to_value(config.protocol)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        outlier_detection: config.traffic_policy.outlier_detection.is_some(),
         circuit_breakers,
         endpoints,
     }
@@ -203,6 +166,9 @@ mod tests {
         let shown = Clusters::of(&table, now);
         assert_eq!(table.services().count(), 0, "no runtime state built");
         let fresh = Service::new(&config.services[0], &NodeContext::default(), None);
-        assert_eq!(shown.services, [service_status(&fresh, now)]);
+        assert_eq!(
+            shown.services,
+            [service_status(&config.services[0], Some(&fresh), now)]
+        );
     }
 }

@@ -264,16 +264,12 @@ impl Reconciler {
                 Entry::Occupied(mut entry) => {
                     let written = entry.get_mut();
                     written.seen = pass;
-                    if written.failed {
-                        written.config = Arc::clone(svc);
-                        written.value = service_value(svc, self.node_seed);
-                        written.failed = false;
-                        upserts.push((key, written.value));
-                    } else if !Arc::ptr_eq(&written.config, svc) {
+                    if written.failed || !Arc::ptr_eq(&written.config, svc) {
                         written.config = Arc::clone(svc);
                         let value = service_value(svc, self.node_seed);
-                        if value != written.value {
+                        if written.failed || value != written.value {
                             written.value = value;
+                            written.failed = false;
                             upserts.push((key, value));
                         }
                     }

@@ -173,35 +173,7 @@ impl Tables {
         upserts: &[(ServiceKey, ServiceValue)],
         removals: &[ServiceKey],
     ) -> (SyncReport, Vec<ServiceKey>) {
-        let mut report = SyncReport::default();
-        let mut failed = Vec::new();
-        for key in removals {
-            match self.services.remove(key) {
-                Ok(()) => report.removed += 1,
-                // Already gone (a hand edit, or an older agent's pass).
-                Err(MapError::SyscallError(err))
-                    if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
-                {
-                    report.removed += 1;
-                }
-                Err(err) => {
-                    report
-                        .failed
-                        .push(format!("{}: remove {key:?}: {err}", maps::SERVICES));
-                    failed.push(*key);
-                }
-            }
-        }
-        for (key, value) in upserts {
-            match insert(&mut self.services, key, value, maps::SERVICES) {
-                Ok(()) => report.added += 1,
-                Err(failure) => {
-                    report.failed.push(failure);
-                    failed.push(*key);
-                }
-            }
-        }
-        (report, failed)
+        write(&mut self.services, removals, upserts, maps::SERVICES)
     }
 
     /// The next sync of the export map reads it back.
@@ -313,7 +285,6 @@ where
     K: Pod + Eq + Hash + std::fmt::Debug,
     V: Pod + PartialEq,
 {
-    let mut report = SyncReport::default();
     let mut current: StdHashMap<K, V> = match written.take() {
         Some(written) => written,
         None => map.iter().filter_map(Result::ok).collect(),
@@ -322,28 +293,56 @@ where
     if mode == SyncMode::AddOnly {
         diff.remove.clear();
     }
-    for key in &diff.remove {
-        match map.remove(key) {
-            Ok(()) => {
-                report.removed += 1;
-                current.remove(key);
-            }
-            Err(err) => report.failed.push(format!("{name}: remove {key:?}: {err}")),
-        }
-    }
-    for (key, value) in diff.upsert {
-        match insert(map, &key, &value, name) {
-            Ok(()) => {
-                report.added += 1;
-                current.insert(key, value);
-            }
-            Err(failure) => report.failed.push(failure),
-        }
-    }
+    let (report, _) = write(map, &diff.remove, &diff.upsert, name);
     if report.failed.is_empty() {
+        for key in &diff.remove {
+            current.remove(key);
+        }
+        current.extend(diff.upsert);
         *written = Some(current);
     }
     report
+}
+
+/// Removes `removals` (one already gone counts as removed) and writes
+/// `upserts`, going on after a failure so that one full map does not hide
+/// the rest; returns the report and the keys that failed.
+fn write<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    removals: &[K],
+    upserts: &[(K, V)],
+    name: &str,
+) -> (SyncReport, Vec<K>)
+where
+    K: Pod + Eq + std::fmt::Debug,
+    V: Pod,
+{
+    let mut report = SyncReport::default();
+    let mut failed = Vec::new();
+    for key in removals {
+        match map.remove(key) {
+            Ok(()) => report.removed += 1,
+            Err(MapError::SyscallError(err))
+                if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                report.removed += 1;
+            }
+            Err(err) => {
+                report.failed.push(format!("{name}: remove {key:?}: {err}"));
+                failed.push(*key);
+            }
+        }
+    }
+    for (key, value) in upserts {
+        match insert(map, key, value, name) {
+            Ok(()) => report.added += 1,
+            Err(failure) => {
+                report.failed.push(failure);
+                failed.push(*key);
+            }
+        }
+    }
+    (report, failed)
 }
 
 /// Writes one entry; the error says why, naming a full map as such.

@@ -51,43 +51,6 @@ impl std::fmt::Display for Skipped {
     }
 }
 
-/// The services made of `services` and the EndpointSlices that belong to
-/// them, and what was left out.
-pub fn services<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a Slice>,
-    tenants: &BTreeMap<String, String>,
-    policies: &HashMap<(String, String), TrafficPolicy>,
-    skipped: &mut Vec<Skipped>,
-) -> Vec<config::Service> {
-    let mut by_service: HashMap<String, Vec<&Slice>> = HashMap::new();
-    for slice in slices {
-        if let Some(owner) = slice.owner_key() {
-            by_service.entry(owner).or_default().push(slice);
-        }
-    }
-    let mut out = Vec::new();
-    for service in services {
-        let (Some(namespace), Some(name)) = (
-            service.metadata.namespace.as_deref(),
-            service.metadata.name.as_deref(),
-        ) else {
-            continue;
-        };
-        let slices = by_service
-            .get(&format!("{namespace}/{name}"))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let tenant = tenants
-            .get(namespace)
-            .map(String::as_str)
-            .unwrap_or_default();
-        let policy = policies.get(&(namespace.to_string(), name.to_string()));
-        out.extend(self::service(service, slices, tenant, policy, skipped));
-    }
-    out
-}
-
 /// The mesh services of one Service (one per TCP port) with the endpoints
 /// of its `slices`, in its namespace's `tenant`, under `policy`.
 pub fn service(

@@ -293,7 +293,7 @@ impl Watched for Namespace {
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))
             .map(|(k, _)| k.clone());
-        stores.dirty_services.extend(keys.collect::<Vec<_>>());
+        stores.dirty_services.extend(keys);
     }
     fn relisted(stores: &mut Stores) {
         stores.all_dirty = true;
@@ -718,8 +718,7 @@ impl Stores {
                 .flatten()
                 .filter_map(|k| self.slices.get(k))
                 .collect();
-            let namespace = key.split('/').next().unwrap_or_default();
-            let name = key.split_once('/').map(|(_, n)| n).unwrap_or_default();
+            let (namespace, name) = key.split_once('/').unwrap_or_default();
             let tenant = tenants
                 .get(namespace)
                 .map(String::as_str)

@@ -524,21 +524,7 @@ async fn api_server_failures_under_load_fail_no_request() {
             Backend::start("c", Mode::Ok).await,
         ];
         let late = Backend::start("late", Mode::Ok).await;
-        let mut cluster = String::from(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\n\
-             spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, protocol: TCP}]}\n",
-        );
-        for (i, b) in backends.iter().enumerate() {
-            cluster.push_str("---\n");
-            cluster.push_str(&slice(
-                &format!("cart-{i}"),
-                *b.addr.ip(),
-                b.addr.port(),
-                true,
-            ));
-        }
-        let mut w = watch_api("load", &cluster).await;
+        let mut w = watch_api("load", &cart_cluster(&backends.each_ref())).await;
         w.until(Duration::from_secs(10), |s| {
             endpoints_of(s, "cart").len() == 3
         })

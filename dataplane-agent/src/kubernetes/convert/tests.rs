@@ -35,6 +35,44 @@ fn load(yaml: &str) -> Objects {
     objects
 }
 
+/// The services made of `services` and the EndpointSlices that belong to
+/// them (a whole cluster at once, as the source converts it a Service at a
+/// time), and what was left out.
+fn services<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a Slice>,
+    tenants: &BTreeMap<String, String>,
+    policies: &HashMap<(String, String), TrafficPolicy>,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<config::Service> {
+    let mut by_service: HashMap<String, Vec<&Slice>> = HashMap::new();
+    for slice in slices {
+        if let Some(owner) = slice.owner_key() {
+            by_service.entry(owner).or_default().push(slice);
+        }
+    }
+    let mut out = Vec::new();
+    for service in services {
+        let (Some(namespace), Some(name)) = (
+            service.metadata.namespace.as_deref(),
+            service.metadata.name.as_deref(),
+        ) else {
+            continue;
+        };
+        let slices = by_service
+            .get(&format!("{namespace}/{name}"))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let tenant = tenants
+            .get(namespace)
+            .map(String::as_str)
+            .unwrap_or_default();
+        let policy = policies.get(&(namespace.to_string(), name.to_string()));
+        out.extend(super::service(service, slices, tenant, policy, skipped));
+    }
+    out
+}
+
 const CLUSTER: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../tests/fixtures/kubernetes/cluster.yaml"
