@@ -122,11 +122,14 @@ fn retries_and_ejection_hide_a_failing_backend() {
         Ok(())
     });
     restored.expect("restoration");
+    // A quarter of the requests where a third is fair: the balancer picks
+    // at random, so a healthy b2 falls short of it by chance in about 3
+    // runs in 1,000 with 240 requests (in about 1 in 15 with 60).
     let report = mesh
-        .load(&["--requests", "60", "--concurrency", "1"])
+        .load(&["--requests", "240", "--concurrency", "1"])
         .expect("load");
     let share = report.backends.get("b2").copied().unwrap_or(0);
-    assert!(share >= 15, "b2 back to a full share: {report:?}");
+    assert!(share >= 60, "b2 back to a full share: {report:?}");
 }
 
 #[test]
