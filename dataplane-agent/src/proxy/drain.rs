@@ -1,8 +1,9 @@
 //! Graceful drain on shutdown (SIGTERM, as Kubernetes sends before it
 //! kills a pod): the listeners stop accepting; every HTTP connection is
 //! told to go (HTTP/1.1: the response in flight carries `Connection:
-//! close` and the connection closes after it, an idle one at once;
-//! HTTP/2: GOAWAY, streams in flight finish); opaque TCP connections run
+//! close` and the connection closes after it; an idle one answers its next
+//! request that way, or closes after a grace of 2 s without one; HTTP/2:
+//! GOAWAY, streams in flight finish); opaque TCP connections run
 //! on until they end or the deadline passes, when the process exits and
 //! closes what is left. Callers that reconnect reach the next proxy (in
 //! node mode, after a restart or an upgrade) instead of losing a request

@@ -30,6 +30,17 @@ use crate::state::Service;
 use guard::GuardedBody;
 use timers::{Activity, WatchedIo};
 
+/// How long a draining proxy keeps an idle HTTP/1.1 keep-alive connection
+/// open. Closing it at once races a client sending its next request on it
+/// that instant (the request fails with the connection closed, and a
+/// client that does not retry on a reused connection reports it); kept
+/// open, the next request is answered with `Connection: close`, and the
+/// client reconnects (to the next agent, in an upgrade). A client that
+/// sends nothing for this long is closed then, with a far smaller chance of
+/// that race. Two seconds covers clients sending at least every 2 s and
+/// adds at most that to a drain.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(2);
+
 /// Largest request head accepted; larger ones get 431 (Envoy's default
 /// limit is 60 KiB).
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -51,6 +62,7 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
     drop(service);
     let activity = Activity::new();
     let requests = Arc::clone(&activity);
+    let closing = Arc::clone(&activity);
     let stalls = proxy.metrics.idle_timeouts(IdleKind::HttpStream);
     let draining = Arc::clone(&proxy);
     let drain = &draining.drain;
@@ -60,19 +72,29 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
         let service = current.or_else(|| version.upgrade());
         let in_flight = requests.request_started();
         let stalls = stalls.clone();
+        let closing = Arc::clone(&closing);
+        let http1 = req.version() < http::Version::HTTP_2;
         async move {
             // The current version's: a reload of `idle` applies to the
             // next request of an open connection too.
             let stall_limit = service
                 .as_ref()
                 .map_or(Duration::ZERO, |s| s.policy().timeouts.idle);
-            let (response, slot) = match service {
+            let (mut response, slot) = match service {
                 Some(service) => request::handle(&proxy, &service, req, peer).await,
                 None => (
                     reply::error(http::StatusCode::SERVICE_UNAVAILABLE, "no_service"),
                     None,
                 ),
             };
+            // Draining: hyper closes the connection after a response that
+            // says so (see `DRAIN_IDLE_GRACE`).
+            if http1 && closing.closing() {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             // One wrapper holds both until the body is done: the request's
             // maxRequests slot and the connection's in-flight mark.
             let held = (in_flight, slot);
@@ -95,6 +117,10 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
     let connection = builder.serve_connection_with_upgrades(io, handler);
     tokio::pin!(connection);
     let mut told_to_go = false;
+    // Armed when the drain finds an idle HTTP/1 connection.
+    let grace = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(grace);
+    let mut grace_armed = false;
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -107,11 +133,23 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
                 debug!(%peer, why, "closing HTTP connection");
                 return;
             }
-            // Draining: HTTP/1.1 closes after the response in flight
-            // (`Connection: close`), HTTP/2 sends GOAWAY; either way the
-            // connection ends once what is in flight is answered.
+            // Draining: HTTP/2 sends GOAWAY and HTTP/1.1 closes after the
+            // response in flight (`Connection: close`), so the connection
+            // ends once what is in flight is answered. An idle HTTP/1.1
+            // connection stays open for its next request (answered with
+            // `Connection: close`) until `DRAIN_IDLE_GRACE` passes.
             () = drain.signalled(), if !told_to_go => {
                 told_to_go = true;
+                activity.close_after_responses();
+                if activity.is_http2() || activity.busy() {
+                    connection.as_mut().graceful_shutdown();
+                } else {
+                    grace.as_mut().reset(tokio::time::Instant::now() + DRAIN_IDLE_GRACE);
+                    grace_armed = true;
+                }
+            }
+            () = grace.as_mut(), if grace_armed => {
+                grace_armed = false;
                 connection.as_mut().graceful_shutdown();
             }
         }

@@ -115,3 +115,82 @@ async fn opaque_connections_run_until_the_deadline() {
     })
     .await;
 }
+
+/// Reads one HTTP/1.1 response (head and a `Content-Length` body).
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the connection closed mid-response: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn an_idle_http1_connection_is_answered_once_more_with_connection_close() {
+    bounded(async {
+        let backend = Backend::start("b", Mode::Ok).await;
+        let proxy = TestProxy::start(&config(&[&backend], "")).await;
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let request = b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n";
+        stream.write_all(request).await.unwrap();
+        let first = read_response(&mut stream).await;
+        assert!(first.starts_with("http/1.1 200"), "{first}");
+        assert!(!first.contains("connection: close"), "{first}");
+        // The connection is idle when the drain starts: closing it now
+        // would race the client's next request.
+        let drained = tokio::spawn({
+            let proxy = std::sync::Arc::clone(&proxy.proxy);
+            async move { proxy.drain(Duration::from_secs(10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.write_all(request).await.expect("still open");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("the connection closes after the response")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert_eq!(drained.await.unwrap(), 0, "no connection left");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_http1_connection_idle_through_the_grace_is_closed() {
+    bounded(async {
+        let backend = Backend::start("b", Mode::Ok).await;
+        let proxy = TestProxy::start(&config(&[&backend], "")).await;
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+            .await
+            .unwrap();
+        read_response(&mut stream).await;
+        let started = Instant::now();
+        let left = proxy.proxy.drain(Duration::from_secs(10)).await;
+        assert_eq!(left, 0, "closed before the deadline");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1900),
+            "kept open for its next request a while: {waited:?}"
+        );
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "closed without a response: {rest:?}");
+    })
+    .await;
+}

@@ -37,6 +37,8 @@ pub struct Activity {
     /// whose head is not complete yet; 0: none.
     head_started: AtomicU64,
     http2: AtomicBool,
+    /// The proxy drains: HTTP/1 responses carry `Connection: close`.
+    closing: AtomicBool,
 }
 
 impl Activity {
@@ -47,7 +49,28 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the client spoke HTTP/2 (its preface).
+    pub fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Acquire)
+    }
+
+    /// Whether a request is being served.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// From now on, HTTP/1 responses close the connection after them.
+    pub fn close_after_responses(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// Whether responses must close the connection (the proxy drains).
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     fn now_ms(&self) -> u64 {
