@@ -393,11 +393,7 @@ async fn tick_outlier_detection(proxy: Arc<Proxy>) {
         ticker.tick().await;
         let now = std::time::Instant::now();
         for service in proxy.services.load().services() {
-            let events = match service.outlier() {
-                Some(mut outlier) => outlier.tick(now),
-                None => continue,
-            };
-            for event in &events {
+            for event in &service.tick_outlier(now) {
                 proxy.report_outlier(service, event);
             }
         }

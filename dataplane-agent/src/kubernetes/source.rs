@@ -831,6 +831,15 @@ impl Stores {
             .retain(|key, _| conditions.iter().any(|(k, _)| k == key));
     }
 
+    /// When the next status write not sent yet is due.
+    fn next_status_due(&self) -> Option<Instant> {
+        self.status_asked
+            .values()
+            .filter(|w| w.sent.is_none())
+            .map(|w| w.due)
+            .min()
+    }
+
     /// Sends the status writes whose time has come, unless the object
     /// shows the condition by now (another agent's write landed).
     fn send_due_status(&mut self) {
@@ -907,7 +916,13 @@ fn own_state(
     let mut last_published = Instant::now();
     let mut last_outage_log = Instant::now();
     loop {
-        match inbox.recv_timeout(TICK) {
+        // Woken for a due status write too: writes sent on the tick would
+        // bunch together, and agents writing within one watch delivery of
+        // each other all write.
+        let wait = stores.next_status_due().map_or(TICK, |due| {
+            due.saturating_duration_since(Instant::now()).min(TICK)
+        });
+        match inbox.recv_timeout(wait) {
             Ok(update) => {
                 update(&mut stores);
                 let settled = (Instant::now() + SETTLE).max(last_published + MIN_GAP);

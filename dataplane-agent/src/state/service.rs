@@ -1,6 +1,7 @@
 //! One service's runtime state.
 
 use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -38,6 +39,12 @@ pub struct Service {
     pub balancer: Balancer,
     /// `None` when outlier detection is off.
     outlier: Option<Mutex<OutlierDetector>>,
+    /// No endpoint ejected or half-open, as of the detector's last change:
+    /// then every endpoint is available and admitted, and a pick reads
+    /// this instead of taking the detector's lock and asking it about
+    /// each endpoint (the common case, on every request). Written under
+    /// the lock whenever a host's state may have changed.
+    all_healthy: AtomicBool,
     pub budget: Arc<RetryBudget>,
     pub breaker: Arc<CircuitBreaker>,
     pub limiter: Option<Arc<RateLimiter>>,
@@ -86,7 +93,13 @@ impl Service {
         let outlier = policy
             .outlier_detection
             .clone()
-            .map(|cfg| Mutex::new(carry_over_health(cfg, &endpoints, old)));
+            .map(|cfg| carry_over_health(cfg, &endpoints, old));
+        let all_healthy = AtomicBool::new(
+            outlier
+                .as_ref()
+                .is_none_or(|detector| detector.ejections_active() == 0),
+        );
+        let outlier = outlier.map(Mutex::new);
         Self {
             balancer: Balancer::new(&policy.load_balancer, &endpoint_specs(cfg), &node.locality),
             labels: ServiceLabels {
@@ -97,6 +110,7 @@ impl Service {
             config: Arc::clone(cfg),
             endpoints,
             outlier,
+            all_healthy,
             budget,
             breaker,
             limiter,
@@ -109,6 +123,10 @@ impl Service {
 
     /// The outlier detector, if enabled. A poisoned lock (a panic while it
     /// was held) still holds consistent-enough counters to go on with.
+    ///
+    /// Changes go through [`Service::record_outcome`], [`Service::pick`],
+    /// [`Service::release_probe`] and [`Service::tick_outlier`], which
+    /// keep `all_healthy` true to the detector.
     pub fn outlier(&self) -> Option<MutexGuard<'_, OutlierDetector>> {
         self.outlier
             .as_ref()
@@ -127,11 +145,16 @@ impl Service {
         rng: &mut fastrand::Rng,
     ) -> Option<Chosen> {
         let now = Instant::now();
-        available.clear();
-        available.resize(self.endpoints.len(), true);
-        let Some(mut outlier) = self.outlier() else {
+        // Every endpoint healthy (or no detection): all available (an
+        // empty slice says so), and a healthy endpoint is always admitted.
+        let locked = if self.all_healthy.load(Ordering::Acquire) {
+            None
+        } else {
+            self.outlier()
+        };
+        let Some(mut outlier) = locked else {
             let pick = Pick {
-                available,
+                available: &[],
                 exclude: tried,
                 hash,
             };
@@ -141,6 +164,8 @@ impl Service {
                 probe: false,
             });
         };
+        available.clear();
+        available.resize(self.endpoints.len(), true);
         outlier.fill_available(available, now);
         let pick = Pick {
             available,
@@ -148,7 +173,10 @@ impl Service {
             hash,
         };
         let index = self.balancer.pick(&pick, rng, now)?;
-        match outlier.admit(index, now) {
+        let admission = outlier.admit(index, now);
+        // Admitting applies due clock transitions (an ejection ending).
+        self.note_health(&outlier);
+        match admission {
             Admission::Yes => Some(Chosen {
                 index,
                 probe: false,
@@ -168,8 +196,33 @@ impl Service {
     /// caller to report.
     #[must_use = "report the event (metrics, log)"]
     pub fn record_outcome(&self, index: usize, outcome: Outcome) -> Option<Event> {
-        self.outlier()
-            .and_then(|mut outlier| outlier.record(index, outcome, Instant::now()))
+        let mut outlier = self.outlier()?;
+        let event = outlier.record(index, outcome, Instant::now());
+        // An outcome without an event leaves healthy hosts healthy.
+        if event.is_some() || !self.all_healthy.load(Ordering::Acquire) {
+            self.note_health(&outlier);
+        }
+        event
+    }
+
+    /// Ends due ejections and runs due interval checks; returns what
+    /// changed, for the caller to report.
+    pub fn tick_outlier(&self, now: Instant) -> Vec<Event> {
+        let Some(mut outlier) = self.outlier() else {
+            return Vec::new();
+        };
+        let events = outlier.tick(now);
+        if !events.is_empty() || !self.all_healthy.load(Ordering::Acquire) {
+            self.note_health(&outlier);
+        }
+        events
+    }
+
+    /// Keeps `all_healthy` true to `outlier` (called with its lock held,
+    /// so writes are ordered as the detector's changes are).
+    fn note_health(&self, outlier: &OutlierDetector) {
+        self.all_healthy
+            .store(outlier.ejections_active() == 0, Ordering::Release);
     }
 
     /// Gives back the probe slot of a half-open endpoint whose request
@@ -177,6 +230,7 @@ impl Service {
     pub fn release_probe(&self, index: usize) {
         if let Some(mut outlier) = self.outlier() {
             outlier.release_probe(index);
+            self.note_health(&outlier);
         }
     }
 

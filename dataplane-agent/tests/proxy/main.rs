@@ -21,6 +21,7 @@ mod features_retry;
 mod features_timeouts;
 mod kubernetes;
 mod opaque_and_detection;
+mod profile;
 mod real_clients;
 mod request_path;
 mod tenants;

@@ -10,6 +10,11 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes hop-by-hop headers, including those the `Connection` header
 /// names. `TE: trailers` is end-to-end in practice (gRPC needs it) and kept.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one look at each name (standard names
+    // compare as tags) costs less than hashing seven names to remove them.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -40,6 +45,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(TE, http::HeaderValue::from_static("trailers"));
     }
+}
+
+/// The names `strip_hop_by_hop` removes or rewrites, bar those a
+/// `Connection` header names (only present with one).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        TE,
+    ]
+    .contains(name)
 }
 
 #[cfg(test)]

@@ -31,37 +31,50 @@ pub fn upstream_request(
     protocol: UpstreamProtocol,
     body: Body,
 ) -> Result<Request<Body>, http::Error> {
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| Some(parts.headers.get(HOST)?.to_str().ok()?.to_string()))
-        .unwrap_or_else(|| endpoint.to_string());
+    let path_and_query = parts.uri.path_and_query();
+    let path = path_and_query.map_or("/", |pq| pq.as_str());
+    // Built only when needed: an HTTP/1.1 request with a Host has it.
+    let authority = || {
+        parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| Some(parts.headers.get(HOST)?.to_str().ok()?.to_string()))
+            .unwrap_or_else(|| endpoint.to_string())
+    };
     let mut headers = parts.headers.clone();
     let (version, uri) = match protocol {
         UpstreamProtocol::Http1 => {
             if !headers.contains_key(HOST)
-                && let Ok(host) = HeaderValue::from_str(&authority)
+                && let Ok(host) = HeaderValue::from_str(&authority())
             {
                 headers.insert(HOST, host);
             }
-            (Version::HTTP_11, path.parse::<Uri>()?)
+            // Origin form; the parsed path is shared, not parsed again.
+            let uri = match path_and_query {
+                Some(pq) => {
+                    let mut origin = http::uri::Parts::default();
+                    origin.path_and_query = Some(pq.clone());
+                    Uri::from_parts(origin)?
+                }
+                None => Uri::from_static("/"),
+            };
+            (Version::HTTP_11, uri)
         }
         UpstreamProtocol::Http2 => {
             // `:authority` carries it; RFC 9113 8.3.1 wants no disagreeing Host.
             headers.remove(HOST);
+            let authority = authority();
             let uri = format!("http://{authority}{path}")
                 .parse::<Uri>()
                 .or_else(|_| format!("http://{endpoint}{path}").parse::<Uri>())?;
             (Version::HTTP_2, uri)
         }
     };
-    let mut request = Request::builder()
-        .method(parts.method.clone())
-        .uri(uri)
-        .version(version)
-        .body(body)?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
     *request.headers_mut() = headers;
     Ok(request)
 }
