@@ -54,6 +54,8 @@ mod driver;
 mod echo;
 #[path = "benchtool/http.rs"]
 mod http;
+#[path = "common/listen.rs"]
+mod listen;
 #[path = "common/opts.rs"]
 #[allow(dead_code, reason = "shared by the test tools; each uses a part")]
 mod opts;

@@ -42,6 +42,8 @@ mod client;
 mod grpc;
 #[path = "httptool/load.rs"]
 mod load;
+#[path = "common/listen.rs"]
+mod listen;
 #[path = "common/opts.rs"]
 #[allow(dead_code, reason = "shared by the test tools; each uses a part")]
 mod opts;
