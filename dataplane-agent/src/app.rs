@@ -85,6 +85,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let Capture {
         mut tables,
         mut programs,
+        splicer,
     } = Capture::load(&capture_cfg).context("loading the capture programs")?;
     // From here on the connect hooks know a proxy listens (the kernel
     // forgets it the instant this listener closes).
@@ -186,6 +187,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     rt.proxy
         .splice_bulk
         .store(!capture_cfg.fast_path, std::sync::atomic::Ordering::Relaxed);
+    if let Some(splicer) = splicer {
+        let _ = rt.proxy.fast_splice.set(splicer);
+    }
     if !capture_cfg.fast_path {
         info!("kernel fast path {}", capture::fast::describe(false));
     }

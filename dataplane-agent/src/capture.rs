@@ -131,6 +131,8 @@ impl FailMode {
 pub struct Capture {
     pub tables: Tables,
     pub programs: Programs,
+    /// With the fast path on: the proxy's handle for splicing past it.
+    pub splicer: Option<std::sync::Arc<fast::Splicer>>,
 }
 
 /// The loaded programs; [`Programs::attach`] puts them to work.
@@ -173,8 +175,17 @@ impl Capture {
             .load(EBPF_OBJECT)?;
         links::load_all(&mut ebpf, cfg.fast_path)?;
         let tables = Tables::take_from(&mut ebpf)?;
+        let splicer = if cfg.fast_path {
+            Some(std::sync::Arc::new(fast::Splicer::take_from(
+                &mut ebpf,
+                proxy_netns,
+            )?))
+        } else {
+            None
+        };
         Ok(Self {
             tables,
+            splicer,
             programs: Programs {
                 ebpf,
                 cfg: cfg.clone(),

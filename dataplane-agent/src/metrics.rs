@@ -591,6 +591,11 @@ impl Collector for CaptureCollector {
                 stats.fast_tcp,
             ),
             (
+                "fast_path_spliced",
+                "Sending directions of relayed connections the kernel took past the proxy (pod to pod on this node)",
+                stats.fast_spliced,
+            ),
+            (
                 "fast_path_full",
                 "Sockets left off the fast path because its maps were full",
                 stats.fast_full,

@@ -39,6 +39,9 @@ pub struct Proxy {
     /// Whether opaque bulk transfers may move to splice(2) (not on the
     /// kernel fast path, whose data splice does not see).
     pub splice_bulk: std::sync::atomic::AtomicBool,
+    /// With the kernel fast path on: opaque connections between pods on
+    /// this node are spliced past the proxy (see `relay`).
+    pub fast_splice: std::sync::OnceLock<Arc<crate::capture::fast::Splicer>>,
 }
 
 impl Proxy {
@@ -51,6 +54,7 @@ impl Proxy {
             drain: Default::default(),
             access_log: Default::default(),
             splice_bulk: true.into(),
+            fast_splice: Default::default(),
         }
     }
 

@@ -43,7 +43,14 @@ pub mod maps {
     /// connections to and from the node proxy on this node); the kernel
     /// removes a socket when it closes.
     pub const FAST_SOCKS: &str = "DP_FAST_SOCKS";
-    /// `HashMap<FastKey, u8>`: for each sending socket of `FAST_SOCKS`,
+    /// `LruHashMap<FastKey, Splice>`: directions the proxy asked the
+    /// kernel to splice past it (see [`crate::Splice`]).
+    pub const FAST_SPLICE: &str = "DP_FAST_SPLICE";
+    /// `LruHashMap<FastKey, u64>`: per direction of `FAST_SPLICE`, the bytes
+    /// the proxy has written on; the programs delete it once the direction
+    /// is decided, which tells the proxy to stop reporting.
+    pub const FAST_FORWARDED: &str = "DP_FAST_FORWARDED";
+    /// `HashMap<FastKey, FastPath>`: for each sending socket of `FAST_SOCKS`,
     /// whether its data goes straight to the peer socket or through TCP,
     /// decided at its first message and kept until it is released (one
     /// path per direction, so the receiver never gets bytes out of order).
@@ -73,6 +80,9 @@ pub mod capacity {
     pub const FAST_SOCKS: u32 = 65536;
     /// Service ports exported to other tenants, one entry per tenant.
     pub const EXPORTS: u32 = 16384;
+    /// Directions of relayed connections the kernel may splice: two per
+    /// connection, whose four sockets are on the fast path.
+    pub const FAST_SPLICE: u32 = FAST_SOCKS / 2;
 }
 
 /// Names of the global variables the agent sets when it loads the programs.
@@ -127,8 +137,11 @@ pub mod stats {
     /// Captured connects refused because the calling pod's tenant may not
     /// call the service (not its own, not exported to it).
     pub const TENANT_DENIED: u32 = 10;
+    /// Sending directions whose data the kernel now hands straight to the
+    /// far end's socket, past the proxy (see `FAST_SPLICE`).
+    pub const FAST_SPLICED: u32 = 11;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// Values of the `PROXY_DOWN` global.
@@ -316,7 +329,52 @@ impl FastKey {
     }
 }
 
-/// Values of `DP_FAST_PATHS`.
+/// Value of `DP_FAST_PATHS`: a sending socket's path, and what it sent
+/// straight to its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastPath {
+    /// Bytes sent straight to the peer socket (not those spliced past it).
+    pub sent: u64,
+    /// One of [`fast_path`].
+    pub decision: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<FastPath>() == 16);
+
+/// Value of `DP_FAST_SPLICE`, keyed by a sending socket `X` (a pod's socket)
+/// whose peer is one of the proxy's sockets: the proxy relays X's bytes
+/// from that socket to `out`, its socket towards `target` (the other
+/// pod's socket). Once the proxy has written on everything X sent
+/// (`DP_FAST_FORWARDED[X]` equals X's `FastPath::sent`) and `out`'s own
+/// data goes socket to socket, X's next messages go straight to
+/// `target`: the proxy's writes are already in `target`'s queue, so the
+/// order holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Splice {
+    pub target: FastKey,
+    pub out: FastKey,
+    /// Bytes sent straight to `target` since.
+    pub bytes: u64,
+    /// One of [`splice`].
+    pub state: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Splice>() == 64);
+
+/// Values of [`Splice::state`].
+pub mod splice {
+    /// Registered by the proxy; the program checks at each message.
+    pub const PENDING: u32 = 0;
+    /// X's data goes straight to the target.
+    pub const SPLICED: u32 = 1;
+    /// Not possible for this connection (`out` sends through TCP, or the
+    /// target left): the proxy relays, as without a splice.
+    pub const NEVER: u32 = 2;
+}
+
+/// Values of [`FastPath::decision`].
 pub mod fast_path {
     /// Put on the fast path, nothing sent yet.
     pub const UNDECIDED: u8 = 0;
@@ -374,7 +432,10 @@ mod tests {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{ConnKey, EnrolledPod, ExportKey, FastKey, OrigDst, ServiceKey, ServiceValue};
+    use super::{
+        ConnKey, EnrolledPod, ExportKey, FastKey, FastPath, OrigDst, ServiceKey, ServiceValue,
+        Splice,
+    };
 
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, made of integers only,
     // with explicit padding fields, so every bit pattern is valid.
@@ -385,4 +446,6 @@ mod user {
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for FastKey {}
     unsafe impl aya::Pod for ExportKey {}
+    unsafe impl aya::Pod for FastPath {}
+    unsafe impl aya::Pod for Splice {}
 }

@@ -15,6 +15,20 @@
 //! the handshake completed), and that stays until the socket closes. A
 //! receiver reads the fast path's queue before TCP's, so switching a
 //! direction from TCP to the fast path could reorder its bytes.
+//!
+//! Splicing past the proxy: for an opaque TCP connection whose four
+//! sockets are all here (pod X → proxy socket `in`, proxy socket `out` →
+//! pod Y), the proxy registers each direction in `DP_FAST_SPLICE` and
+//! reports in `DP_FAST_FORWARDED` how much of X's data it has written on.
+//! At a message of X, once that equals what X has sent straight to `in`
+//! (nothing of X's waits in the proxy) and `out`'s data goes socket to
+//! socket (it is already in Y's queue, not behind in TCP's), X's data
+//! goes straight to Y from then on: Y's queue gets the proxy's bytes, then
+//! X's, in order. Until then, and for good if `out` sends through TCP or
+//! Y cannot be reached, the proxy relays. Going back to the proxy is
+//! always in order (what was spliced is already in Y's queue). End of
+//! stream and resets still travel through TCP and the proxy, behind the
+//! data.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -27,10 +41,11 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
 };
-use dataplane_common::{FastKey, fast_path, stats};
+use dataplane_common::{FastKey, FastPath, Splice, fast_path, splice, stats};
 
 use crate::maps::{
-    DP_FAST_PATH, DP_PROXY_IP4, DP_PROXY_NETNS, DP_PROXY_PORT, FAST_PATHS, FAST_SOCKS, count,
+    DP_FAST_PATH, DP_PROXY_IP4, DP_PROXY_NETNS, DP_PROXY_PORT, FAST_FORWARDED, FAST_PATHS,
+    FAST_SOCKS, FAST_SPLICE, count,
 };
 
 /// `TCP_CLOSE` in `enum tcp_state`.
@@ -78,12 +93,15 @@ pub fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32, cap
     // needs an insert that could fail on a full map and leave a direction
     // to be decided again.
     if FAST_PATHS
-        .insert(key, fast_path::UNDECIDED, u64::from(BPF_ANY))
+        .insert(key, FastPath::default(), u64::from(BPF_ANY))
         .is_err()
     {
         count(stats::FAST_FULL);
         return;
     }
+    // Nor may a splice registered for a closed socket with the same
+    // addresses apply to this one.
+    forget_splice(&key);
     // SAFETY: `ops` is the program context, which the helper takes.
     let ops = unsafe { &mut *ctx.ops };
     if FAST_SOCKS
@@ -108,6 +126,16 @@ pub fn on_state_change(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32) {
     }
 }
 
+/// Removes a sending socket's splice registration. The proxy removes its
+/// own when the connection ends (after reading what was spliced, so not
+/// at the socket's close); this covers an agent that died first, before a
+/// new socket with the same addresses uses the entry.
+#[inline(always)]
+fn forget_splice(key: &FastKey) {
+    let _ = FAST_SPLICE.remove(key);
+    let _ = FAST_FORWARDED.remove(key);
+}
+
 /// Whether `op` is one of the sock_ops callbacks this module handles.
 #[inline(always)]
 pub fn handles(op: u32) -> bool {
@@ -128,6 +156,8 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
             remote_port: u32::from_be((*msg).remote_port),
         }
     };
+    // SAFETY: as above.
+    let size = u64::from(unsafe { (*ctx.msg).size });
     let mut peer = key.peer();
     // Every socket here got its entry when it was put on the fast path; a
     // socket without one (not expected) stays on TCP.
@@ -135,26 +165,99 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
         return SK_PASS;
     };
     // SAFETY: the pointer comes from the map lookup; sendmsg holds the
-    // socket's lock, so no other message of this socket decides at once.
-    match unsafe { *path } {
+    // socket's lock, so no other message of this socket runs this at once.
+    let path = unsafe { &mut *path };
+    match path.decision {
         fast_path::DIRECT => {
+            if spliced(&ctx, &key, path.sent, size) {
+                return SK_PASS;
+            }
             // A peer that closed has left the map: the data then goes
             // through TCP, which answers a closed socket with a reset.
-            let _ = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+            if FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
+                == i64::from(SK_PASS)
+            {
+                path.sent += size;
+            }
         }
         fast_path::UNDECIDED => {
             let direct = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
                 == i64::from(SK_PASS);
             let (decision, counter) = if direct {
+                // A first message may already go past the proxy (an
+                // answer to a request the proxy relayed); the later
+                // redirect replaces the one above.
+                if !spliced(&ctx, &key, path.sent, size) {
+                    path.sent += size;
+                }
                 (fast_path::DIRECT, stats::FAST_DIRECT)
             } else {
                 (fast_path::TCP, stats::FAST_TCP)
             };
-            // SAFETY: as above; a one-byte store into the map's value.
-            unsafe { *path = decision };
+            path.decision = decision;
             count(counter);
         }
         _ => {}
     }
     SK_PASS
+}
+
+/// Sends the message straight to the far end if its direction is spliced
+/// or can be now (see the module's doc); `sent`: what the sender has sent
+/// to the proxy so far. Returns whether it did.
+#[inline(always)]
+fn spliced(ctx: &SkMsgContext, key: &FastKey, sent: u64, size: u64) -> bool {
+    let Some(entry) = FAST_SPLICE.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: the pointer comes from the map lookup; only this socket's
+    // messages (serialized by its lock) change the entry's state and count.
+    let entry = unsafe { &mut *entry };
+    if entry.state == splice::PENDING {
+        let state = decide(entry, key, sent);
+        if state != splice::PENDING {
+            entry.state = state;
+            // The proxy stops reporting once its report is gone.
+            let _ = FAST_FORWARDED.remove(key);
+            if state == splice::SPLICED {
+                count(stats::FAST_SPLICED);
+            }
+        }
+    }
+    if entry.state != splice::SPLICED {
+        return false;
+    }
+    if FAST_SOCKS.redirect_msg(ctx, &mut entry.target, u64::from(BPF_F_INGRESS))
+        == i64::from(SK_PASS)
+    {
+        entry.bytes += size;
+        return true;
+    }
+    // The far end closed: the proxy relays again (what reached it before is
+    // already in its queue, so the order holds), and tells the sender.
+    entry.state = splice::NEVER;
+    false
+}
+
+/// Whether a pending direction can be spliced now.
+#[inline(always)]
+fn decide(entry: &Splice, key: &FastKey, sent: u64) -> u32 {
+    // SAFETY: plain reads of map values.
+    let Some(forwarded) = (unsafe { FAST_FORWARDED.get(key) }).copied() else {
+        return splice::PENDING;
+    };
+    let Some(out) = (unsafe { FAST_PATHS.get(&entry.out) }).copied() else {
+        return splice::NEVER;
+    };
+    match out.decision {
+        // The proxy's writes went socket to socket: in the far end's queue.
+        fast_path::DIRECT if forwarded == sent => splice::SPLICED,
+        fast_path::DIRECT => splice::PENDING,
+        // Nothing written on yet, and nothing of the sender's waiting.
+        fast_path::UNDECIDED if forwarded == 0 && sent == 0 => splice::SPLICED,
+        fast_path::UNDECIDED => splice::PENDING,
+        // Its writes went through TCP: the far end reads them after its
+        // fast-path queue, so splicing would reorder.
+        _ => splice::NEVER,
+    }
 }

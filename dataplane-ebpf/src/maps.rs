@@ -10,7 +10,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use dataplane_common::{
-    ConnKey, EnrolledPod, ExportKey, FastKey, OrigDst, ServiceKey, ServiceValue, capacity, stats,
+    ConnKey, EnrolledPod, ExportKey, FastKey, FastPath, OrigDst, ServiceKey, ServiceValue, Splice,
+    capacity, stats,
 };
 
 #[map(name = "DP_ENROLLED")]
@@ -47,7 +48,19 @@ pub static FAST_SOCKS: SockHash<FastKey> = SockHash::pinned(capacity::FAST_SOCKS
 /// Per sending socket of `FAST_SOCKS`, its path (see `fast`); as large as
 /// `FAST_SOCKS`, since every entry belongs to a socket there.
 #[map(name = "DP_FAST_PATHS")]
-pub static FAST_PATHS: HashMap<FastKey, u8> = HashMap::pinned(capacity::FAST_SOCKS, 0);
+pub static FAST_PATHS: HashMap<FastKey, FastPath> = HashMap::pinned(capacity::FAST_SOCKS, 0);
+
+/// Directions the proxy asked the kernel to splice past it (see `fast`).
+/// LRU: the proxy removes its entries when the connection ends; an entry
+/// left by an agent that died is evicted, and evicting a live one only
+/// sends its data through the proxy again (in order: see `fast`).
+#[map(name = "DP_FAST_SPLICE")]
+pub static FAST_SPLICE: LruHashMap<FastKey, Splice> = LruHashMap::pinned(capacity::FAST_SPLICE, 0);
+
+/// Per direction of `FAST_SPLICE`, what the proxy has written on (its
+/// only writer besides the programs' removal).
+#[map(name = "DP_FAST_FORWARDED")]
+pub static FAST_FORWARDED: LruHashMap<FastKey, u64> = LruHashMap::pinned(capacity::FAST_SPLICE, 0);
 
 #[map(name = "DP_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);

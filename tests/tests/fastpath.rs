@@ -69,6 +69,16 @@ impl FastNode {
             bpfmaps::agent_map_entries(pin_dir, "DP_FAST_PATHS")?,
         ))
     }
+
+    /// Directions registered for splicing past the proxy, and the proxy's
+    /// reports on them.
+    fn splice_entries(&self) -> anyhow::Result<(usize, usize)> {
+        let pin_dir = self.agent.pin_dir();
+        Ok((
+            bpfmaps::agent_map_entries(pin_dir, "DP_FAST_SPLICE")?,
+            bpfmaps::agent_map_entries(pin_dir, "DP_FAST_FORWARDED")?,
+        ))
+    }
 }
 
 /// `benchtool bulk --verify` of `bytes` through the plain echo service.
@@ -138,6 +148,70 @@ fn transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close() {
 
 #[test]
 #[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn request_and_response_go_past_the_proxy_once_it_caught_up_and_stay_in_order() {
+    if !require_privileges(
+        "request_and_response_go_past_the_proxy_once_it_caught_up_and_stay_in_order",
+    ) {
+        return;
+    }
+    let mesh = FastNode::start("fps").expect("node");
+    // 16 KiB requests (several kernel messages each), every echo checked
+    // byte for byte against its request, each one different.
+    let report = bench_peers::run_in_pod(
+        &mesh.node,
+        &mesh.client,
+        &[
+            "tcp-rr",
+            "--to",
+            &RR_VIP.to_string(),
+            "--size",
+            "16384",
+            "--connections",
+            "4",
+            "--rate",
+            "0",
+            "--duration",
+            "2",
+            "--warmup",
+            "0",
+        ],
+        &[],
+    )
+    .expect("tcp-rr");
+    assert_eq!(report.errors, 0, "{report:?}");
+    assert!(report.completed >= 100, "{report:?}");
+    // Client and backend are both pods of this node: after the first
+    // exchange the proxy has relayed everything either side sent, and the
+    // kernel takes both directions of each connection past it.
+    let spliced = mesh.counter("fast_path_spliced");
+    assert!(
+        spliced >= 8.0,
+        "{spliced} directions spliced past the proxy for 4 connections"
+    );
+    // Each connection's two entries go when it ends.
+    let left = dataplane_tests::eventually("splice maps empty", Duration::from_secs(10), || {
+        let (splices, reports) = mesh.splice_entries()?;
+        anyhow::ensure!(
+            (splices, reports) == (0, 0),
+            "{splices} splices, {reports} reports left"
+        );
+        Ok(())
+    });
+    left.expect("no leaked splice entry");
+    let forwarded = mesh
+        .agent
+        .metrics()
+        .expect("metrics")
+        .sum("dataplane_proxy_bytes_total");
+    let moved = report.completed as f64 * 16384.0 * 2.0;
+    assert!(
+        forwarded >= moved,
+        "spliced bytes count as forwarded: {forwarded} of {moved}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn a_backend_dying_mid_stream_ends_the_clients_stream_at_once() {
     if !require_privileges("a_backend_dying_mid_stream_ends_the_clients_stream_at_once") {
         return;
@@ -190,7 +264,26 @@ fn a_thousand_concurrent_connections_all_get_their_answers() {
         &[],
     )
     .expect("tcp-rr");
-    assert_eq!(report.errors, 0, "{report:?}");
+    // On failure, what the proxy saw too: its connection and endpoint
+    // counters and its log, to tell where the errors came from.
+    let proxy_side = || {
+        let metrics = mesh.agent.get("/metrics").unwrap_or_default();
+        let counters: Vec<&str> = metrics
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                ["connect", "fail", "reset", "error", "fast_path", "active"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .collect();
+        format!(
+            "{}\n--- agent log ---\n{}",
+            counters.join("\n"),
+            mesh.agent.log()
+        )
+    };
+    assert_eq!(report.errors, 0, "{report:?}\n{}", proxy_side());
     assert!(report.completed >= 1000, "{report:?}");
     assert!(mesh.counter("fast_path_direct") >= 2000.0);
 }
@@ -262,4 +355,13 @@ fn ten_thousand_connections_leave_no_entry_behind() {
         Ok(())
     });
     left.expect("no leaked entry");
+    let (splices, reports) = mesh.splice_entries().expect("splice maps");
+    assert_eq!(
+        (splices, reports),
+        (0, 0),
+        "the proxy removes its splice entries when a connection ends"
+    );
+    // One exchange per connection: none was registered for splicing (no
+    // map write for a connection that ends at its first exchange).
+    assert_eq!(mesh.counter("fast_path_spliced"), 0.0);
 }

@@ -130,6 +130,7 @@ impl Runtime {
             drain: Default::default(),
             access_log: Default::default(),
             splice_bulk: true.into(),
+            fast_splice: Default::default(),
         });
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));
         Self {

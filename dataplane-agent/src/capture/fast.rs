@@ -3,11 +3,15 @@
 //! sk_msg program to its socket map. What the programs do is described in
 //! the eBPF crate's `fast` module.
 
-use std::os::fd::AsRawFd as _;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd as _, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use aya::Ebpf;
-use aya::maps::{MapData, SockHash};
-use dataplane_common::{FastKey, maps};
+use aya::maps::{HashMap, MapData, SockHash};
+use dataplane_common::{FastKey, Splice, maps, splice};
+use tokio::net::TcpStream;
 
 use super::CaptureError;
 
@@ -52,6 +56,310 @@ pub fn socket_map_fd(ebpf: &Ebpf) -> Result<aya::maps::sock::SockMapFd, CaptureE
     hash.fd()
         .try_clone()
         .map_err(|err| map_err(err.to_string()))
+}
+
+/// `BPF_NOEXIST` / `BPF_EXIST`: insert only a new entry / update only an
+/// existing one.
+const NOEXIST: u64 = 1;
+const EXIST: u64 = 2;
+
+/// The proxy's side of splicing past it (see the eBPF `fast` module): it
+/// registers the two directions of an opaque TCP connection whose four
+/// sockets are on the fast path, reports how much it has written on, and
+/// removes the entries when the connection ends.
+pub struct Splicer {
+    netns: u64,
+    /// Written at registration and removal only; the programs own it
+    /// between.
+    splices: Mutex<HashMap<MapData, FastKey, Splice>>,
+    /// The proxy's reports (the programs remove one once decided).
+    forwarded: Mutex<HashMap<MapData, FastKey, u64>>,
+    /// Read only: whether the far end's socket is on the fast path.
+    paths: HashMap<MapData, FastKey, dataplane_common::FastPath>,
+}
+
+impl Splicer {
+    /// Takes the maps from the loaded programs; `netns`: the proxy's
+    /// namespace cookie, as the programs key sockets.
+    pub fn take_from(ebpf: &mut Ebpf, netns: u64) -> Result<Self, CaptureError> {
+        fn take<V: aya::Pod>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, FastKey, V>, CaptureError> {
+            let map_err = |message: String| CaptureError::Map { name, message };
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| map_err("missing from the eBPF object".into()))?;
+            HashMap::try_from(map).map_err(|err| map_err(err.to_string()))
+        }
+        Ok(Self {
+            netns,
+            splices: Mutex::new(take(ebpf, maps::FAST_SPLICE)?),
+            forwarded: Mutex::new(take(ebpf, maps::FAST_FORWARDED)?),
+            paths: take(ebpf, maps::FAST_PATHS)?,
+        })
+    }
+
+    /// The two directions of the connection relayed between `client`
+    /// (accepted from a pod) and `upstream` (to an endpoint), registered
+    /// once one of them has caught up a second time (see
+    /// [`Reporter::caught_up`]): a connection that ends at its first
+    /// exchange costs no system call here, and by then the endpoint's
+    /// socket is on the fast path if it ever will be (a pod on this
+    /// node). The streams must outlive the returned value's reporters
+    /// (the copy that holds them borrows the streams).
+    pub fn prepare(self: &Arc<Self>, client: &TcpStream, upstream: &TcpStream) -> Spliced {
+        Spliced(Arc::new(Pair {
+            splicer: Arc::clone(self),
+            fds: (client.as_raw_fd(), upstream.as_raw_fd()),
+            keys: OnceLock::new(),
+            state: AtomicU8::new(UNREGISTERED),
+        }))
+    }
+
+    /// The keys of a relayed connection's sockets, from the proxy's two.
+    fn keys(&self, (client, upstream): (RawFd, RawFd)) -> Option<Keys> {
+        let key = |fd: RawFd| -> Option<FastKey> {
+            // SAFETY: the fd belongs to a stream the caller keeps open (see
+            // `prepare`); the reference does not outlive this call.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let socket = socket2::SockRef::from(&fd);
+            let local = socket.local_addr().ok()?.as_socket()?;
+            let remote = socket.peer_addr().ok()?.as_socket()?;
+            Some(self.key(local, remote))
+        };
+        let (client_in, upstream_out) = (key(client)?, key(upstream)?);
+        Some(Keys {
+            pod: client_in.peer(),
+            endpoint: upstream_out.peer(),
+            client_in,
+            upstream_out,
+        })
+    }
+
+    fn key(&self, local: SocketAddr, remote: SocketAddr) -> FastKey {
+        let (local, remote) = (v4(local), v4(remote));
+        FastKey {
+            netns: self.netns,
+            local_ip4: u32::from_ne_bytes(local.ip().octets()),
+            remote_ip4: u32::from_ne_bytes(remote.ip().octets()),
+            local_port: u32::from(local.port()),
+            remote_port: u32::from(remote.port()),
+        }
+    }
+
+    /// Reports that everything read from `sender` up to `bytes` is written
+    /// on; false once the direction is decided (stop reporting).
+    fn report(&self, sender: &FastKey, bytes: u64) -> bool {
+        let mut forwarded = self
+            .forwarded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        forwarded.insert(sender, bytes, EXIST).is_ok()
+    }
+
+    /// Bytes sent from `sender` straight to the far end.
+    fn spliced_bytes(&self, sender: &FastKey) -> u64 {
+        let splices = self.splices.lock().unwrap_or_else(PoisonError::into_inner);
+        splices.get(sender, 0).map_or(0, |s| s.bytes)
+    }
+
+    fn forget(&self, sender: &FastKey) {
+        let _ = self
+            .forwarded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(sender);
+        let _ = self
+            .splices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(sender);
+    }
+}
+
+/// An IPv4 address as the programs see it (a dual-stack socket's mapped
+/// address is its IPv4 one).
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(v6) => SocketAddrV4::new(
+            v6.ip()
+                .to_ipv4_mapped()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            v6.port(),
+        ),
+    }
+}
+
+/// Registration states of a [`Pair`].
+const UNREGISTERED: u8 = 0;
+const REGISTERED: u8 = 1;
+const REFUSED: u8 = 2;
+
+/// The two directions of one relayed connection; once registered,
+/// removed from the maps when dropped.
+pub struct Spliced(Arc<Pair>);
+
+struct Pair {
+    splicer: Arc<Splicer>,
+    /// The proxy's sockets (client side, upstream side).
+    fds: (RawFd, RawFd),
+    /// Set at registration.
+    keys: OnceLock<Keys>,
+    state: AtomicU8,
+}
+
+struct Keys {
+    /// The pod's socket (client → endpoint), and the proxy's socket it
+    /// sends to.
+    pod: FastKey,
+    client_in: FastKey,
+    /// The endpoint's socket (endpoint → client), and the proxy's socket
+    /// it sends to.
+    endpoint: FastKey,
+    upstream_out: FastKey,
+}
+
+impl Pair {
+    /// The sending socket of one direction, once registered.
+    fn sender(&self, upstream: bool) -> Option<FastKey> {
+        let keys = self.keys.get()?;
+        Some(if upstream { keys.pod } else { keys.endpoint })
+    }
+}
+
+impl Pair {
+    /// Registers both directions (the first caller does); `bytes`: what
+    /// the caller's direction (`upstream` or the other) has written on so
+    /// far.
+    fn register(&self, upstream: bool, bytes: u64) -> bool {
+        match self.state.load(Ordering::Acquire) {
+            REGISTERED => return true,
+            REFUSED => return false,
+            _ => {}
+        }
+        let ok = self.insert(upstream, bytes);
+        self.state
+            .store(if ok { REGISTERED } else { REFUSED }, Ordering::Release);
+        ok
+    }
+
+    fn insert(&self, upstream: bool, bytes: u64) -> bool {
+        let splicer = &self.splicer;
+        let Some(keys) = splicer.keys(self.fds) else {
+            return false;
+        };
+        let keys = self.keys.get_or_init(|| keys);
+        // The endpoint's socket not on the fast path (another node):
+        // nothing to splice.
+        if splicer.paths.get(&keys.endpoint, 0).is_err() {
+            return false;
+        }
+        {
+            // Reports first: a direction without one is never decided.
+            let mut forwarded = splicer
+                .forwarded
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (key, up) in [(&keys.pod, true), (&keys.endpoint, false)] {
+                let reported = if up == upstream { bytes } else { 0 };
+                if forwarded.insert(key, reported, NOEXIST).is_err() {
+                    return false;
+                }
+            }
+        }
+        let mut splices = splicer
+            .splices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = |target, out| Splice {
+            target,
+            out,
+            state: splice::PENDING,
+            ..Splice::default()
+        };
+        splices
+            .insert(keys.pod, entry(keys.endpoint, keys.upstream_out), NOEXIST)
+            .is_ok()
+            && splices
+                .insert(keys.endpoint, entry(keys.pod, keys.client_in), NOEXIST)
+                .is_ok()
+    }
+}
+
+impl Spliced {
+    /// The reporter of the client → endpoint direction (`upstream`) or of
+    /// the other.
+    pub fn reporter(&self, upstream: bool) -> Reporter {
+        Reporter {
+            pair: Arc::clone(&self.0),
+            upstream,
+            reported: 0,
+            catch_ups: 0,
+        }
+    }
+
+    /// Bytes spliced so far: (client → endpoint, endpoint → client).
+    pub fn bytes(&self) -> (u64, u64) {
+        let pair = &self.0;
+        if pair.state.load(Ordering::Acquire) != REGISTERED {
+            return (0, 0);
+        }
+        let bytes = |upstream| {
+            pair.sender(upstream)
+                .map_or(0, |key| pair.splicer.spliced_bytes(&key))
+        };
+        (bytes(true), bytes(false))
+    }
+}
+
+impl Drop for Spliced {
+    fn drop(&mut self) {
+        // Also after a refusal: a registration may have failed halfway.
+        if let Some(keys) = self.0.keys.get() {
+            self.0.splicer.forget(&keys.pod);
+            self.0.splicer.forget(&keys.endpoint);
+        }
+    }
+}
+
+/// How many times a direction catches up with new bytes before the
+/// connection is registered: the second shows a conversation (a request
+/// after a response), worth the map writes; a connection that ends at its
+/// first exchange never pays them.
+const REGISTER_AT_CATCH_UP: u8 = 2;
+
+/// Reports one direction's progress while its splice is undecided.
+pub struct Reporter {
+    pair: Arc<Pair>,
+    upstream: bool,
+    reported: u64,
+    catch_ups: u8,
+}
+
+impl Reporter {
+    /// Everything read from the sender up to `bytes` is written on. At the
+    /// second time with new bytes, both directions are registered; then
+    /// one map update whenever `bytes` changed. False once the direction
+    /// cannot be spliced or is decided (drop the reporter).
+    pub fn caught_up(&mut self, bytes: u64) -> bool {
+        if bytes == self.reported {
+            return true;
+        }
+        self.reported = bytes;
+        if self.pair.state.load(Ordering::Acquire) != REGISTERED {
+            self.catch_ups = self.catch_ups.saturating_add(1);
+            if self.catch_ups < REGISTER_AT_CATCH_UP {
+                return true;
+            }
+            return self.pair.register(self.upstream, bytes);
+        }
+        match self.pair.sender(self.upstream) {
+            Some(sender) => self.pair.splicer.report(&sender, bytes),
+            None => false,
+        }
+    }
 }
 
 /// Whether `release` (`uname -r`) is at least `major.minor`; an unreadable

@@ -46,6 +46,7 @@ pub struct CaptureStats {
     pub proxy_down_direct: u64,
     pub fast_direct: u64,
     pub fast_tcp: u64,
+    pub fast_spliced: u64,
     pub fast_full: u64,
     pub tenant_denied: u64,
 }
@@ -221,6 +222,7 @@ impl StatsReader {
             proxy_down_direct: total(stats::PROXY_DOWN_DIRECT),
             fast_direct: total(stats::FAST_DIRECT),
             fast_tcp: total(stats::FAST_TCP),
+            fast_spliced: total(stats::FAST_SPLICED),
             fast_full: total(stats::FAST_FULL),
             tenant_denied: total(stats::TENANT_DENIED),
         }

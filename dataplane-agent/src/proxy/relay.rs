@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::capture::fast::{Spliced, Splicer};
 use crate::metrics::{Direction, DirectionLabels, IdleKind, ProxyMetrics};
 
 /// Copies both ways (see [`copy`]) until both directions are done. When
@@ -23,25 +24,42 @@ use crate::metrics::{Direction, DirectionLabels, IdleKind, ProxyMetrics};
 /// (two relaxed stores per wake-up) and a watchdog looks a few times per
 /// period. Not the kernel's `TCP_INFO`: bytes on the kernel fast path never
 /// pass TCP's receive path, so a busy connection there would look idle.
+///
+/// With `kernel` (the fast path on) and both ends pods on this node, the
+/// kernel may take each direction past the proxy once the proxy has
+/// caught up with it (see `capture::fast::Splicer`); the copy then sees
+/// only the ends of the streams, and the bytes the kernel moved count as
+/// moved (for the idle timeout and the byte counters).
 pub async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
     metrics: &ProxyMetrics,
     idle: Duration,
     splice: bool,
+    kernel: Option<&std::sync::Arc<Splicer>>,
 ) {
+    let spliced = kernel.map(|k| k.prepare(&client, &upstream));
     let progress = copy::Progress::default();
-    let copy = copy::bidirectional(&mut client, &mut upstream, splice, &progress);
+    let copy = copy::bidirectional(
+        &mut client,
+        &mut upstream,
+        splice,
+        &progress,
+        spliced.as_ref(),
+    );
     let (result, stats) = tokio::select! {
         result = copy => result,
-        () = idle_expired(&progress, idle) => {
+        () = idle_expired(&progress, idle, spliced.as_ref()) => {
             debug!(idle = ?idle, "opaque connection idle: closing both sides");
             metrics.idle_timeout(IdleKind::Tcp);
-            count_bytes(metrics, Direction::Upstream, progress.a_to_b.load(Ordering::Relaxed));
-            count_bytes(metrics, Direction::Downstream, progress.b_to_a.load(Ordering::Relaxed));
+            let (up, down) = spliced.as_ref().map_or((0, 0), Spliced::bytes);
+            count_bytes(metrics, Direction::Upstream, up + progress.a_to_b.load(Ordering::Relaxed));
+            count_bytes(metrics, Direction::Downstream, down + progress.b_to_a.load(Ordering::Relaxed));
             return;
         }
     };
+    let (up, down) = spliced.as_ref().map_or((0, 0), Spliced::bytes);
+    drop(spliced);
     if stats.splice_switches > 0 {
         metrics
             .splice_switches
@@ -49,8 +67,8 @@ pub async fn forward(
     }
     match result {
         Ok(totals) => {
-            count_bytes(metrics, Direction::Upstream, totals.a_to_b);
-            count_bytes(metrics, Direction::Downstream, totals.b_to_a);
+            count_bytes(metrics, Direction::Upstream, up + totals.a_to_b);
+            count_bytes(metrics, Direction::Downstream, down + totals.b_to_a);
         }
         Err(err) => {
             // One side reset or failed: reset the other so it learns at once.
@@ -65,16 +83,20 @@ pub async fn forward(
 /// (disabled). Checked four times per period: the close comes at most a
 /// quarter period late, and a long-lived connection costs one timer per
 /// quarter period.
-async fn idle_expired(progress: &copy::Progress, idle: Duration) {
+async fn idle_expired(progress: &copy::Progress, idle: Duration, spliced: Option<&Spliced>) {
     if idle.is_zero() {
         return std::future::pending().await;
     }
+    let total = || {
+        let (up, down) = spliced.map_or((0, 0), Spliced::bytes);
+        progress.total() + up + down
+    };
     let check = (idle / 4).max(Duration::from_millis(1));
-    let mut seen = progress.total();
+    let mut seen = total();
     let mut since = Instant::now();
     loop {
         tokio::time::sleep(check).await;
-        let now = progress.total();
+        let now = total();
         if now != seen {
             seen = now;
             since = Instant::now();

@@ -69,7 +69,15 @@ pub async fn forward(
     service.balancer.on_start(index);
     let idle = service.policy().timeouts.idle;
     let splice = proxy.splice_bulk.load(std::sync::atomic::Ordering::Relaxed);
-    relay::forward(client, upstream, &proxy.metrics, idle, splice).await;
+    relay::forward(
+        client,
+        upstream,
+        &proxy.metrics,
+        idle,
+        splice,
+        proxy.fast_splice.get(),
+    )
+    .await;
     service.balancer.on_end(index, None, Instant::now());
 }
 

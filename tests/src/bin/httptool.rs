@@ -40,10 +40,10 @@
 mod client;
 #[path = "httptool/grpc.rs"]
 mod grpc;
-#[path = "httptool/load.rs"]
-mod load;
 #[path = "common/listen.rs"]
 mod listen;
+#[path = "httptool/load.rs"]
+mod load;
 #[path = "common/opts.rs"]
 #[allow(dead_code, reason = "shared by the test tools; each uses a part")]
 mod opts;

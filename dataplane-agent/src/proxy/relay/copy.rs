@@ -25,6 +25,8 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead as _, AsyncWrite as _, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::capture::fast::{Reporter, Spliced};
+
 /// Size of the per-thread buffer, so of the largest single read.
 pub const SCRATCH: usize = 64 * 1024;
 
@@ -81,19 +83,24 @@ pub struct Stats {
 /// Copies `a` ⇄ `b` until both directions have seen end-of-stream and
 /// passed it on (`shutdown(SHUT_WR)`), or until one fails. The other
 /// direction keeps going after one finishes, so half-close works.
-/// `splice`: whether a bulk direction may move to splice(2).
+/// `splice`: whether a bulk direction may move to splice(2). `kernel`:
+/// the connection's directions registered for splicing past the proxy;
+/// each reports when it has written on all it read.
 pub async fn bidirectional(
     a: &mut TcpStream,
     b: &mut TcpStream,
     splice: bool,
     progress: &Progress,
+    kernel: Option<&Spliced>,
 ) -> (io::Result<Totals>, Stats) {
     let mut forth = Direction {
         splice,
+        reporter: kernel.map(|k| k.reporter(true)),
         ..Direction::default()
     };
     let mut back = Direction {
         splice,
+        reporter: kernel.map(|k| k.reporter(false)),
         ..Direction::default()
     };
     let result = std::future::poll_fn(|cx| {
@@ -137,6 +144,8 @@ struct Direction {
     returns: u32,
     /// Whether this direction may move to splice.
     splice: bool,
+    /// While the kernel may still splice this direction past the proxy.
+    reporter: Option<Reporter>,
 }
 
 impl Direction {
@@ -158,8 +167,14 @@ impl Direction {
             }
             if self.pipe.is_some() {
                 ready!(self.splice_in(cx, reader))?;
-            } else {
-                ready!(self.read_and_write(cx, reader, writer))?;
+            } else if self.read_and_write(cx, reader, writer)?.is_pending() {
+                // Nothing more to read, all read written on: caught up.
+                if let Some(reporter) = &mut self.reporter
+                    && !reporter.caught_up(self.bytes)
+                {
+                    self.reporter = None;
+                }
+                return Poll::Pending;
             }
         }
     }
@@ -367,10 +382,9 @@ mod tests {
     ) {
         let (client, mut a) = pair().await;
         let (mut b, server) = pair().await;
-        let relay =
-            tokio::spawn(
-                async move { bidirectional(&mut a, &mut b, true, &Progress::default()).await },
-            );
+        let relay = tokio::spawn(async move {
+            bidirectional(&mut a, &mut b, true, &Progress::default(), None).await
+        });
         (client, server, relay)
     }
 

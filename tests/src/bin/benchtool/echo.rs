@@ -25,7 +25,8 @@ pub async fn run(opts: &Opts) -> Result<(), Failure> {
     let listen: SocketAddr = opts.get("listen")?;
     let max_duration =
         opts.seconds_or("max-duration", Some(DEFAULT_MAX_DURATION), MAX_MAX_DURATION)?;
-    let listener = crate::listen::bind(listen).map_err(|e| Failure::Run(format!("binding {listen}: {e}")))?;
+    let listener =
+        crate::listen::bind(listen).map_err(|e| Failure::Run(format!("binding {listen}: {e}")))?;
     let local = listener
         .local_addr()
         .map_err(|e| Failure::Run(format!("local address: {e}")))?;

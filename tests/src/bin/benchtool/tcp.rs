@@ -82,8 +82,9 @@ impl Connector for TcpRr {
         };
         Ok(TcpConn {
             stream,
-            request: vec![b'x'; self.size],
+            request: vec![0; self.size],
             response: vec![0; self.size],
+            exchanges: 0,
         })
     }
 }
@@ -97,6 +98,10 @@ struct TcpConn {
     stream: Stream,
     request: Vec<u8>,
     response: Vec<u8>,
+    /// Exchanges so far: each request differs from the one before, and
+    /// its echo must match it byte for byte (`mismatch` otherwise), so a
+    /// path that loses, repeats or reorders bytes is caught.
+    exchanges: u64,
 }
 
 fn broken(e: io::Error) -> Failed {
@@ -108,12 +113,24 @@ fn broken(e: io::Error) -> Failed {
 
 impl Exchange for TcpConn {
     async fn exchange(&mut self) -> Result<(), Failed> {
+        self.exchanges += 1;
+        let seed = self.exchanges;
+        for (i, byte) in self.request.iter_mut().enumerate() {
+            *byte = (seed.wrapping_add(i as u64) % 251) as u8;
+        }
         match &mut self.stream {
-            Stream::Tokio(stream) => ping_pong(stream, &self.request, &mut self.response).await,
+            Stream::Tokio(stream) => ping_pong(stream, &self.request, &mut self.response).await?,
             Stream::Poll(stream) => {
-                poll_ping_pong(stream, &self.request, &mut self.response).map_err(broken)
+                poll_ping_pong(stream, &self.request, &mut self.response).map_err(broken)?;
             }
         }
+        if self.response != self.request {
+            return Err(Failed {
+                kind: "mismatch",
+                broken: true,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -43,7 +43,8 @@ pub async fn run(opts: &Opts) -> Result<(), Failure> {
     let listen: SocketAddr = opts.get("listen")?;
     let name: String = opts.get("name")?;
     let backend = Arc::new(Backend::new(&name).map_err(Failure::Usage)?);
-    let listener = crate::listen::bind(listen).map_err(|err| Failure::Run(format!("binding {listen}: {err}")))?;
+    let listener = crate::listen::bind(listen)
+        .map_err(|err| Failure::Run(format!("binding {listen}: {err}")))?;
     let local = listener.local_addr().unwrap_or(listen);
     println!("listening {local}");
     let _ = io::stdout().flush();
