@@ -43,10 +43,10 @@ pub mod maps {
     /// connections to and from the node proxy on this node); the kernel
     /// removes a socket when it closes.
     pub const FAST_SOCKS: &str = "DP_FAST_SOCKS";
-    /// `LruHashMap<FastKey, Splice>`: directions the proxy asked the
+    /// `HashMap<FastKey, Splice>`: directions the proxy asked the
     /// kernel to splice past it (see [`crate::Splice`]).
     pub const FAST_SPLICE: &str = "DP_FAST_SPLICE";
-    /// `LruHashMap<FastKey, u64>`: per direction of `FAST_SPLICE`, the bytes
+    /// `HashMap<FastKey, u64>`: per direction of `FAST_SPLICE`, the bytes
     /// the proxy has written on; the programs delete it once the direction
     /// is decided, which tells the proxy to stop reporting.
     pub const FAST_FORWARDED: &str = "DP_FAST_FORWARDED";
@@ -80,9 +80,10 @@ pub mod capacity {
     pub const FAST_SOCKS: u32 = 65536;
     /// Service ports exported to other tenants, one entry per tenant.
     pub const EXPORTS: u32 = 16384;
-    /// Directions of relayed connections the kernel may splice: two per
-    /// connection, whose four sockets are on the fast path.
-    pub const FAST_SPLICE: u32 = FAST_SOCKS / 2;
+    /// Directions of relayed connections registered for splicing past
+    /// the proxy (two per connection). Allocated as used; when full, new
+    /// connections are relayed as without a splice.
+    pub const FAST_SPLICE: u32 = 16384;
 }
 
 /// Names of the global variables the agent sets when it loads the programs.
@@ -336,11 +337,14 @@ impl FastKey {
 pub struct FastPath {
     /// Bytes sent straight to the peer socket (not those spliced past it).
     pub sent: u64,
+    /// The socket's cookie: tells this socket from a later one with the
+    /// same addresses.
+    pub cookie: u64,
     /// One of [`fast_path`].
     pub decision: u8,
     pub _pad: [u8; 7],
 }
-const _: () = assert!(size_of::<FastPath>() == 16);
+const _: () = assert!(size_of::<FastPath>() == 24);
 
 /// Value of `DP_FAST_SPLICE`, keyed by a sending socket `X` (a pod's socket)
 /// whose peer is one of the proxy's sockets: the proxy relays X's bytes
@@ -355,13 +359,17 @@ const _: () = assert!(size_of::<FastPath>() == 16);
 pub struct Splice {
     pub target: FastKey,
     pub out: FastKey,
+    /// The cookies of `target` and `out` when registered: a socket that
+    /// took over their addresses since is not theirs.
+    pub target_cookie: u64,
+    pub out_cookie: u64,
     /// Bytes sent straight to `target` since.
     pub bytes: u64,
     /// One of [`splice`].
     pub state: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<Splice>() == 64);
+const _: () = assert!(size_of::<Splice>() == 80);
 
 /// Values of [`Splice::state`].
 pub mod splice {

@@ -12,9 +12,11 @@
 //! One path per direction: a sender's first message decides whether its
 //! data goes straight to the peer (the peer is on the fast path) or through
 //! TCP (it is not yet, e.g. a client that sends before the proxy's end of
-//! the handshake completed), and that stays until the socket closes. A
-//! receiver reads the fast path's queue before TCP's, so switching a
-//! direction from TCP to the fast path could reorder its bytes.
+//! the handshake completed), and that decision stays until the socket
+//! closes (a spliced direction, below, is a direct one whose data goes
+//! one socket further). A receiver reads the fast path's queue before
+//! TCP's, so switching a direction from TCP to the fast path could reorder
+//! its bytes.
 //!
 //! Splicing past the proxy: for an opaque TCP connection whose four
 //! sockets are all here (pod X → proxy socket `in`, proxy socket `out` →
@@ -28,7 +30,11 @@
 //! Y cannot be reached, the proxy relays. Going back to the proxy is
 //! always in order (what was spliced is already in Y's queue). End of
 //! stream and resets still travel through TCP and the proxy, behind the
-//! data.
+//! data. A splice lasts only while the proxy's socket `in` is there: once
+//! it closed (the proxy died), X's data goes through TCP again and meets
+//! the reset, as without a splice. `target` and `out` are checked by
+//! cookie, so a later socket that took over their addresses is not
+//! taken for them.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -38,6 +44,7 @@ use aya_ebpf::{
         sk_action::SK_PASS,
     },
     helpers::bpf_get_netns_cookie,
+    helpers::bpf_get_socket_cookie,
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
 };
@@ -92,10 +99,12 @@ pub fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32, cap
     // closed): every socket on the fast path has one, so deciding never
     // needs an insert that could fail on a full map and leave a direction
     // to be decided again.
-    if FAST_PATHS
-        .insert(key, FastPath::default(), u64::from(BPF_ANY))
-        .is_err()
-    {
+    let path = FastPath {
+        // SAFETY: the helper takes the program context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        ..FastPath::default()
+    };
+    if FAST_PATHS.insert(key, path, u64::from(BPF_ANY)).is_err() {
         count(stats::FAST_FULL);
         return;
     }
@@ -127,9 +136,9 @@ pub fn on_state_change(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32) {
 }
 
 /// Removes a sending socket's splice registration. The proxy removes its
-/// own when the connection ends (after reading what was spliced, so not
-/// at the socket's close); this covers an agent that died first, before a
-/// new socket with the same addresses uses the entry.
+/// own when the connection ends (after reading the entry's count of
+/// spliced bytes, so not at the socket's close); this covers an agent that
+/// died first, before a new socket with the same addresses uses the entry.
 #[inline(always)]
 fn forget_splice(key: &FastKey) {
     let _ = FAST_SPLICE.remove(key);
@@ -169,7 +178,7 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
     let path = unsafe { &mut *path };
     match path.decision {
         fast_path::DIRECT => {
-            if spliced(&ctx, &key, path.sent, size) {
+            if spliced(&ctx, &key, &mut peer, path.sent, size) {
                 return SK_PASS;
             }
             // A peer that closed has left the map: the data then goes
@@ -187,7 +196,7 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
                 // A first message may already go past the proxy (an
                 // answer to a request the proxy relayed); the later
                 // redirect replaces the one above.
-                if !spliced(&ctx, &key, path.sent, size) {
+                if !spliced(&ctx, &key, &mut peer, path.sent, size) {
                     path.sent += size;
                 }
                 (fast_path::DIRECT, stats::FAST_DIRECT)
@@ -203,10 +212,11 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
 }
 
 /// Sends the message straight to the far end if its direction is spliced
-/// or can be now (see the module's doc); `sent`: what the sender has sent
-/// to the proxy so far. Returns whether it did.
+/// or can be now (see the module's doc); `peer`: the proxy's socket the
+/// sender is connected to; `sent`: what the sender has sent to the proxy
+/// so far. Returns whether it did.
 #[inline(always)]
-fn spliced(ctx: &SkMsgContext, key: &FastKey, sent: u64, size: u64) -> bool {
+fn spliced(ctx: &SkMsgContext, key: &FastKey, peer: &mut FastKey, sent: u64, size: u64) -> bool {
     let Some(entry) = FAST_SPLICE.get_ptr_mut(key) else {
         return false;
     };
@@ -227,16 +237,28 @@ fn spliced(ctx: &SkMsgContext, key: &FastKey, sent: u64, size: u64) -> bool {
     if entry.state != splice::SPLICED {
         return false;
     }
-    if FAST_SOCKS.redirect_msg(ctx, &mut entry.target, u64::from(BPF_F_INGRESS))
-        == i64::from(SK_PASS)
+    // The proxy's end still there (a redirect to it found it; the one to
+    // the target replaces it), and the target the socket registered.
+    let pass = i64::from(SK_PASS);
+    if is_socket(&entry.target, entry.target_cookie)
+        && FAST_SOCKS.redirect_msg(ctx, peer, u64::from(BPF_F_INGRESS)) == pass
+        && FAST_SOCKS.redirect_msg(ctx, &mut entry.target, u64::from(BPF_F_INGRESS)) == pass
     {
         entry.bytes += size;
         return true;
     }
-    // The far end closed: the proxy relays again (what reached it before is
-    // already in its queue, so the order holds), and tells the sender.
+    // The far end or the proxy closed: through the proxy again (what was
+    // spliced is already in the far end's queue, so the order holds), which
+    // tells the sender.
     entry.state = splice::NEVER;
     false
+}
+
+/// Whether the fast-path socket at `key` is the one with `cookie`.
+#[inline(always)]
+fn is_socket(key: &FastKey, cookie: u64) -> bool {
+    // SAFETY: a plain read of a map value.
+    unsafe { FAST_PATHS.get(key) }.is_some_and(|path| path.cookie == cookie)
 }
 
 /// Whether a pending direction can be spliced now.
@@ -246,9 +268,12 @@ fn decide(entry: &Splice, key: &FastKey, sent: u64) -> u32 {
     let Some(forwarded) = (unsafe { FAST_FORWARDED.get(key) }).copied() else {
         return splice::PENDING;
     };
-    let Some(out) = (unsafe { FAST_PATHS.get(&entry.out) }).copied() else {
+    let Some(out) = (unsafe { FAST_PATHS.get(entry.out) }).copied() else {
         return splice::NEVER;
     };
+    if out.cookie != entry.out_cookie {
+        return splice::NEVER;
+    }
     match out.decision {
         // The proxy's writes went socket to socket: in the far end's queue.
         fast_path::DIRECT if forwarded == sent => splice::SPLICED,

@@ -50,17 +50,25 @@ pub static FAST_SOCKS: SockHash<FastKey> = SockHash::pinned(capacity::FAST_SOCKS
 #[map(name = "DP_FAST_PATHS")]
 pub static FAST_PATHS: HashMap<FastKey, FastPath> = HashMap::pinned(capacity::FAST_SOCKS, 0);
 
+/// `BPF_F_NO_PREALLOC`: entries allocated as inserted and freed after the
+/// programs using them have finished, so a removed entry's memory never
+/// becomes another connection's while a program reads it (preallocated
+/// and LRU maps reuse it at once).
+const NO_PREALLOC: u32 = 1;
+
 /// Directions the proxy asked the kernel to splice past it (see `fast`).
-/// LRU: the proxy removes its entries when the connection ends; an entry
-/// left by an agent that died is evicted, and evicting a live one only
-/// sends its data through the proxy again (in order: see `fast`).
+/// The proxy removes its entries when the connection ends, and an agent
+/// clears what a previous one left when it starts (removing an entry only
+/// sends its data through the proxy again, in order: see `fast`).
 #[map(name = "DP_FAST_SPLICE")]
-pub static FAST_SPLICE: LruHashMap<FastKey, Splice> = LruHashMap::pinned(capacity::FAST_SPLICE, 0);
+pub static FAST_SPLICE: HashMap<FastKey, Splice> =
+    HashMap::pinned(capacity::FAST_SPLICE, NO_PREALLOC);
 
 /// Per direction of `FAST_SPLICE`, what the proxy has written on (its
 /// only writer besides the programs' removal).
 #[map(name = "DP_FAST_FORWARDED")]
-pub static FAST_FORWARDED: LruHashMap<FastKey, u64> = LruHashMap::pinned(capacity::FAST_SPLICE, 0);
+pub static FAST_FORWARDED: HashMap<FastKey, u64> =
+    HashMap::pinned(capacity::FAST_SPLICE, NO_PREALLOC);
 
 #[map(name = "DP_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);

@@ -70,14 +70,23 @@ impl FastNode {
         ))
     }
 
-    /// Directions registered for splicing past the proxy, and the proxy's
-    /// reports on them.
-    fn splice_entries(&self) -> anyhow::Result<(usize, usize)> {
+    /// Waits until every fast-path map is empty: each socket leaves the
+    /// socket map when it closes, its path decision goes with it, and the
+    /// proxy removes its splice entries when a connection ends.
+    fn assert_maps_empty(&self) {
         let pin_dir = self.agent.pin_dir();
-        Ok((
-            bpfmaps::agent_map_entries(pin_dir, "DP_FAST_SPLICE")?,
-            bpfmaps::agent_map_entries(pin_dir, "DP_FAST_FORWARDED")?,
-        ))
+        let count = |map| bpfmaps::agent_map_entries(pin_dir, map);
+        let left =
+            dataplane_tests::eventually("fast-path maps empty", Duration::from_secs(10), || {
+                let (socks, paths) = self.entries()?;
+                let (splices, reports) = (count("DP_FAST_SPLICE")?, count("DP_FAST_FORWARDED")?);
+                anyhow::ensure!(
+                    (socks, paths, splices, reports) == (0, 0, 0, 0),
+                    "{socks} sockets, {paths} decisions, {splices} splices, {reports} reports left"
+                );
+                Ok(())
+            });
+        left.expect("no leaked entry");
     }
 }
 
@@ -188,16 +197,7 @@ fn request_and_response_go_past_the_proxy_once_it_caught_up_and_stay_in_order() 
         spliced >= 8.0,
         "{spliced} directions spliced past the proxy for 4 connections"
     );
-    // Each connection's two entries go when it ends.
-    let left = dataplane_tests::eventually("splice maps empty", Duration::from_secs(10), || {
-        let (splices, reports) = mesh.splice_entries()?;
-        anyhow::ensure!(
-            (splices, reports) == (0, 0),
-            "{splices} splices, {reports} reports left"
-        );
-        Ok(())
-    });
-    left.expect("no leaked splice entry");
+    mesh.assert_maps_empty();
     let forwarded = mesh
         .agent
         .metrics()
@@ -208,6 +208,61 @@ fn request_and_response_go_past_the_proxy_once_it_caught_up_and_stay_in_order() 
         forwarded >= moved,
         "spliced bytes count as forwarded: {forwarded} of {moved}"
     );
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn a_splice_ends_with_the_proxy_when_the_agent_dies() {
+    if !require_privileges("a_splice_ends_with_the_proxy_when_the_agent_dies") {
+        return;
+    }
+    let mut mesh = FastNode::start("fpk").expect("node");
+    let FastNode {
+        agent,
+        node,
+        client,
+        ..
+    } = &mut mesh;
+    let (node, client) = (&*node, &*client);
+    let report = std::thread::scope(|scope| {
+        let rr = scope.spawn(move || {
+            bench_peers::run_in_pod(
+                node,
+                client,
+                &[
+                    "tcp-rr",
+                    "--to",
+                    &RR_VIP.to_string(),
+                    "--connections",
+                    "1",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    "4",
+                    "--warmup",
+                    "0",
+                ],
+                &[],
+            )
+        });
+        let spliced =
+            dataplane_tests::eventually("both directions spliced", Duration::from_secs(5), || {
+                let n = agent.metrics()?.sum("dataplane_capture_fast_path_spliced");
+                anyhow::ensure!(n >= 2.0, "{n} directions spliced");
+                Ok(n)
+            });
+        spliced.expect("spliced before the kill");
+        agent.kill().expect("kill the agent");
+        rr.join().expect("thread").expect("tcp-rr")
+    });
+    // The proxy's sockets closed with it: the connection it relayed must
+    // end as it would without the splice (the pods must not go on talking
+    // past a proxy that is gone), and nothing may arrive out of order.
+    assert!(
+        report.errors >= 1,
+        "the spliced connection went on: {report:?}"
+    );
+    assert!(!report.error_kinds.contains_key("mismatch"), "{report:?}");
 }
 
 #[test]
@@ -344,24 +399,5 @@ fn ten_thousand_connections_leave_no_entry_behind() {
         direct >= 20_000.0,
         "two directions per connection at least: {direct}"
     );
-    // Every socket leaves the map when it closes, and its path decision
-    // goes with it.
-    let left = dataplane_tests::eventually("fast-path maps empty", Duration::from_secs(10), || {
-        let (socks, paths) = mesh.entries()?;
-        anyhow::ensure!(
-            socks == 0 && paths == 0,
-            "{socks} sockets, {paths} decisions left"
-        );
-        Ok(())
-    });
-    left.expect("no leaked entry");
-    let (splices, reports) = mesh.splice_entries().expect("splice maps");
-    assert_eq!(
-        (splices, reports),
-        (0, 0),
-        "the proxy removes its splice entries when a connection ends"
-    );
-    // One exchange per connection: none was registered for splicing (no
-    // map write for a connection that ends at its first exchange).
-    assert_eq!(mesh.counter("fast_path_spliced"), 0.0);
+    mesh.assert_maps_empty();
 }

@@ -5,13 +5,12 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd as _, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, SockHash};
 use dataplane_common::{FastKey, Splice, maps, splice};
-use tokio::net::TcpStream;
 
 use super::CaptureError;
 
@@ -79,8 +78,11 @@ pub struct Splicer {
 }
 
 impl Splicer {
-    /// Takes the maps from the loaded programs; `netns`: the proxy's
-    /// namespace cookie, as the programs key sockets.
+    /// Takes the maps from the loaded programs and clears what a previous
+    /// agent left registered (removing a registration only sends its data
+    /// through a proxy again, in order; an agent still draining relays
+    /// its own connections); `netns`: the proxy's namespace cookie, as the
+    /// programs key sockets.
     pub fn take_from(ebpf: &mut Ebpf, netns: u64) -> Result<Self, CaptureError> {
         fn take<V: aya::Pod>(
             ebpf: &mut Ebpf,
@@ -92,36 +94,50 @@ impl Splicer {
                 .ok_or_else(|| map_err("missing from the eBPF object".into()))?;
             HashMap::try_from(map).map_err(|err| map_err(err.to_string()))
         }
+        fn clear<V: aya::Pod>(map: &mut HashMap<MapData, FastKey, V>) {
+            let keys: Vec<FastKey> = map.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = map.remove(&key);
+            }
+        }
+        let mut splices = take(ebpf, maps::FAST_SPLICE)?;
+        let mut forwarded = take(ebpf, maps::FAST_FORWARDED)?;
+        clear(&mut splices);
+        clear(&mut forwarded);
         Ok(Self {
             netns,
-            splices: Mutex::new(take(ebpf, maps::FAST_SPLICE)?),
-            forwarded: Mutex::new(take(ebpf, maps::FAST_FORWARDED)?),
+            splices: Mutex::new(splices),
+            forwarded: Mutex::new(forwarded),
             paths: take(ebpf, maps::FAST_PATHS)?,
         })
     }
 
-    /// The two directions of the connection relayed between `client`
-    /// (accepted from a pod) and `upstream` (to an endpoint), registered
-    /// once one of them has caught up a second time (see
-    /// [`Reporter::caught_up`]): a connection that ends at its first
+    /// The two directions of the connection relayed between the proxy's
+    /// sockets `client` (accepted from a pod) and `upstream` (to an
+    /// endpoint), registered once one of them has caught up a second time
+    /// (see [`Reporter::caught_up`]): a connection that ends at its first
     /// exchange costs no system call here, and by then the endpoint's
-    /// socket is on the fast path if it ever will be (a pod on this
-    /// node). The streams must outlive the returned value's reporters
-    /// (the copy that holds them borrows the streams).
-    pub fn prepare(self: &Arc<Self>, client: &TcpStream, upstream: &TcpStream) -> Spliced {
+    /// socket is on the fast path if it ever will be (a pod on this node).
+    ///
+    /// # Safety
+    /// Both descriptors must stay open while the returned value's
+    /// reporters are used (the copy that holds them borrows the streams).
+    pub unsafe fn prepare(self: &Arc<Self>, client: RawFd, upstream: RawFd) -> Spliced {
         Spliced(Arc::new(Pair {
             splicer: Arc::clone(self),
-            fds: (client.as_raw_fd(), upstream.as_raw_fd()),
+            fds: (client, upstream),
             keys: OnceLock::new(),
+            caught: [AtomicU64::new(0), AtomicU64::new(0)],
             state: AtomicU8::new(UNREGISTERED),
+            inserted: AtomicBool::new(false),
         }))
     }
 
     /// The keys of a relayed connection's sockets, from the proxy's two.
     fn keys(&self, (client, upstream): (RawFd, RawFd)) -> Option<Keys> {
         let key = |fd: RawFd| -> Option<FastKey> {
-            // SAFETY: the fd belongs to a stream the caller keeps open (see
-            // `prepare`); the reference does not outlive this call.
+            // SAFETY: `prepare`'s contract keeps the descriptor open; the
+            // borrow does not outlive this call.
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             let socket = socket2::SockRef::from(&fd);
             let local = socket.local_addr().ok()?.as_socket()?;
@@ -146,6 +162,11 @@ impl Splicer {
             local_port: u32::from(local.port()),
             remote_port: u32::from(remote.port()),
         }
+    }
+
+    /// The cookie of the fast-path socket at `key`, if it is there.
+    fn cookie(&self, key: &FastKey) -> Option<u64> {
+        self.paths.get(key, 0).ok().map(|path| path.cookie)
     }
 
     /// Reports that everything read from `sender` up to `bytes` is written
@@ -207,7 +228,12 @@ struct Pair {
     fds: (RawFd, RawFd),
     /// Set at registration.
     keys: OnceLock<Keys>,
+    /// What each direction (client → endpoint, then back) last reported
+    /// caught up, for the registration of both.
+    caught: [AtomicU64; 2],
     state: AtomicU8,
+    /// Whether any entry was written (to remove at the end).
+    inserted: AtomicBool,
 }
 
 struct Keys {
@@ -227,44 +253,56 @@ impl Pair {
         let keys = self.keys.get()?;
         Some(if upstream { keys.pod } else { keys.endpoint })
     }
-}
 
-impl Pair {
-    /// Registers both directions (the first caller does); `bytes`: what
-    /// the caller's direction (`upstream` or the other) has written on so
-    /// far.
-    fn register(&self, upstream: bool, bytes: u64) -> bool {
+    /// Registers both directions (the first caller does).
+    fn register(&self) -> bool {
         match self.state.load(Ordering::Acquire) {
             REGISTERED => return true,
             REFUSED => return false,
             _ => {}
         }
-        let ok = self.insert(upstream, bytes);
+        let ok = self.insert();
+        if !ok && self.inserted.load(Ordering::Acquire) {
+            // Half registered: nothing of it may be decided.
+            self.forget();
+        }
         self.state
             .store(if ok { REGISTERED } else { REFUSED }, Ordering::Release);
         ok
     }
 
-    fn insert(&self, upstream: bool, bytes: u64) -> bool {
+    fn insert(&self) -> bool {
         let splicer = &self.splicer;
         let Some(keys) = splicer.keys(self.fds) else {
             return false;
         };
         let keys = self.keys.get_or_init(|| keys);
-        // The endpoint's socket not on the fast path (another node):
-        // nothing to splice.
-        if splicer.paths.get(&keys.endpoint, 0).is_err() {
+        // Every socket of the four on the fast path: the endpoint's is
+        // not when it is on another node (nothing to splice).
+        let cookie = |key| splicer.cookie(key);
+        let (Some(pod), Some(endpoint), Some(client_in), Some(upstream_out)) = (
+            cookie(&keys.pod),
+            cookie(&keys.endpoint),
+            cookie(&keys.client_in),
+            cookie(&keys.upstream_out),
+        ) else {
             return false;
-        }
+        };
+        self.inserted.store(true, Ordering::Release);
         {
             // Reports first: a direction without one is never decided.
             let mut forwarded = splicer
                 .forwarded
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            for (key, up) in [(&keys.pod, true), (&keys.endpoint, false)] {
-                let reported = if up == upstream { bytes } else { 0 };
-                if forwarded.insert(key, reported, NOEXIST).is_err() {
+            for (key, caught) in [
+                (&keys.pod, &self.caught[0]),
+                (&keys.endpoint, &self.caught[1]),
+            ] {
+                if forwarded
+                    .insert(key, caught.load(Ordering::Acquire), NOEXIST)
+                    .is_err()
+                {
                     return false;
                 }
             }
@@ -273,18 +311,35 @@ impl Pair {
             .splices
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let entry = |target, out| Splice {
+        let entry = |target, target_cookie, out, out_cookie| Splice {
             target,
             out,
+            target_cookie,
+            out_cookie,
             state: splice::PENDING,
             ..Splice::default()
         };
         splices
-            .insert(keys.pod, entry(keys.endpoint, keys.upstream_out), NOEXIST)
+            .insert(
+                keys.pod,
+                entry(keys.endpoint, endpoint, keys.upstream_out, upstream_out),
+                NOEXIST,
+            )
             .is_ok()
             && splices
-                .insert(keys.endpoint, entry(keys.pod, keys.client_in), NOEXIST)
+                .insert(
+                    keys.endpoint,
+                    entry(keys.pod, pod, keys.client_in, client_in),
+                    NOEXIST,
+                )
                 .is_ok()
+    }
+
+    fn forget(&self) {
+        if let Some(keys) = self.keys.get() {
+            self.splicer.forget(&keys.pod);
+            self.splicer.forget(&keys.endpoint);
+        }
     }
 }
 
@@ -303,7 +358,7 @@ impl Spliced {
     /// Bytes spliced so far: (client → endpoint, endpoint → client).
     pub fn bytes(&self) -> (u64, u64) {
         let pair = &self.0;
-        if pair.state.load(Ordering::Acquire) != REGISTERED {
+        if !pair.inserted.load(Ordering::Acquire) {
             return (0, 0);
         }
         let bytes = |upstream| {
@@ -316,19 +371,22 @@ impl Spliced {
 
 impl Drop for Spliced {
     fn drop(&mut self) {
-        // Also after a refusal: a registration may have failed halfway.
-        if let Some(keys) = self.0.keys.get() {
-            self.0.splicer.forget(&keys.pod);
-            self.0.splicer.forget(&keys.endpoint);
+        if self.0.inserted.load(Ordering::Acquire) {
+            self.0.forget();
         }
     }
 }
 
 /// How many times a direction catches up with new bytes before the
-/// connection is registered: the second shows a conversation (a request
-/// after a response), worth the map writes; a connection that ends at its
-/// first exchange never pays them.
+/// connection is registered: the second shows a conversation (more after
+/// an answer, or a message in two reads), worth the map writes; most
+/// connections that end at their first exchange never pay them.
 const REGISTER_AT_CATCH_UP: u8 = 2;
+
+/// Reports a direction makes before giving up: one that never gets
+/// decided (the proxy is never caught up when its sender sends, as with a
+/// sender that never pauses) stops costing a map write per catch-up.
+const MAX_REPORTS: u8 = 64;
 
 /// Reports one direction's progress while its splice is undecided.
 pub struct Reporter {
@@ -342,21 +400,24 @@ impl Reporter {
     /// Everything read from the sender up to `bytes` is written on. At the
     /// second time with new bytes, both directions are registered; then
     /// one map update whenever `bytes` changed. False once the direction
-    /// cannot be spliced or is decided (drop the reporter).
+    /// cannot be spliced, is decided, or has reported [`MAX_REPORTS`]
+    /// times (drop the reporter).
     pub fn caught_up(&mut self, bytes: u64) -> bool {
         if bytes == self.reported {
             return true;
         }
         self.reported = bytes;
-        if self.pair.state.load(Ordering::Acquire) != REGISTERED {
-            self.catch_ups = self.catch_ups.saturating_add(1);
-            if self.catch_ups < REGISTER_AT_CATCH_UP {
-                return true;
-            }
-            return self.pair.register(self.upstream, bytes);
+        let pair = &self.pair;
+        pair.caught[usize::from(!self.upstream)].store(bytes, Ordering::Release);
+        self.catch_ups = self.catch_ups.saturating_add(1);
+        if pair.state.load(Ordering::Acquire) != REGISTERED {
+            return self.catch_ups < REGISTER_AT_CATCH_UP || pair.register();
         }
-        match self.pair.sender(self.upstream) {
-            Some(sender) => self.pair.splicer.report(&sender, bytes),
+        if self.catch_ups > MAX_REPORTS {
+            return false;
+        }
+        match pair.sender(self.upstream) {
+            Some(sender) => pair.splicer.report(&sender, bytes),
             None => false,
         }
     }

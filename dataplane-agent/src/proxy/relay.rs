@@ -4,6 +4,7 @@
 
 pub mod copy;
 
+use std::os::fd::AsRawFd as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -38,7 +39,9 @@ pub async fn forward(
     splice: bool,
     kernel: Option<&std::sync::Arc<Splicer>>,
 ) {
-    let spliced = kernel.map(|k| k.prepare(&client, &upstream));
+    // SAFETY: both streams outlive `spliced` (dropped before they are) and
+    // the copy that uses its reporters.
+    let spliced = kernel.map(|k| unsafe { k.prepare(client.as_raw_fd(), upstream.as_raw_fd()) });
     let progress = copy::Progress::default();
     let copy = copy::bidirectional(
         &mut client,

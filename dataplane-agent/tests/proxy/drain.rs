@@ -15,6 +15,25 @@ use support::{Backend, Mode, TestProxy, bounded, client, config, raw_server};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+/// Drains the proxy in a task of its own; resolves to what was left.
+fn start_drain(proxy: &TestProxy) -> tokio::task::JoinHandle<i64> {
+    let proxy = std::sync::Arc::clone(&proxy.proxy);
+    tokio::spawn(async move { proxy.drain(Duration::from_secs(10)).await })
+}
+
+/// The rest of the connection is one 200 saying `Connection: close`,
+/// then the close.
+async fn assert_last_response(stream: &mut TcpStream) {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the connection closes after the response")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+}
+
 #[tokio::test]
 async fn an_http1_request_in_flight_finishes_with_connection_close() {
     bounded(async {
@@ -27,18 +46,8 @@ async fn an_http1_request_in_flight_finishes_with_connection_close() {
             .unwrap();
         slow.arrived(1).await;
         let started = Instant::now();
-        let drained = tokio::spawn({
-            let proxy = std::sync::Arc::clone(&proxy.proxy);
-            async move { proxy.drain(Duration::from_secs(10)).await }
-        });
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-            .await
-            .expect("the connection closes after the response")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer).to_lowercase();
-        assert!(answer.starts_with("http/1.1 200"), "{answer}");
-        assert!(answer.contains("connection: close"), "{answer}");
+        let drained = start_drain(&proxy);
+        assert_last_response(&mut stream).await;
         assert_eq!(drained.await.unwrap(), 0, "no connection left");
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -150,20 +159,10 @@ async fn an_idle_http1_connection_is_answered_once_more_with_connection_close() 
         assert!(!first.contains("connection: close"), "{first}");
         // The connection is idle when the drain starts: closing it now
         // would race the client's next request.
-        let drained = tokio::spawn({
-            let proxy = std::sync::Arc::clone(&proxy.proxy);
-            async move { proxy.drain(Duration::from_secs(10)).await }
-        });
+        let drained = start_drain(&proxy);
         tokio::time::sleep(Duration::from_millis(300)).await;
         stream.write_all(request).await.expect("still open");
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-            .await
-            .expect("the connection closes after the response")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer).to_lowercase();
-        assert!(answer.starts_with("http/1.1 200"), "{answer}");
-        assert!(answer.contains("connection: close"), "{answer}");
+        assert_last_response(&mut stream).await;
         assert_eq!(drained.await.unwrap(), 0, "no connection left");
     })
     .await;
