@@ -45,16 +45,19 @@ pub static PROXY_LISTENERS: SockMap = SockMap::pinned(capacity::PROXY_LISTENERS,
 #[map(name = "DP_FAST_SOCKS")]
 pub static FAST_SOCKS: SockHash<FastKey> = SockHash::pinned(capacity::FAST_SOCKS, 0);
 
-/// Per sending socket of `FAST_SOCKS`, its path (see `fast`); as large as
-/// `FAST_SOCKS`, since every entry belongs to a socket there.
-#[map(name = "DP_FAST_PATHS")]
-pub static FAST_PATHS: HashMap<FastKey, FastPath> = HashMap::pinned(capacity::FAST_SOCKS, 0);
-
 /// `BPF_F_NO_PREALLOC`: entries allocated as inserted and freed after the
 /// programs using them have finished, so a removed entry's memory never
 /// becomes another connection's while a program reads it (preallocated
 /// and LRU maps reuse it at once).
 const NO_PREALLOC: u32 = 1;
+
+/// Per sending socket of `FAST_SOCKS`, its path (see `fast`); as large as
+/// `FAST_SOCKS`, since every entry belongs to a socket there. Allocated
+/// as used: an agent with the fast path off (the default) holds no
+/// memory for it.
+#[map(name = "DP_FAST_PATHS")]
+pub static FAST_PATHS: HashMap<FastKey, FastPath> =
+    HashMap::pinned(capacity::FAST_SOCKS, NO_PREALLOC);
 
 /// Directions the proxy asked the kernel to splice past it (see `fast`).
 /// The proxy removes its entries when the connection ends, and an agent
