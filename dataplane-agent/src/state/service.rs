@@ -127,7 +127,7 @@ impl Service {
     /// Changes go through [`Service::record_outcome`], [`Service::pick`],
     /// [`Service::release_probe`] and [`Service::tick_outlier`], which
     /// keep `all_healthy` true to the detector.
-    pub fn outlier(&self) -> Option<MutexGuard<'_, OutlierDetector>> {
+    pub(crate) fn outlier(&self) -> Option<MutexGuard<'_, OutlierDetector>> {
         self.outlier
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
