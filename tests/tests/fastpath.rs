@@ -111,6 +111,19 @@ fn verified_bulk(mesh: &FastNode, bytes: u64) -> anyhow::Result<bench_peers::Ben
     )
 }
 
+/// `benchtool tcp-rr` through the plain echo service, from the client
+/// pod, with `options` (connections, rate, duration...); no warm-up.
+fn tcp_rr(
+    node: &SimNode,
+    client: &Pod,
+    options: &[&str],
+) -> anyhow::Result<bench_peers::BenchReport> {
+    let to = RR_VIP.to_string();
+    let mut args = vec!["tcp-rr", "--to", &to, "--warmup", "0"];
+    args.extend_from_slice(options);
+    bench_peers::run_in_pod(node, client, &args, &[])
+}
+
 #[test]
 #[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
 fn transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close() {
@@ -166,13 +179,10 @@ fn request_and_response_go_past_the_proxy_once_it_caught_up_and_stay_in_order() 
     let mesh = FastNode::start("fps").expect("node");
     // 16 KiB requests (several kernel messages each), every echo checked
     // byte for byte against its request, each one different.
-    let report = bench_peers::run_in_pod(
+    let report = tcp_rr(
         &mesh.node,
         &mesh.client,
         &[
-            "tcp-rr",
-            "--to",
-            &RR_VIP.to_string(),
             "--size",
             "16384",
             "--connections",
@@ -181,10 +191,7 @@ fn request_and_response_go_past_the_proxy_once_it_caught_up_and_stay_in_order() 
             "0",
             "--duration",
             "2",
-            "--warmup",
-            "0",
         ],
-        &[],
     )
     .expect("tcp-rr");
     assert_eq!(report.errors, 0, "{report:?}");
@@ -226,23 +233,10 @@ fn a_splice_ends_with_the_proxy_when_the_agent_dies() {
     let (node, client) = (&*node, &*client);
     let report = std::thread::scope(|scope| {
         let rr = scope.spawn(move || {
-            bench_peers::run_in_pod(
+            tcp_rr(
                 node,
                 client,
-                &[
-                    "tcp-rr",
-                    "--to",
-                    &RR_VIP.to_string(),
-                    "--connections",
-                    "1",
-                    "--rate",
-                    "200",
-                    "--duration",
-                    "4",
-                    "--warmup",
-                    "0",
-                ],
-                &[],
+                &["--connections", "1", "--rate", "200", "--duration", "4"],
             )
         });
         let spliced =
@@ -300,23 +294,10 @@ fn a_thousand_concurrent_connections_all_get_their_answers() {
         return;
     }
     let mesh = FastNode::start("fpc").expect("node");
-    let report = bench_peers::run_in_pod(
+    let report = tcp_rr(
         &mesh.node,
         &mesh.client,
-        &[
-            "tcp-rr",
-            "--to",
-            &RR_VIP.to_string(),
-            "--connections",
-            "1000",
-            "--rate",
-            "0",
-            "--duration",
-            "2",
-            "--warmup",
-            "0",
-        ],
-        &[],
+        &["--connections", "1000", "--rate", "0", "--duration", "2"],
     )
     .expect("tcp-rr");
     // On failure, what the proxy saw too: its connection and endpoint
