@@ -62,7 +62,6 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
     drop(service);
     let activity = Activity::new();
     let requests = Arc::clone(&activity);
-    let closing = Arc::clone(&activity);
     let stalls = proxy.metrics.idle_timeouts(IdleKind::HttpStream);
     let draining = Arc::clone(&proxy);
     let drain = &draining.drain;
@@ -72,8 +71,11 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
         let service = current.or_else(|| version.upgrade());
         let in_flight = requests.request_started();
         let stalls = stalls.clone();
-        let closing = Arc::clone(&closing);
-        let http1 = req.version() < http::Version::HTTP_2;
+        // Draining (see `DRAIN_IDLE_GRACE`): hyper closes the connection
+        // after a response that says so. Decided here: the handler runs in
+        // the connection's task, so a drain that starts later finds this
+        // request in flight and shuts the connection down gracefully.
+        let close = req.version() < http::Version::HTTP_2 && requests.closing();
         async move {
             // The current version's: a reload of `idle` applies to the
             // next request of an open connection too.
@@ -87,9 +89,7 @@ pub async fn serve(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, servi
                     None,
                 ),
             };
-            // Draining: hyper closes the connection after a response that
-            // says so (see `DRAIN_IDLE_GRACE`).
-            if http1 && closing.closing() {
+            if close {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),

@@ -50,29 +50,33 @@ pub async fn forward(
         &progress,
         spliced.as_ref(),
     );
-    let (result, stats) = tokio::select! {
-        result = copy => result,
-        () = idle_expired(&progress, idle, spliced.as_ref()) => {
-            debug!(idle = ?idle, "opaque connection idle: closing both sides");
-            metrics.idle_timeout(IdleKind::Tcp);
-            let (up, down) = spliced.as_ref().map_or((0, 0), Spliced::bytes);
-            count_bytes(metrics, Direction::Upstream, up + progress.a_to_b.load(Ordering::Relaxed));
-            count_bytes(metrics, Direction::Downstream, down + progress.b_to_a.load(Ordering::Relaxed));
-            return;
-        }
+    let finished = tokio::select! {
+        result = copy => Some(result),
+        () = idle_expired(&progress, idle, spliced.as_ref()) => None,
     };
+    // What the kernel moved past the proxy counts as forwarded.
     let (up, down) = spliced.as_ref().map_or((0, 0), Spliced::bytes);
     drop(spliced);
+    let count = |a_to_b: u64, b_to_a: u64| {
+        count_bytes(metrics, Direction::Upstream, up + a_to_b);
+        count_bytes(metrics, Direction::Downstream, down + b_to_a);
+    };
+    let Some((result, stats)) = finished else {
+        debug!(idle = ?idle, "opaque connection idle: closing both sides");
+        metrics.idle_timeout(IdleKind::Tcp);
+        count(
+            progress.a_to_b.load(Ordering::Relaxed),
+            progress.b_to_a.load(Ordering::Relaxed),
+        );
+        return;
+    };
     if stats.splice_switches > 0 {
         metrics
             .splice_switches
             .inc_by(u64::from(stats.splice_switches));
     }
     match result {
-        Ok(totals) => {
-            count_bytes(metrics, Direction::Upstream, up + totals.a_to_b);
-            count_bytes(metrics, Direction::Downstream, down + totals.b_to_a);
-        }
+        Ok(totals) => count(totals.a_to_b, totals.b_to_a),
         Err(err) => {
             // One side reset or failed: reset the other so it learns at once.
             debug!(%err, "forwarding ended with an error");
