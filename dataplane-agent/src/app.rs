@@ -182,11 +182,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(cfg) = settings.registry.as_ref().filter(|c| c.publish) {
         crate::registry::publish::start(cfg.access.clone(), cfg.prefix.clone(), rt.watch_file());
     }
-    // Sockets on the fast path get their data in a queue splice(2) does
-    // not read: relay them with read and write only.
-    rt.proxy
-        .splice_bulk
-        .store(!capture_cfg.fast_path, std::sync::atomic::Ordering::Relaxed);
+    // With the fast path on, opaque connections are relayed with read and
+    // write only (splice(2) does not see its queue; see `relay::forward`).
     if let Some(splicer) = splicer {
         let _ = rt.proxy.fast_splice.set(splicer);
     }
@@ -251,7 +248,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut ticks: u32 = 0;
     let mut enrolled_for = None;
     rt.run_until_shutdown(settings.resync, |config, reloaded| {
-        reconciler.set_complete(sources_complete.load(std::sync::atomic::Ordering::Acquire));
+        let complete = sources_complete.load(std::sync::atomic::Ordering::Acquire);
+        reconciler.set_complete(complete);
         // Pods first: a namespace that just got a tenant has its pods'
         // tenant written before its services', so its own pods are never
         // refused by them meanwhile. `known` is of the same state as
@@ -259,7 +257,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let known = known_pods.lock().map(|k| k.clone()).unwrap_or_default();
         // Every periodic tick walks the cgroups; a change of services
         // alone (most of a large cluster's changes) does not.
-        let complete = sources_complete.load(std::sync::atomic::Ordering::Acquire);
         let pods = (config.pods.clone(), known, complete);
         if !reloaded || enrolled_for.as_ref() != Some(&pods) {
             reconciler.enrollment(config, &pods.1);

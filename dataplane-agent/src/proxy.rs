@@ -36,9 +36,6 @@ pub struct Proxy {
     pub drain: drain::Drain,
     /// Log every HTTP request (`--access-log`).
     pub access_log: std::sync::atomic::AtomicBool,
-    /// Whether opaque bulk transfers may move to splice(2) (not on the
-    /// kernel fast path, whose data splice does not see).
-    pub splice_bulk: std::sync::atomic::AtomicBool,
     /// With the kernel fast path on: opaque connections between pods on
     /// this node are spliced past the proxy (see `relay`).
     pub fast_splice: std::sync::OnceLock<Arc<crate::capture::fast::Splicer>>,
@@ -53,7 +50,6 @@ impl Proxy {
             inbound: Default::default(),
             drain: Default::default(),
             access_log: Default::default(),
-            splice_bulk: true.into(),
             fast_splice: Default::default(),
         }
     }

@@ -72,13 +72,15 @@ impl ServiceTable {
                 let old = previous.and_then(|table| table.by_vip.get(&svc.vip));
                 let entry = match old {
                     // The same shared config (most of a large discovered
-                    // state from one change to the next), or an equal one.
-                    Some(old) if Arc::ptr_eq(&old.config, svc) => Arc::clone(old),
-                    // Equal but another copy (a file reload, the first
-                    // listing after a snapshot): a state in use is kept,
-                    // an unused entry takes the new copy so that the old
-                    // one is not held twice.
-                    Some(old) if *old.config == **svc && old.state.get().is_some() => {
+                    // state from one change to the next), or an equal copy
+                    // (a file reload, the first listing after a snapshot)
+                    // whose state is in use; an unused entry takes the new
+                    // copy so that the old one is not held twice (checked
+                    // first: the comparison is the costly part).
+                    Some(old)
+                        if Arc::ptr_eq(&old.config, svc)
+                            || (old.state.get().is_some() && *old.config == **svc) =>
+                    {
                         Arc::clone(old)
                     }
                     // A changed service in use gets its new state now,

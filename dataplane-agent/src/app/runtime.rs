@@ -129,7 +129,6 @@ impl Runtime {
             inbound: Default::default(),
             drain: Default::default(),
             access_log: Default::default(),
-            splice_bulk: true.into(),
             fast_splice: Default::default(),
         });
         tokio::spawn(tick_outlier_detection(Arc::clone(&proxy)));

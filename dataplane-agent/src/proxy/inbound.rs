@@ -106,7 +106,7 @@ impl Proxy {
             // service's (the same by default), and a caller from outside
             // the mesh must not hold the connection forever either.
             Ok(upstream) => {
-                relay::forward(client, upstream, &self.metrics, DEFAULT_IDLE, true, None).await
+                relay::forward(client, upstream, &self.metrics, DEFAULT_IDLE, None).await
             }
             Err(err) => {
                 debug!(%peer, %app, %err, "application not reachable");

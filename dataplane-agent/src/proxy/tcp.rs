@@ -68,13 +68,11 @@ pub async fn forward(
     // Active connections are the load that least-request balancing sees.
     service.balancer.on_start(index);
     let idle = service.policy().timeouts.idle;
-    let splice = proxy.splice_bulk.load(std::sync::atomic::Ordering::Relaxed);
     relay::forward(
         client,
         upstream,
         &proxy.metrics,
         idle,
-        splice,
         proxy.fast_splice.get(),
     )
     .await;

@@ -42,7 +42,6 @@ fn services<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a Slice>,
     tenants: &BTreeMap<String, String>,
-    policies: &HashMap<(String, String), TrafficPolicy>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<config::Service> {
     let mut by_service: HashMap<String, Vec<&Slice>> = HashMap::new();
@@ -67,8 +66,7 @@ fn services<'a>(
             .get(namespace)
             .map(String::as_str)
             .unwrap_or_default();
-        let policy = policies.get(&(namespace.to_string(), name.to_string()));
-        out.extend(super::service(service, slices, tenant, policy, skipped));
+        out.extend(super::service(service, slices, tenant, None, skipped));
     }
     out
 }
@@ -89,13 +87,7 @@ fn addr(a: [u8; 4], port: u16) -> SocketAddrV4 {
 fn convert(o: &Objects) -> (Vec<config::Service>, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let tenants = namespace_tenants(&o.namespaces);
-    let services = services(
-        &o.services,
-        &o.slices,
-        &tenants,
-        &HashMap::new(),
-        &mut skipped,
-    );
+    let services = services(&o.services, &o.slices, &tenants, &mut skipped);
     (services, skipped)
 }
 
@@ -303,13 +295,7 @@ fn a_namespaces_tenant_label_gives_its_services_and_pods_a_tenant() {
     assert_eq!(tenants.get("shop").map(String::as_str), Some("acme"));
     assert!(!tenants.contains_key("open"));
     let mut skipped = Vec::new();
-    let services = services(
-        &o.services,
-        &o.slices,
-        &tenants,
-        &HashMap::new(),
-        &mut skipped,
-    );
+    let services = services(&o.services, &o.slices, &tenants, &mut skipped);
     assert_eq!(services[0].tenant, "acme");
     assert_eq!(services[0].export_to, ["globex", "initech"]);
     assert_eq!(
