@@ -596,11 +596,6 @@ impl Collector for CaptureCollector {
                 stats.fast_spliced,
             ),
             (
-                "fast_path_to_tcp",
-                "Sending directions moved from the fast path to TCP because the proxy found them to be bulk transfers (relayed with splice from then on)",
-                stats.fast_to_tcp,
-            ),
-            (
                 "fast_path_full",
                 "Sockets left off the fast path because its maps were full",
                 stats.fast_full,

@@ -141,11 +141,8 @@ pub mod stats {
     /// Sending directions whose data the kernel now hands straight to the
     /// far end's socket, past the proxy (see `FAST_SPLICE`).
     pub const FAST_SPLICED: u32 = 11;
-    /// Sending directions the proxy found to be bulk transfers and moved
-    /// from the fast path to TCP (see `splice::TO_TCP`).
-    pub const FAST_TO_TCP: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 12;
 }
 
 /// Values of the `PROXY_DOWN` global.
@@ -383,16 +380,6 @@ pub mod splice {
     /// Not possible for this connection (`out` sends through TCP, or the
     /// target left): the proxy relays, as without a splice.
     pub const NEVER: u32 = 2;
-
-    /// A report in `DP_FAST_FORWARDED` that is not a byte count: the proxy
-    /// asks that X's data go through TCP from X's next message on, for
-    /// good (a bulk transfer, which the proxy relays best with
-    /// `splice(2)`, and which TCP's flow control bounds). X's
-    /// `FastPath::sent` then stays at what went socket to socket before,
-    /// which tells the proxy when it has read the last of it. Moving a
-    /// direction from the fast path to TCP keeps its order: the receiver
-    /// reads the fast path's queue first.
-    pub const TO_TCP: u64 = u64::MAX;
 }
 
 /// Values of [`FastPath::decision`].

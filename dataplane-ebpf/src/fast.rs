@@ -14,19 +14,9 @@
 //! TCP (it is not yet, e.g. a client that sends before the proxy's end of
 //! the handshake completed), and that decision stays until the socket
 //! closes (a spliced direction, below, is a direct one whose data goes
-//! one socket further), with one exception: the proxy may move a direct
-//! direction to TCP for good (below). A receiver reads the fast path's
-//! queue before TCP's, so switching a direction from TCP to the fast path
-//! could reorder its bytes; the other way keeps them in order.
-//!
-//! Bulk transfers go back to TCP: the proxy reads the fast path's queue
-//! with `read` (a copy), where TCP's lets it move pages with `splice(2)`,
-//! and the fast path has no flow control (a sender that never pauses
-//! fills kernel memory). When the proxy sees a direction that keeps
-//! filling its buffer, it asks for TCP (`splice::TO_TCP` as its report);
-//! at the sender's next message the direction goes through TCP, and its
-//! `FastPath::sent` stays at what went socket to socket before, so the
-//! proxy knows when it has read the last of that and may splice.
+//! one socket further). A receiver reads the fast path's queue before
+//! TCP's, so switching a direction from TCP to the fast path could reorder
+//! its bytes.
 //!
 //! Splicing past the proxy: for an opaque TCP connection whose four
 //! sockets are all here (pod X → proxy socket `in`, proxy socket `out` →
@@ -187,28 +177,26 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
     // socket's lock, so no other message of this socket runs this at once.
     let path = unsafe { &mut *path };
     match path.decision {
-        fast_path::DIRECT => match route(&ctx, &key, &mut peer, path.sent, size) {
-            Route::Spliced => {}
-            Route::Tcp => path.decision = fast_path::TCP,
-            Route::Proxy => {
-                // A peer that closed has left the map: the data then goes
-                // through TCP, which answers a closed socket with a reset.
-                if FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
-                    == i64::from(SK_PASS)
-                {
-                    path.sent += size;
-                }
+        fast_path::DIRECT => {
+            if spliced(&ctx, &key, &mut peer, path.sent, size) {
+                return SK_PASS;
             }
-        },
+            // A peer that closed has left the map: the data then goes
+            // through TCP, which answers a closed socket with a reset.
+            if FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
+                == i64::from(SK_PASS)
+            {
+                path.sent += size;
+            }
+        }
         fast_path::UNDECIDED => {
             let direct = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
                 == i64::from(SK_PASS);
             let (decision, counter) = if direct {
                 // A first message may already go past the proxy (an
                 // answer to a request the proxy relayed); the later
-                // redirect replaces the one above. (A move to TCP is asked
-                // only of a direction the proxy has read from.)
-                if route(&ctx, &key, &mut peer, path.sent, size) != Route::Spliced {
+                // redirect replaces the one above.
+                if !spliced(&ctx, &key, &mut peer, path.sent, size) {
                     path.sent += size;
                 }
                 (fast_path::DIRECT, stats::FAST_DIRECT)
@@ -223,25 +211,14 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
-/// Where a message of a direct direction goes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// To the proxy's socket, as decided at the first message.
-    Proxy,
-    /// Straight to the far end: done.
-    Spliced,
-    /// Through TCP from now on: the proxy asked (`splice::TO_TCP`).
-    Tcp,
-}
-
 /// Sends the message straight to the far end if its direction is spliced
-/// or can be now (see the module's doc), or moves the direction to TCP if
-/// the proxy asked; `peer`: the proxy's socket the sender is connected
-/// to; `sent`: what the sender has sent to the proxy so far.
+/// or can be now (see the module's doc); `peer`: the proxy's socket the
+/// sender is connected to; `sent`: what the sender has sent to the proxy
+/// so far. Returns whether it did.
 #[inline(always)]
-fn route(ctx: &SkMsgContext, key: &FastKey, peer: &mut FastKey, sent: u64, size: u64) -> Route {
+fn spliced(ctx: &SkMsgContext, key: &FastKey, peer: &mut FastKey, sent: u64, size: u64) -> bool {
     let Some(entry) = FAST_SPLICE.get_ptr_mut(key) else {
-        return Route::Proxy;
+        return false;
     };
     // SAFETY: the pointer comes from the map lookup; only this socket's
     // messages (serialized by its lock) change the entry's state and count.
@@ -249,21 +226,16 @@ fn route(ctx: &SkMsgContext, key: &FastKey, peer: &mut FastKey, sent: u64, size:
     if entry.state == splice::PENDING {
         let state = decide(entry, key, sent);
         if state != splice::PENDING {
+            entry.state = state;
             // The proxy stops reporting once its report is gone.
             let _ = FAST_FORWARDED.remove(key);
-            if state == TO_TCP {
-                entry.state = splice::NEVER;
-                count(stats::FAST_TO_TCP);
-                return Route::Tcp;
-            }
-            entry.state = state;
             if state == splice::SPLICED {
                 count(stats::FAST_SPLICED);
             }
         }
     }
     if entry.state != splice::SPLICED {
-        return Route::Proxy;
+        return false;
     }
     // The proxy's end still there (a redirect to it found it; the one to
     // the target replaces it), and the target the socket registered.
@@ -273,18 +245,14 @@ fn route(ctx: &SkMsgContext, key: &FastKey, peer: &mut FastKey, sent: u64, size:
         && FAST_SOCKS.redirect_msg(ctx, &mut entry.target, u64::from(BPF_F_INGRESS)) == pass
     {
         entry.bytes += size;
-        return Route::Spliced;
+        return true;
     }
     // The far end or the proxy closed: through the proxy again (what was
     // spliced is already in the far end's queue, so the order holds), which
     // tells the sender.
     entry.state = splice::NEVER;
-    Route::Proxy
+    false
 }
-
-/// What [`decide`] returns when the proxy asked for TCP: not a state the
-/// entry keeps (it becomes `NEVER`).
-const TO_TCP: u32 = u32::MAX;
 
 /// Whether the fast-path socket at `key` is the one with `cookie`.
 #[inline(always)]
@@ -293,18 +261,13 @@ fn is_socket(key: &FastKey, cookie: u64) -> bool {
     unsafe { FAST_PATHS.get(key) }.is_some_and(|path| path.cookie == cookie)
 }
 
-/// Whether a pending direction can be spliced now ([`TO_TCP`]: the proxy
-/// asked that it go through TCP instead; such an entry may have no
-/// `target` or `out`).
+/// Whether a pending direction can be spliced now.
 #[inline(always)]
 fn decide(entry: &Splice, key: &FastKey, sent: u64) -> u32 {
     // SAFETY: plain reads of map values.
     let Some(forwarded) = (unsafe { FAST_FORWARDED.get(key) }).copied() else {
         return splice::PENDING;
     };
-    if forwarded == splice::TO_TCP {
-        return TO_TCP;
-    }
     let Some(out) = (unsafe { FAST_PATHS.get(entry.out) }).copied() else {
         return splice::NEVER;
     };

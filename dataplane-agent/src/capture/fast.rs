@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, SockHash};
-use dataplane_common::{FastKey, Splice, fast_path, maps, splice};
+use dataplane_common::{FastKey, Splice, maps, splice};
 
 use super::CaptureError;
 
@@ -271,21 +271,12 @@ impl Pair {
         ok
     }
 
-    /// The four sockets' keys (two system calls per socket the first
-    /// time).
-    fn keys(&self) -> Option<&Keys> {
-        if let Some(keys) = self.keys.get() {
-            return Some(keys);
-        }
-        let keys = self.splicer.keys(self.fds)?;
-        Some(self.keys.get_or_init(|| keys))
-    }
-
     fn insert(&self) -> bool {
         let splicer = &self.splicer;
-        let Some(keys) = self.keys() else {
+        let Some(keys) = splicer.keys(self.fds) else {
             return false;
         };
+        let keys = self.keys.get_or_init(|| keys);
         // Every socket of the four on the fast path: the endpoint's is
         // not when it is on another node (nothing to splice).
         let cookie = |key| splicer.cookie(key);
@@ -364,16 +355,6 @@ impl Spliced {
         }
     }
 
-    /// The hand-off of one direction to TCP, for when it turns out to be
-    /// a bulk transfer (see [`Handoff`]).
-    pub fn handoff(&self, upstream: bool) -> Handoff {
-        Handoff {
-            pair: Arc::clone(&self.0),
-            upstream,
-            boundary: Boundary::NotAsked,
-        }
-    }
-
     /// Bytes spliced so far: (client → endpoint, endpoint → client).
     pub fn bytes(&self) -> (u64, u64) {
         let pair = &self.0;
@@ -440,128 +421,6 @@ impl Reporter {
             None => false,
         }
     }
-}
-
-/// Moves one direction of a relayed fast-path connection to TCP, and says
-/// when the proxy has read the last byte that came socket to socket, from
-/// which on it may relay with `splice(2)` (which sees only TCP's queue).
-/// For bulk transfers: read from the fast path's queue, every byte is
-/// copied through the proxy twice; from TCP's, `splice` moves pages, and
-/// TCP's flow control bounds what the sender queues.
-pub struct Handoff {
-    pair: Arc<Pair>,
-    upstream: bool,
-    boundary: Boundary,
-}
-
-/// Where the last byte that came socket to socket is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Boundary {
-    NotAsked,
-    /// Asked; the sender moves at its next message.
-    Asked,
-    /// At this many bytes read from the sender.
-    At(u64),
-    /// Not known: the sender is not on the fast path (on another node)
-    /// or has closed, so nothing more comes socket to socket; once the
-    /// fast path's queue is empty, the rest is in TCP's.
-    WhenDrained,
-}
-
-/// What a direction may do, from [`Handoff::step`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Keep reading with `read`.
-    Wait,
-    /// Everything that came socket to socket has been read: `splice` may
-    /// take over.
-    Splice,
-    /// The direction cannot move (spliced past the proxy, or undecided):
-    /// stop asking.
-    Never,
-}
-
-impl Handoff {
-    /// Asks for the move the first time, then says whether `read` (bytes
-    /// read from the sender so far, through `reader`, the proxy's socket
-    /// it sends to) covers what came socket to socket. One map lookup per
-    /// call until the sender has moved.
-    pub fn step(&mut self, read: u64, reader: RawFd) -> Step {
-        if self.boundary == Boundary::NotAsked {
-            match self.ask() {
-                Some(boundary) => self.boundary = boundary,
-                None => return Step::Never,
-            }
-        }
-        if self.boundary == Boundary::Asked {
-            let Some(sender) = self.pair.sender(self.upstream) else {
-                return Step::Never;
-            };
-            match self.pair.splicer.paths.get(&sender, 0) {
-                Ok(path) if path.decision == fast_path::TCP => {
-                    self.boundary = Boundary::At(path.sent);
-                }
-                Ok(_) => return Step::Wait,
-                Err(_) => self.boundary = Boundary::WhenDrained,
-            }
-        }
-        let done = match self.boundary {
-            Boundary::At(sent) => read >= sent,
-            _ => fast_queue_empty(reader),
-        };
-        if done { Step::Splice } else { Step::Wait }
-    }
-
-    /// Asks the sender's program to move the direction to TCP; `None` when
-    /// it cannot be moved.
-    fn ask(&self) -> Option<Boundary> {
-        let pair = &self.pair;
-        let keys = pair.keys()?;
-        let sender = if self.upstream { keys.pod } else { keys.endpoint };
-        let splicer = &pair.splicer;
-        match splicer.paths.get(&sender, 0) {
-            Err(_) => return Some(Boundary::WhenDrained),
-            Ok(path) if path.decision == fast_path::TCP => {
-                return Some(Boundary::At(path.sent));
-            }
-            Ok(path) if path.decision != fast_path::DIRECT => return None,
-            Ok(_) => {}
-        }
-        if pair.state.load(Ordering::Acquire) == REGISTERED {
-            // Its report, as the proxy's: refused once the direction is
-            // decided (spliced past the proxy, or never).
-            return splicer.report(&sender, splice::TO_TCP).then_some(Boundary::Asked);
-        }
-        // A registration later would fail on these entries.
-        pair.state.store(REFUSED, Ordering::Release);
-        pair.inserted.store(true, Ordering::Release);
-        let asked = splicer
-            .forwarded
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(sender, splice::TO_TCP, NOEXIST)
-            .is_ok()
-            && splicer
-                .splices
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(sender, Splice::default(), NOEXIST)
-                .is_ok();
-        if !asked {
-            splicer.forget(&sender);
-        }
-        asked.then_some(Boundary::Asked)
-    }
-}
-
-/// Whether the fast path's queue of the proxy's socket `fd` is empty:
-/// `FIONREAD` on a socket in the map counts that queue (on kernels that
-/// count TCP's too, it is empty when both are, which is as safe).
-fn fast_queue_empty(fd: RawFd) -> bool {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int; `fd` is the proxy's open socket.
-    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
-    rc == 0 && queued == 0
 }
 
 /// Whether `release` (`uname -r`) is at least `major.minor`; an unreadable

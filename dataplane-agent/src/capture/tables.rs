@@ -47,7 +47,6 @@ pub struct CaptureStats {
     pub fast_direct: u64,
     pub fast_tcp: u64,
     pub fast_spliced: u64,
-    pub fast_to_tcp: u64,
     pub fast_full: u64,
     pub tenant_denied: u64,
 }
@@ -224,7 +223,6 @@ impl StatsReader {
             fast_direct: total(stats::FAST_DIRECT),
             fast_tcp: total(stats::FAST_TCP),
             fast_spliced: total(stats::FAST_SPLICED),
-            fast_to_tcp: total(stats::FAST_TO_TCP),
             fast_full: total(stats::FAST_FULL),
             tenant_denied: total(stats::TENANT_DENIED),
         }

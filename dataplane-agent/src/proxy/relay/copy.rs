@@ -14,10 +14,6 @@
 //! A direction that keeps filling the buffer is a bulk transfer; it moves
 //! to `splice(2)` through a pipe of its own (the bytes stay in the
 //! kernel), and back to the buffer once its transfers are small again.
-//! On the kernel fast path, whose queue `splice` does not see, a bulk
-//! direction is first handed back to TCP (`capture::fast::Handoff`) and
-//! moves to `splice` once the proxy has read the last byte that came
-//! socket to socket.
 
 use std::cell::RefCell;
 use std::io;
@@ -29,7 +25,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead as _, AsyncWrite as _, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::capture::fast::{Handoff, Reporter, Spliced, Step};
+use crate::capture::fast::{Reporter, Spliced};
 
 /// Size of the per-thread buffer, so of the largest single read.
 pub const SCRATCH: usize = 64 * 1024;
@@ -100,13 +96,11 @@ pub async fn bidirectional(
     let mut forth = Direction {
         splice,
         reporter: kernel.map(|k| k.reporter(true)),
-        handoff: kernel.map(|k| k.handoff(true)),
         ..Direction::default()
     };
     let mut back = Direction {
         splice,
         reporter: kernel.map(|k| k.reporter(false)),
-        handoff: kernel.map(|k| k.handoff(false)),
         ..Direction::default()
     };
     let result = std::future::poll_fn(|cx| {
@@ -152,12 +146,6 @@ struct Direction {
     splice: bool,
     /// While the kernel may still splice this direction past the proxy.
     reporter: Option<Reporter>,
-    /// On the kernel fast path, until this direction may move to splice.
-    handoff: Option<Handoff>,
-    /// Whether the hand-off was asked for (then checked at each read).
-    handing_off: bool,
-    /// Bytes read (for the hand-off; `bytes` counts those written).
-    read: u64,
 }
 
 impl Direction {
@@ -261,46 +249,22 @@ impl Direction {
             if written < filled {
                 self.pending.extend_from_slice(&buffer[written..filled]);
             }
-            self.read += filled as u64;
-            if filled == SCRATCH {
-                self.full_reads = self.full_reads.saturating_add(1);
+            if filled == SCRATCH && self.splice {
+                self.full_reads += 1;
+                if self.full_reads >= SPLICE_AFTER_FULL_READS {
+                    self.full_reads = 0;
+                    // Without a pipe (descriptors exhausted) the buffer
+                    // still works.
+                    if let Ok(pipe) = Pipe::new() {
+                        self.pipe = Some(pipe);
+                        self.switches += 1;
+                    }
+                }
             } else {
                 self.full_reads = 0;
             }
-            let bulk = self.full_reads >= SPLICE_AFTER_FULL_READS;
-            if (bulk && !self.splice) || self.handing_off {
-                self.hand_off(reader.as_raw_fd());
-            }
-            if bulk && self.splice {
-                self.full_reads = 0;
-                // Without a pipe (descriptors exhausted) the buffer
-                // still works.
-                if let Ok(pipe) = Pipe::new() {
-                    self.pipe = Some(pipe);
-                    self.switches += 1;
-                }
-            }
             Poll::Ready(Ok(()))
         })
-    }
-
-    /// A bulk direction on the kernel fast path: asks for TCP, then lets
-    /// it splice once what came socket to socket has been read.
-    fn hand_off(&mut self, reader: RawFd) {
-        let Some(handoff) = &mut self.handoff else {
-            return;
-        };
-        // Its reports would overwrite the request; a bulk direction is
-        // relayed, not spliced past the proxy.
-        self.reporter = None;
-        self.handing_off = true;
-        match handoff.step(self.read, reader) {
-            Step::Wait => return,
-            Step::Splice => self.splice = true,
-            Step::Never => {}
-        }
-        self.handoff = None;
-        self.handing_off = false;
     }
 
     /// Splice mode: the reader's bytes into the (empty) pipe.
