@@ -5,7 +5,7 @@
 //! number of pods grows, and the agent's memory under connection bursts
 //! and churn. Writes `report.json`, `report.md` and SVG plots.
 //!
-//! Two environment variables narrow a run (for measuring one thing
+//! Environment variables narrow a run (for measuring one thing
 //! repeatedly, e.g. comparing allocators):
 //!
 //! - `DATAPLANE_BENCH_ONLY`: comma-separated parts to run, of `latency`
@@ -15,6 +15,9 @@
 //! - `DATAPLANE_BENCH_MODES`: comma-separated modes for the latency part,
 //!   of `direct`, `node`, `sidecar`, `haproxy`; default all (keep
 //!   `direct`: the added latencies are measured against it).
+//! - `DATAPLANE_BENCH_WORKLOADS`: comma-separated workloads for the
+//!   latency part, of `tcp-rr` (with the repeats), `tcp-rr-poll`,
+//!   `tcp-crr`, `http-rr` and `bulk`; default all.
 //! - `DATAPLANE_BENCH_SOAK`: the churn soak's length in seconds (default
 //!   600, `--quick` 15).
 

@@ -68,6 +68,13 @@ impl Plan {
     }
 }
 
+/// Whether `DATAPLANE_BENCH_WORKLOADS` (comma-separated, default all)
+/// selects `workload`.
+fn selected(workload: &str) -> bool {
+    std::env::var("DATAPLANE_BENCH_WORKLOADS")
+        .map_or(true, |list| list.split(',').any(|w| w.trim() == workload))
+}
+
 /// Extra runs of the pinned ping-pong at its first rate.
 pub const REPEATS: usize = 3;
 
@@ -93,6 +100,9 @@ pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<
     for pinning in [Pinning::Pinned, Pinning::Unpinned] {
         set_affinity(&top.service_pids(), pinning)?;
         for &workload in Plan::workloads(top.spread) {
+            if !selected(workload) {
+                continue;
+            }
             warm_up(top, workload, pinning)?;
             let mut saturation = f64::INFINITY;
             if has_max(workload) {
@@ -121,12 +131,12 @@ pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<
                 bar.inc(1);
             }
         }
-        if !top.spread {
+        if !top.spread && selected("bulk") {
             bar.set_message(format!("{} bulk {}", top.mode.name(), pinning.name()));
             results.push(bulk(top, pinning, plan)?);
             bar.inc(1);
         }
-        if !top.spread && pinning == Pinning::Pinned {
+        if !top.spread && pinning == Pinning::Pinned && selected("tcp-rr") {
             let rate = plan.rates("tcp-rr")[0];
             for i in 0..REPEATS {
                 bar.set_message(format!(
