@@ -13,11 +13,13 @@
 //!   `churn` (memory under churn) and `discovery` (the agent reading a
 //!   large cluster from the Kubernetes API); default all.
 //! - `DATAPLANE_BENCH_MODES`: comma-separated modes for the latency part,
-//!   of `direct`, `node`, `sidecar`, `haproxy`; default all (keep
+//!   of `direct`, `node`, `node-fast`, `sidecar`, `haproxy`; default all (keep
 //!   `direct`: the added latencies are measured against it).
 //! - `DATAPLANE_BENCH_WORKLOADS`: comma-separated workloads for the
 //!   latency part, of `tcp-rr` (with the repeats), `tcp-rr-poll`,
-//!   `tcp-crr`, `http-rr` and `bulk`; default all.
+//!   `tcp-crr`, `http-rr` and `bulk`; default all. `tcp-rr` and
+//!   `http-rr` also run on two nodes; a run without either builds no
+//!   two-node topology.
 //! - `DATAPLANE_BENCH_SOAK`: the churn soak's length in seconds (default
 //!   600, `--quick` 15).
 
@@ -111,7 +113,7 @@ fn modes_from_env() -> anyhow::Result<Vec<Mode>> {
             .find(|m| m.name() == name)
             .with_context(|| {
                 format!(
-                    "DATAPLANE_BENCH_MODES: unknown mode {name:?} (direct, node, sidecar, haproxy)"
+                    "DATAPLANE_BENCH_MODES: unknown mode {name:?} (direct, node, node-fast, sidecar, haproxy)"
                 )
             })?;
         modes.push(mode);
@@ -141,6 +143,7 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
     let modes = modes_from_env()?;
     let plan = Plan {
         quick: options.quick,
+        workloads: run::Selection::from_env()?,
     };
     let churn_plan = ChurnPlan::new(options.quick, soak_from_env()?);
     let counts: &[u32] = if options.quick {
@@ -171,7 +174,10 @@ pub fn main(options: &Options) -> anyhow::Result<Report> {
         quick: options.quick,
         ..Report::default()
     };
-    for spread in [false, true].into_iter().filter(|_| parts.latency) {
+    let spreads = [false, true]
+        .into_iter()
+        .filter(|&spread| parts.latency && plan.workloads.any_on(spread));
+    for spread in spreads {
         for &mode in &modes {
             bar.set_message(format!("building the {} topology", mode.name()));
             let top = Topology::build(mode, spread)

@@ -18,6 +18,64 @@ use crate::bench_peers::{self, BenchReport};
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub quick: bool,
+    /// Which of [`WORKLOADS`] run (see [`Selection::from_env`]).
+    pub workloads: Selection,
+}
+
+/// Every workload of the latency part, as `DATAPLANE_BENCH_WORKLOADS`
+/// names them (`tcp-rr` and `http-rr` also run on two nodes).
+pub const WORKLOADS: [&str; 5] = ["tcp-rr", "tcp-rr-poll", "tcp-crr", "http-rr", "bulk"];
+
+/// A subset of [`WORKLOADS`], one bit each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection(u8);
+
+impl Selection {
+    pub const ALL: Selection = Selection((1 << WORKLOADS.len()) - 1);
+
+    /// `DATAPLANE_BENCH_WORKLOADS` (comma-separated), or all.
+    pub fn from_env() -> anyhow::Result<Selection> {
+        match std::env::var("DATAPLANE_BENCH_WORKLOADS") {
+            Ok(list) => Selection::parse(&list),
+            Err(_) => Ok(Selection::ALL),
+        }
+    }
+
+    fn parse(list: &str) -> anyhow::Result<Selection> {
+        let mut bits = 0;
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let index = WORKLOADS.iter().position(|w| *w == name).with_context(|| {
+                format!(
+                    "DATAPLANE_BENCH_WORKLOADS: unknown workload {name:?} ({})",
+                    WORKLOADS.join(", ")
+                )
+            })?;
+            bits |= 1 << index;
+        }
+        ensure!(bits != 0, "DATAPLANE_BENCH_WORKLOADS names no workload");
+        Ok(Selection(bits))
+    }
+
+    pub fn has(self, workload: &str) -> bool {
+        WORKLOADS
+            .iter()
+            .position(|w| *w == workload)
+            .is_some_and(|index| self.0 & (1 << index) != 0)
+    }
+
+    /// Whether a topology (two nodes: `spread`) has anything to run.
+    pub fn any_on(self, spread: bool) -> bool {
+        spread_workloads(spread).iter().any(|w| self.has(w)) || (!spread && self.has("bulk"))
+    }
+}
+
+/// The request/response workloads of a topology.
+fn spread_workloads(spread: bool) -> &'static [&'static str] {
+    if spread {
+        &["tcp-rr", "http-rr"]
+    } else {
+        &["tcp-rr", "tcp-rr-poll", "tcp-crr", "http-rr"]
+    }
 }
 
 impl Plan {
@@ -42,13 +100,12 @@ impl Plan {
         }
     }
 
-    /// The request/response workloads of a topology.
-    fn workloads(spread: bool) -> &'static [&'static str] {
-        if spread {
-            &["tcp-rr", "http-rr"]
-        } else {
-            &["tcp-rr", "tcp-rr-poll", "tcp-crr", "http-rr"]
-        }
+    /// The selected request/response workloads of a topology.
+    fn workloads(self, spread: bool) -> impl Iterator<Item = &'static str> {
+        spread_workloads(spread)
+            .iter()
+            .copied()
+            .filter(move |w| self.workloads.has(w))
     }
 
     fn bulk_bytes(self) -> u64 {
@@ -58,21 +115,20 @@ impl Plan {
     /// Number of runs per topology, for the progress bar.
     pub fn runs(self, spread: bool) -> u64 {
         if spread {
-            return 2 * 2 * 2;
+            return 2 * 2 * self.workloads(true).count() as u64;
         }
-        let rr: usize = Plan::workloads(false)
-            .iter()
+        let rr: usize = self
+            .workloads(false)
             .map(|w| usize::from(has_max(w)) + self.rates(w).len())
             .sum();
-        2 * (rr as u64 + 1) + REPEATS as u64
+        let bulk = u64::from(self.workloads.has("bulk"));
+        let repeats = if self.workloads.has("tcp-rr") {
+            REPEATS as u64
+        } else {
+            0
+        };
+        2 * (rr as u64 + bulk) + repeats
     }
-}
-
-/// Whether `DATAPLANE_BENCH_WORKLOADS` (comma-separated, default all)
-/// selects `workload`.
-fn selected(workload: &str) -> bool {
-    std::env::var("DATAPLANE_BENCH_WORKLOADS")
-        .map_or(true, |list| list.split(',').any(|w| w.trim() == workload))
 }
 
 /// Extra runs of the pinned ping-pong at its first rate.
@@ -99,10 +155,7 @@ pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<
     let mut repeats = Vec::new();
     for pinning in [Pinning::Pinned, Pinning::Unpinned] {
         set_affinity(&top.service_pids(), pinning)?;
-        for &workload in Plan::workloads(top.spread) {
-            if !selected(workload) {
-                continue;
-            }
+        for workload in plan.workloads(top.spread) {
             warm_up(top, workload, pinning)?;
             let mut saturation = f64::INFINITY;
             if has_max(workload) {
@@ -131,12 +184,12 @@ pub fn run_all(top: &Topology, plan: Plan, bar: &ProgressBar) -> anyhow::Result<
                 bar.inc(1);
             }
         }
-        if !top.spread && selected("bulk") {
+        if !top.spread && plan.workloads.has("bulk") {
             bar.set_message(format!("{} bulk {}", top.mode.name(), pinning.name()));
             results.push(bulk(top, pinning, plan)?);
             bar.inc(1);
         }
-        if !top.spread && pinning == Pinning::Pinned && selected("tcp-rr") {
+        if !top.spread && pinning == Pinning::Pinned && plan.workloads.has("tcp-rr") {
             let rate = plan.rates("tcp-rr")[0];
             for i in 0..REPEATS {
                 bar.set_message(format!(
@@ -274,4 +327,40 @@ fn bulk(top: &Topology, pinning: Pinning, plan: Plan) -> anyhow::Result<RunResul
         completed: 1,
         ..RunResult::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_selection_names_what_runs() -> anyhow::Result<()> {
+        let bulk = Selection::parse(" bulk ")?;
+        assert!(bulk.has("bulk") && !bulk.has("tcp-rr"));
+        // Bulk runs on one node only: no two-node topology to build.
+        assert!(bulk.any_on(false) && !bulk.any_on(true));
+        let rr = Selection::parse("tcp-rr,http-rr")?;
+        assert!(rr.any_on(false) && rr.any_on(true) && !rr.has("tcp-crr"));
+        assert!(WORKLOADS.iter().all(|w| Selection::ALL.has(w)));
+        assert!(Selection::parse("tcp-rr,bogus").is_err());
+        assert!(Selection::parse(" , ").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_progress_bar_counts_only_the_selected_runs() -> anyhow::Result<()> {
+        let plan = |list| -> anyhow::Result<Plan> {
+            Ok(Plan {
+                quick: false,
+                workloads: Selection::parse(list)?,
+            })
+        };
+        // Both pinnings, one bulk run each.
+        assert_eq!(plan("bulk")?.runs(false), 2);
+        assert_eq!(plan("bulk")?.runs(true), 0);
+        // A maximum and three rates per pinning, then the repeats.
+        assert_eq!(plan("tcp-rr")?.runs(false), 2 * 4 + REPEATS as u64);
+        assert_eq!(plan("tcp-rr")?.runs(true), 2 * 2);
+        Ok(())
+    }
 }
