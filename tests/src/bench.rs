@@ -25,6 +25,7 @@
 
 pub mod churn;
 pub mod discovery;
+pub mod envlist;
 pub mod memory;
 pub mod render;
 pub mod report;
@@ -36,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use churn::ChurnPlan;
@@ -74,30 +75,17 @@ impl Parts {
     }
 
     fn parse(list: &str) -> anyhow::Result<Parts> {
-        let mut parts = Parts {
-            latency: false,
-            memory: false,
-            churn: false,
-            discovery: false,
-        };
-        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part {
-                "latency" => parts.latency = true,
-                "memory" => parts.memory = true,
-                "churn" => parts.churn = true,
-                "discovery" => parts.discovery = true,
-                other => {
-                    bail!(
-                        "DATAPLANE_BENCH_ONLY: unknown part {other:?} (latency, memory, churn, discovery)"
-                    )
-                }
-            }
-        }
-        ensure!(
-            parts.latency || parts.memory || parts.churn || parts.discovery,
-            "DATAPLANE_BENCH_ONLY names no part (latency, memory, churn, discovery)"
-        );
-        Ok(parts)
+        let names = envlist::names(
+            "DATAPLANE_BENCH_ONLY",
+            list,
+            &["latency", "memory", "churn", "discovery"],
+        )?;
+        Ok(Parts {
+            latency: names.contains(&"latency"),
+            memory: names.contains(&"memory"),
+            churn: names.contains(&"churn"),
+            discovery: names.contains(&"discovery"),
+        })
     }
 }
 
@@ -106,20 +94,12 @@ fn modes_from_env() -> anyhow::Result<Vec<Mode>> {
     let Ok(list) = std::env::var("DATAPLANE_BENCH_MODES") else {
         return Ok(Mode::ALL.to_vec());
     };
-    let mut modes = Vec::new();
-    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let mode = Mode::ALL
-            .into_iter()
-            .find(|m| m.name() == name)
-            .with_context(|| {
-                format!(
-                    "DATAPLANE_BENCH_MODES: unknown mode {name:?} (direct, node, node-fast, sidecar, haproxy)"
-                )
-            })?;
-        modes.push(mode);
-    }
-    ensure!(!modes.is_empty(), "DATAPLANE_BENCH_MODES names no mode");
-    Ok(modes)
+    let known: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+    let names = envlist::names("DATAPLANE_BENCH_MODES", &list, &known)?;
+    Ok(names
+        .iter()
+        .filter_map(|name| Mode::ALL.into_iter().find(|m| m.name() == *name))
+        .collect())
 }
 
 /// `DATAPLANE_BENCH_SOAK`, in seconds (at most a day).

@@ -42,17 +42,12 @@ impl Selection {
     }
 
     fn parse(list: &str) -> anyhow::Result<Selection> {
-        let mut bits = 0;
-        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            let index = WORKLOADS.iter().position(|w| *w == name).with_context(|| {
-                format!(
-                    "DATAPLANE_BENCH_WORKLOADS: unknown workload {name:?} ({})",
-                    WORKLOADS.join(", ")
-                )
-            })?;
-            bits |= 1 << index;
-        }
-        ensure!(bits != 0, "DATAPLANE_BENCH_WORKLOADS names no workload");
+        let names = super::envlist::names("DATAPLANE_BENCH_WORKLOADS", list, &WORKLOADS)?;
+        let bits = WORKLOADS
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| names.contains(w))
+            .fold(0, |bits, (index, _)| bits | 1 << index);
         Ok(Selection(bits))
     }
 
@@ -65,12 +60,12 @@ impl Selection {
 
     /// Whether a topology (two nodes: `spread`) has anything to run.
     pub fn any_on(self, spread: bool) -> bool {
-        spread_workloads(spread).iter().any(|w| self.has(w)) || (!spread && self.has("bulk"))
+        topology_workloads(spread).iter().any(|w| self.has(w)) || (!spread && self.has("bulk"))
     }
 }
 
 /// The request/response workloads of a topology.
-fn spread_workloads(spread: bool) -> &'static [&'static str] {
+fn topology_workloads(spread: bool) -> &'static [&'static str] {
     if spread {
         &["tcp-rr", "http-rr"]
     } else {
@@ -102,7 +97,7 @@ impl Plan {
 
     /// The selected request/response workloads of a topology.
     fn workloads(self, spread: bool) -> impl Iterator<Item = &'static str> {
-        spread_workloads(spread)
+        topology_workloads(spread)
             .iter()
             .copied()
             .filter(move |w| self.workloads.has(w))
