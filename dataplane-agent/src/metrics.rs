@@ -591,6 +591,11 @@ impl Collector for CaptureCollector {
                 stats.fast_tcp,
             ),
             (
+                "fast_path_bulk",
+                "Sending directions of fast-path sockets that went through TCP because their first message was a bulk stream's (32 KiB or more)",
+                stats.fast_bulk,
+            ),
+            (
                 "fast_path_spliced",
                 "Sending directions of relayed connections the kernel took past the proxy (pod to pod on this node)",
                 stats.fast_spliced,

@@ -141,8 +141,12 @@ pub mod stats {
     /// Sending directions whose data the kernel now hands straight to the
     /// far end's socket, past the proxy (see `FAST_SPLICE`).
     pub const FAST_SPLICED: u32 = 11;
+    /// Sending directions of fast-path sockets whose first message was a
+    /// bulk stream's (at least [`super::FAST_BULK_MESSAGE`] bytes): their
+    /// data goes through TCP.
+    pub const FAST_BULK: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Values of the `PROXY_DOWN` global.
@@ -381,6 +385,19 @@ pub mod splice {
     /// target left): the proxy relays, as without a splice.
     pub const NEVER: u32 = 2;
 }
+
+/// A fast-path direction whose first message is at least this large is
+/// taken for a bulk stream and sent through TCP for its whole life. On the
+/// fast path nothing slows a sender down (the kernel queues whatever it
+/// sends on the peer's receive side, without a limit), so a stream that
+/// never pauses outruns the proxy, which copies it twice, and is slower
+/// than through TCP, where the window paces it and the proxy moves it with
+/// `splice(2)`. 32 KiB: twice the largest first message of the request
+/// and response traffic the fast path is for (a request, an RPC, a page
+/// of rows), half the proxy's copy buffer (its full reads are bulk
+/// writes), well under what bulk writers hand to one `write` (64 KiB to
+/// 1 MiB).
+pub const FAST_BULK_MESSAGE: u32 = 32 * 1024;
 
 /// Values of [`FastPath::decision`].
 pub mod fast_path {

@@ -12,7 +12,8 @@
 //! One path per direction: a sender's first message decides whether its
 //! data goes straight to the peer (the peer is on the fast path) or through
 //! TCP (it is not yet, e.g. a client that sends before the proxy's end of
-//! the handshake completed), and that decision stays until the socket
+//! the handshake completed, or the message starts a bulk stream, see
+//! `FAST_BULK_MESSAGE`), and that decision stays until the socket
 //! closes (a spliced direction, below, is a direct one whose data goes
 //! one socket further). A receiver reads the fast path's queue before
 //! TCP's, so switching a direction from TCP to the fast path could reorder
@@ -48,7 +49,7 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
 };
-use dataplane_common::{FastKey, FastPath, Splice, fast_path, splice, stats};
+use dataplane_common::{FAST_BULK_MESSAGE, FastKey, FastPath, Splice, fast_path, splice, stats};
 
 use crate::maps::{
     DP_FAST_PATH, DP_PROXY_IP4, DP_PROXY_NETNS, DP_PROXY_PORT, FAST_FORWARDED, FAST_PATHS,
@@ -188,6 +189,16 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
             {
                 path.sent += size;
             }
+        }
+        // A pod's bulk stream, at its first message: through TCP (see
+        // `FAST_BULK_MESSAGE`), before a byte of it is on the fast path.
+        // Not the proxy's own sockets: their data is a pod's, relayed, and
+        // the path of a direction the proxy relays is its sender's.
+        fast_path::UNDECIDED
+            if size >= u64::from(FAST_BULK_MESSAGE) && key.local_ip4 != DP_PROXY_IP4.load() =>
+        {
+            path.decision = fast_path::TCP;
+            count(stats::FAST_BULK);
         }
         fast_path::UNDECIDED => {
             let direct = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))

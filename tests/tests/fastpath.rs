@@ -166,6 +166,29 @@ fn transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close() {
         direct >= 16.0,
         "the data went socket to socket on both hops: {direct} directions direct, {tcp} through TCP"
     );
+    // The client's first write of the 64 KiB, 1 MiB and 64 MiB transfers
+    // is a bulk stream's: those three directions go through TCP (paced by
+    // its window), and the proxy, seeing their sender on TCP for good,
+    // moves the large ones to splice(2). Not the proxy's relays of them:
+    // their path follows their sender's, so the other direction can still
+    // be spliced past the proxy. The echo server's first answers are
+    // 4 KiB (its first read), so its direction stays on the fast path,
+    // which the proxy must keep copying (splice would not see that data,
+    // and the transfers above would stall or fall short).
+    let bulk = mesh.counter("fast_path_bulk");
+    assert_eq!(
+        bulk, 3.0,
+        "directions taken for bulk streams at their first message: the client's three"
+    );
+    let switches = mesh
+        .agent
+        .metrics()
+        .expect("metrics")
+        .sum("dataplane_proxy_splice_switches");
+    assert!(
+        switches >= 1.0,
+        "{switches} directions moved to splice with the fast path on"
+    );
 }
 
 #[test]

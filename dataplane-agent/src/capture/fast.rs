@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, SockHash};
-use dataplane_common::{FastKey, Splice, maps, splice};
+use dataplane_common::{FastKey, Splice, fast_path, maps, splice};
 
 use super::CaptureError;
 
@@ -254,6 +254,12 @@ impl Pair {
         Some(if upstream { keys.pod } else { keys.endpoint })
     }
 
+    /// The sending socket of one direction, worked out if need be.
+    fn sender_now(&self, upstream: bool) -> Option<FastKey> {
+        let keys = self.keys()?;
+        Some(if upstream { keys.pod } else { keys.endpoint })
+    }
+
     /// Registers both directions (the first caller does).
     fn register(&self) -> bool {
         match self.state.load(Ordering::Acquire) {
@@ -271,12 +277,20 @@ impl Pair {
         ok
     }
 
+    /// The four sockets' keys, worked out once.
+    fn keys(&self) -> Option<&Keys> {
+        if let Some(keys) = self.keys.get() {
+            return Some(keys);
+        }
+        let keys = self.splicer.keys(self.fds)?;
+        Some(self.keys.get_or_init(|| keys))
+    }
+
     fn insert(&self) -> bool {
         let splicer = &self.splicer;
-        let Some(keys) = splicer.keys(self.fds) else {
+        let Some(keys) = self.keys() else {
             return false;
         };
-        let keys = self.keys.get_or_init(|| keys);
         // Every socket of the four on the fast path: the endpoint's is
         // not when it is on another node (nothing to splice).
         let cookie = |key| splicer.cookie(key);
@@ -355,6 +369,22 @@ impl Spliced {
         }
     }
 
+    /// Tells whether the proxy may move one direction (`upstream`: client
+    /// → endpoint) to `splice(2)`, which reads only TCP's queue: only once
+    /// its sender is known to send through TCP for good (its first
+    /// message took TCP: a bulk stream's, see
+    /// `dataplane_common::FAST_BULK_MESSAGE`, or its peer was not on the
+    /// fast path yet). A sender not in the map at all is not taken for
+    /// one that sends through TCP: it may be one that sent socket to
+    /// socket and has closed since, its data still queued. One map lookup
+    /// (and the connection's addresses, the first time).
+    pub fn splice_gate(&self, upstream: bool) -> SpliceGate {
+        SpliceGate {
+            pair: Arc::clone(&self.0),
+            upstream,
+        }
+    }
+
     /// Bytes spliced so far: (client → endpoint, endpoint → client).
     pub fn bytes(&self) -> (u64, u64) {
         let pair = &self.0;
@@ -367,6 +397,39 @@ impl Spliced {
         };
         (bytes(true), bytes(false))
     }
+}
+
+/// See [`Spliced::splice_gate`].
+pub struct SpliceGate {
+    pair: Arc<Pair>,
+    upstream: bool,
+}
+
+impl SpliceGate {
+    pub fn check(&self) -> SpliceCheck {
+        let pair = &self.pair;
+        let Some(sender) = pair.sender_now(self.upstream) else {
+            return SpliceCheck::Never;
+        };
+        match pair.splicer.paths.get(&sender, 0).map(|path| path.decision) {
+            Ok(fast_path::TCP) => SpliceCheck::Safe,
+            Ok(fast_path::UNDECIDED) => SpliceCheck::NotYet,
+            _ => SpliceCheck::Never,
+        }
+    }
+}
+
+/// What [`SpliceGate::check`] found for a direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceCheck {
+    /// Its sender sends through TCP until it closes: `splice` sees every
+    /// byte.
+    Safe,
+    /// Its sender has not sent yet.
+    NotYet,
+    /// Its sender's data goes socket to socket, or cannot be known to go
+    /// through TCP.
+    Never,
 }
 
 impl Drop for Spliced {

@@ -47,6 +47,7 @@ pub struct CaptureStats {
     pub fast_direct: u64,
     pub fast_tcp: u64,
     pub fast_spliced: u64,
+    pub fast_bulk: u64,
     pub fast_full: u64,
     pub tenant_denied: u64,
 }
@@ -223,6 +224,7 @@ impl StatsReader {
             fast_direct: total(stats::FAST_DIRECT),
             fast_tcp: total(stats::FAST_TCP),
             fast_spliced: total(stats::FAST_SPLICED),
+            fast_bulk: total(stats::FAST_BULK),
             fast_full: total(stats::FAST_FULL),
             tenant_denied: total(stats::TENANT_DENIED),
         }

@@ -30,9 +30,9 @@ use crate::metrics::{Direction, DirectionLabels, IdleKind, ProxyMetrics};
 /// kernel may take each direction past the proxy once the proxy has
 /// caught up with it (see `capture::fast::Splicer`); the copy then sees
 /// only the ends of the streams, and the bytes the kernel moved count as
-/// moved (for the idle timeout and the byte counters). Without it, bulk
-/// directions may move to splice(2), which does not see the fast path's
-/// queue.
+/// moved (for the idle timeout and the byte counters). A bulk direction
+/// moves to splice(2) without it, and with it once its sender sends
+/// through TCP (splice does not see the fast path's queue).
 pub async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -40,18 +40,11 @@ pub async fn forward(
     idle: Duration,
     kernel: Option<&std::sync::Arc<Splicer>>,
 ) {
-    let splice = kernel.is_none();
     // SAFETY: both streams outlive `spliced` (dropped before they are) and
     // the copy that uses its reporters.
     let spliced = kernel.map(|k| unsafe { k.prepare(client.as_raw_fd(), upstream.as_raw_fd()) });
     let progress = copy::Progress::default();
-    let copy = copy::bidirectional(
-        &mut client,
-        &mut upstream,
-        splice,
-        &progress,
-        spliced.as_ref(),
-    );
+    let copy = copy::bidirectional(&mut client, &mut upstream, &progress, spliced.as_ref());
     let finished = tokio::select! {
         result = copy => Some(result),
         () = idle_expired(&progress, idle, spliced.as_ref()) => None,

@@ -14,6 +14,8 @@
 //! A direction that keeps filling the buffer is a bulk transfer; it moves
 //! to `splice(2)` through a pipe of its own (the bytes stay in the
 //! kernel), and back to the buffer once its transfers are small again.
+//! With the kernel fast path on, only once its sender is known to send
+//! through TCP: `splice` does not see data queued socket to socket.
 
 use std::cell::RefCell;
 use std::io;
@@ -25,7 +27,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead as _, AsyncWrite as _, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::capture::fast::{Reporter, Spliced};
+use crate::capture::fast::{Reporter, SpliceCheck, SpliceGate, Spliced};
 
 /// Size of the per-thread buffer, so of the largest single read.
 pub const SCRATCH: usize = 64 * 1024;
@@ -83,26 +85,25 @@ pub struct Stats {
 /// Copies `a` ⇄ `b` until both directions have seen end-of-stream and
 /// passed it on (`shutdown(SHUT_WR)`), or until one fails. The other
 /// direction keeps going after one finishes, so half-close works.
-/// `splice`: whether a bulk direction may move to splice(2). `kernel`:
-/// the connection's directions registered for splicing past the proxy;
-/// each reports when it has written on all it read.
+/// `kernel` (the fast path on): the connection's directions, which the
+/// kernel may splice past the proxy (each reports when it has written on
+/// all it read), and which move to splice(2) only once their sender is
+/// known to send through TCP.
 pub async fn bidirectional(
     a: &mut TcpStream,
     b: &mut TcpStream,
-    splice: bool,
     progress: &Progress,
     kernel: Option<&Spliced>,
 ) -> (io::Result<Totals>, Stats) {
-    let mut forth = Direction {
-        splice,
-        reporter: kernel.map(|k| k.reporter(true)),
+    let direction = |upstream| Direction {
+        splice: kernel.map_or(SpliceMode::Allowed, |k| {
+            SpliceMode::Gated(k.splice_gate(upstream))
+        }),
+        reporter: kernel.map(|k| k.reporter(upstream)),
         ..Direction::default()
     };
-    let mut back = Direction {
-        splice,
-        reporter: kernel.map(|k| k.reporter(false)),
-        ..Direction::default()
-    };
+    let mut forth = direction(true);
+    let mut back = direction(false);
     let result = std::future::poll_fn(|cx| {
         let forth_done = forth.poll(cx, a, b);
         let back_done = back.poll(cx, b, a);
@@ -143,7 +144,7 @@ struct Direction {
     switches: u32,
     returns: u32,
     /// Whether this direction may move to splice.
-    splice: bool,
+    splice: SpliceMode,
     /// While the kernel may still splice this direction past the proxy.
     reporter: Option<Reporter>,
 }
@@ -249,13 +250,15 @@ impl Direction {
             if written < filled {
                 self.pending.extend_from_slice(&buffer[written..filled]);
             }
-            if filled == SCRATCH && self.splice {
+            if filled == SCRATCH && !matches!(self.splice, SpliceMode::Never) {
                 self.full_reads += 1;
                 if self.full_reads >= SPLICE_AFTER_FULL_READS {
                     self.full_reads = 0;
                     // Without a pipe (descriptors exhausted) the buffer
                     // still works.
-                    if let Ok(pipe) = Pipe::new() {
+                    if self.splice_allowed()
+                        && let Ok(pipe) = Pipe::new()
+                    {
                         self.pipe = Some(pipe);
                         self.switches += 1;
                     }
@@ -265,6 +268,20 @@ impl Direction {
             }
             Poll::Ready(Ok(()))
         })
+    }
+
+    /// Whether the direction may move to splice now, asking the kernel's
+    /// maps if it must (once it is known either way).
+    fn splice_allowed(&mut self) -> bool {
+        let SpliceMode::Gated(gate) = &self.splice else {
+            return matches!(self.splice, SpliceMode::Allowed);
+        };
+        match gate.check() {
+            SpliceCheck::Safe => self.splice = SpliceMode::Allowed,
+            SpliceCheck::Never => self.splice = SpliceMode::Never,
+            SpliceCheck::NotYet => {}
+        }
+        matches!(self.splice, SpliceMode::Allowed)
     }
 
     /// Splice mode: the reader's bytes into the (empty) pipe.
@@ -293,6 +310,16 @@ impl Direction {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// Whether a direction may move to splice(2).
+#[derive(Default)]
+enum SpliceMode {
+    #[default]
+    Never,
+    Allowed,
+    /// Once the kernel's maps say its sender sends through TCP.
+    Gated(SpliceGate),
 }
 
 /// One splice(2) of at most `len` bytes from `from` to `to` once `socket`
@@ -382,9 +409,10 @@ mod tests {
     ) {
         let (client, mut a) = pair().await;
         let (mut b, server) = pair().await;
-        let relay = tokio::spawn(async move {
-            bidirectional(&mut a, &mut b, true, &Progress::default(), None).await
-        });
+        let relay =
+            tokio::spawn(
+                async move { bidirectional(&mut a, &mut b, &Progress::default(), None).await },
+            );
         (client, server, relay)
     }
 
