@@ -182,8 +182,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(cfg) = settings.registry.as_ref().filter(|c| c.publish) {
         crate::registry::publish::start(cfg.access.clone(), cfg.prefix.clone(), rt.watch_file());
     }
-    // With the fast path on, opaque connections are relayed with read and
-    // write only (splice(2) does not see its queue; see `relay::forward`).
+    // With the fast path on, opaque connections may be spliced past the
+    // proxy, and a direction moves to splice(2) only once its sender is
+    // on TCP (splice does not see the fast path's queue; see
+    // `relay::forward`).
     if let Some(splicer) = splicer {
         let _ = rt.proxy.fast_splice.set(splicer);
     }

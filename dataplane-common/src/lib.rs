@@ -346,7 +346,15 @@ pub struct FastPath {
     pub cookie: u64,
     /// One of [`fast_path`].
     pub decision: u8,
-    pub _pad: [u8; 7],
+    /// 1 for a pod's socket (captured, or a pod's server socket called by
+    /// the proxy), 0 for the proxy's own and the node's: only a pod's
+    /// first message can start a bulk stream (see [`FAST_BULK_MESSAGE`]).
+    pub pod: u8,
+    /// 1 once a peer's first message decided to send straight to this
+    /// socket (set before that data is queued): whether anything was ever
+    /// queued on it socket to socket, even by a peer that has closed since.
+    pub fed: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(size_of::<FastPath>() == 24);
 
@@ -394,9 +402,9 @@ pub mod splice {
 /// than through TCP, where the window paces it and the proxy moves it with
 /// `splice(2)`. 32 KiB: twice the largest first message of the request
 /// and response traffic the fast path is for (a request, an RPC, a page
-/// of rows), half the proxy's copy buffer (its full reads are bulk
-/// writes), well under what bulk writers hand to one `write` (64 KiB to
-/// 1 MiB).
+/// of rows), well under what bulk writers hand to one `write` (64 KiB to
+/// 1 MiB). Applies to pods' sockets only ([`FastPath::pod`]): what the
+/// proxy sends is relayed, and the path of its sender decides.
 pub const FAST_BULK_MESSAGE: u32 = 32 * 1024;
 
 /// Values of [`FastPath::decision`].

@@ -12,9 +12,9 @@
 //! One path per direction: a sender's first message decides whether its
 //! data goes straight to the peer (the peer is on the fast path) or through
 //! TCP (it is not yet, e.g. a client that sends before the proxy's end of
-//! the handshake completed, or the message starts a bulk stream, see
-//! `FAST_BULK_MESSAGE`), and that decision stays until the socket
-//! closes (a spliced direction, below, is a direct one whose data goes
+//! the handshake completed, or a pod's message starts a bulk stream, see
+//! `FAST_BULK_MESSAGE`; the proxy's sockets are exempt), and that
+//! decision stays until the socket closes (a spliced direction, below, is a direct one whose data goes
 //! one socket further). A receiver reads the fast path's queue before
 //! TCP's, so switching a direction from TCP to the fast path could reorder
 //! its bytes.
@@ -83,15 +83,16 @@ pub fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32, cap
     // SAFETY: the helper takes the program context.
     let own_netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let in_proxy_netns = own_netns == proxy_netns;
-    let wanted = if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        captured || in_proxy_netns
+    // A pod's socket, or (`other`) the proxy's or the node's.
+    let (pod, other) = if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        (captured, in_proxy_netns)
     } else {
         let proxy_listener =
             local_ip4 == DP_PROXY_IP4.load() && ctx.local_port() == u32::from(DP_PROXY_PORT.load());
         let called_by_proxy = !in_proxy_netns && remote_ip4 == DP_PROXY_IP4.load();
-        (in_proxy_netns && proxy_listener) || called_by_proxy
+        (called_by_proxy, in_proxy_netns && proxy_listener)
     };
-    if !wanted {
+    if !pod && !other {
         return;
     }
     let mut key = key(ctx, local_ip4, remote_ip4);
@@ -103,6 +104,7 @@ pub fn on_established(ctx: &SockOpsContext, local_ip4: u32, remote_ip4: u32, cap
     let path = FastPath {
         // SAFETY: the helper takes the program context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        pod: u8::from(pod),
         ..FastPath::default()
     };
     if FAST_PATHS.insert(key, path, u64::from(BPF_ANY)).is_err() {
@@ -192,11 +194,10 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
         }
         // A pod's bulk stream, at its first message: through TCP (see
         // `FAST_BULK_MESSAGE`), before a byte of it is on the fast path.
-        // Not the proxy's own sockets: their data is a pod's, relayed, and
-        // the path of a direction the proxy relays is its sender's.
-        fast_path::UNDECIDED
-            if size >= u64::from(FAST_BULK_MESSAGE) && key.local_ip4 != DP_PROXY_IP4.load() =>
-        {
+        // Not the proxy's sockets: what they send is a pod's, relayed
+        // (its sender's path decides), and the proxy's socket towards a
+        // pod must stay direct for the other direction to be spliced.
+        fast_path::UNDECIDED if path.pod != 0 && size >= u64::from(FAST_BULK_MESSAGE) => {
             path.decision = fast_path::TCP;
             count(stats::FAST_BULK);
         }
@@ -204,6 +205,14 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
             let direct = FAST_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
                 == i64::from(SK_PASS);
             let (decision, counter) = if direct {
+                // The peer learns, before the data is queued, that its
+                // queue is fed: the proxy splices only sockets that never
+                // were (splice does not see that queue).
+                if let Some(receiver) = FAST_PATHS.get_ptr_mut(peer) {
+                    // SAFETY: the pointer comes from the map lookup; the
+                    // peer's own messages write other fields of it.
+                    unsafe { (*receiver).fed = 1 };
+                }
                 // A first message may already go past the proxy (an
                 // answer to a request the proxy relayed); the later
                 // redirect replaces the one above.

@@ -119,12 +119,27 @@ pub fn echo_serve_with_prefix(
     port: u16,
     prefix: &[&str],
 ) -> anyhow::Result<Proc> {
+    let proc = node.spawn_in_pod(pod, echo_serve_command(prefix, port)?)?;
+    listening(proc).with_context(|| format!("echo server in pod {} did not start", pod.name))
+}
+
+/// As [`echo_serve`], in the node's own network namespace and cgroup: a
+/// server the kernel fast path does not reach, as one on another node.
+pub fn echo_serve_on_node(node: &SimNode, port: u16) -> anyhow::Result<Proc> {
+    let proc = node.spawn_on_node(echo_serve_command(&[], port)?)?;
+    listening(proc).context("echo server on the node did not start")
+}
+
+fn echo_serve_command(prefix: &[&str], port: u16) -> anyhow::Result<Command> {
     let listen = format!("0.0.0.0:{port}");
     let mut cmd = command(prefix, &["echo-serve", "--listen", &listen])?;
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-    let mut proc = node.spawn_in_pod(pod, cmd)?;
-    proc.wait_for_line(START_TIMEOUT, |line| line.starts_with("listening"))
-        .with_context(|| format!("echo server in pod {} did not start", pod.name))?;
+    Ok(cmd)
+}
+
+/// `proc`, once it said it listens.
+fn listening(mut proc: Proc) -> anyhow::Result<Proc> {
+    proc.wait_for_line(START_TIMEOUT, |line| line.starts_with("listening"))?;
     Ok(proc)
 }
 

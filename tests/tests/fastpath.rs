@@ -19,6 +19,8 @@ const ECHO_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 
 /// The plain echo service (`benchtool echo-serve`), for many connections.
 const RR_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 20), 9000);
 const RR_PORT: u16 = 9000;
+/// The echo server in the node's own namespace.
+const OFF_PORT: u16 = 9100;
 
 /// A node with one enrolled client and one backend pod serving both
 /// services, the agent on the fast path. Fields drop in order.
@@ -168,13 +170,13 @@ fn transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close() {
     );
     // The client's first write of the 64 KiB, 1 MiB and 64 MiB transfers
     // is a bulk stream's: those three directions go through TCP (paced by
-    // its window), and the proxy, seeing their sender on TCP for good,
-    // moves the large ones to splice(2). Not the proxy's relays of them:
-    // their path follows their sender's, so the other direction can still
-    // be spliced past the proxy. The echo server's first answers are
-    // 4 KiB (its first read), so its direction stays on the fast path,
-    // which the proxy must keep copying (splice would not see that data,
-    // and the transfers above would stall or fall short).
+    // its window up to the proxy), and the proxy, seeing their sender on
+    // TCP for good, moves the large ones to splice(2). Not the proxy's
+    // relays of them (pods' sockets only), though its first reads are as
+    // large. The echo server's first answers are at most 4 KiB (its first
+    // read, `SMALL_BUFFER` in benchtool's echo), so its direction stays on
+    // the fast path, which the proxy must keep copying (splice would not
+    // see that data, and the transfers above would stall or fall short).
     let bulk = mesh.counter("fast_path_bulk");
     assert_eq!(
         bulk, 3.0,
@@ -188,6 +190,47 @@ fn transfers_are_byte_exact_from_one_byte_to_64_mib_with_half_close() {
     assert!(
         switches >= 1.0,
         "{switches} directions moved to splice with the fast path on"
+    );
+}
+
+#[test]
+#[ignore = "needs root: builds a simulated node; `cargo xtask test` runs it as root or with CI=true"]
+fn a_bulk_echo_with_an_endpoint_off_the_fast_path_is_spliced_both_ways() {
+    if !require_privileges("a_bulk_echo_with_an_endpoint_off_the_fast_path_is_spliced_both_ways") {
+        return;
+    }
+    // The endpoint is a server in the node's own namespace, which the fast
+    // path does not reach, as it does not reach one on another node: its
+    // answers come to the proxy through TCP only. The client's upload is a
+    // bulk stream (through TCP too). With nothing ever queued socket to
+    // socket on either of the proxy's sockets, the proxy moves both
+    // directions to splice(2), as it does without the fast path.
+    let mut node = SimNode::new("fpo").expect("node");
+    let client = node.add_pod("client").expect("client pod");
+    let _echo = bench_peers::echo_serve_on_node(&node, OFF_PORT).expect("echo on the node");
+    let services = [ServiceSpec::tcp(
+        "off",
+        RR_VIP,
+        vec![SocketAddrV4::new(node.node_ip(), OFF_PORT)],
+    )];
+    let config = mesh_config(&services, &[&client]);
+    let agent = Agent::start_with(&node, &config, &["--fast-path=on"]).expect("agent");
+    let to = RR_VIP.to_string();
+    let report = bench_peers::run_in_pod(
+        &node,
+        &client,
+        &["bulk", "--to", &to, "--bytes", "16777216", "--verify"],
+        &[],
+    )
+    .expect("bulk");
+    assert_eq!(report.verified, Some(true), "{report:?}");
+    let metrics = agent.metrics().expect("metrics");
+    let bulk = metrics.sum("dataplane_capture_fast_path_bulk");
+    assert_eq!(bulk, 1.0, "the client's upload taken for a bulk stream");
+    let switches = metrics.sum("dataplane_proxy_splice_switches");
+    assert!(
+        switches >= 2.0,
+        "{switches} directions moved to splice: the upload and the answers"
     );
 }
 

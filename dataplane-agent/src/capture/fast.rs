@@ -73,7 +73,8 @@ pub struct Splicer {
     splices: Mutex<HashMap<MapData, FastKey, Splice>>,
     /// The proxy's reports (the programs remove one once decided).
     forwarded: Mutex<HashMap<MapData, FastKey, u64>>,
-    /// Read only: whether the far end's socket is on the fast path.
+    /// Read only: whether a socket is on the fast path, and its sending
+    /// direction's path.
     paths: HashMap<MapData, FastKey, dataplane_common::FastPath>,
 }
 
@@ -121,7 +122,8 @@ impl Splicer {
     ///
     /// # Safety
     /// Both descriptors must stay open while the returned value's
-    /// reporters are used (the copy that holds them borrows the streams).
+    /// reporters and splice gates are used (the copy that holds them
+    /// borrows the streams).
     pub unsafe fn prepare(self: &Arc<Self>, client: RawFd, upstream: RawFd) -> Spliced {
         Spliced(Arc::new(Pair {
             splicer: Arc::clone(self),
@@ -226,7 +228,7 @@ struct Pair {
     splicer: Arc<Splicer>,
     /// The proxy's sockets (client side, upstream side).
     fds: (RawFd, RawFd),
-    /// Set at registration.
+    /// Worked out when first needed (registration, a splice gate).
     keys: OnceLock<Keys>,
     /// What each direction (client → endpoint, then back) last reported
     /// caught up, for the registration of both.
@@ -248,14 +250,8 @@ struct Keys {
 }
 
 impl Pair {
-    /// The sending socket of one direction, once registered.
+    /// The sending socket of one direction.
     fn sender(&self, upstream: bool) -> Option<FastKey> {
-        let keys = self.keys.get()?;
-        Some(if upstream { keys.pod } else { keys.endpoint })
-    }
-
-    /// The sending socket of one direction, worked out if need be.
-    fn sender_now(&self, upstream: bool) -> Option<FastKey> {
         let keys = self.keys()?;
         Some(if upstream { keys.pod } else { keys.endpoint })
     }
@@ -370,14 +366,16 @@ impl Spliced {
     }
 
     /// Tells whether the proxy may move one direction (`upstream`: client
-    /// → endpoint) to `splice(2)`, which reads only TCP's queue: only once
-    /// its sender is known to send through TCP for good (its first
-    /// message took TCP: a bulk stream's, see
+    /// → endpoint) to `splice(2)`, which reads only TCP's queue: only if
+    /// nothing was ever queued on the proxy's socket socket to socket
+    /// (its entry's `fed`) and its sender sends through TCP for good: its
+    /// first message took TCP (a bulk stream's, see
     /// `dataplane_common::FAST_BULK_MESSAGE`, or its peer was not on the
-    /// fast path yet). A sender not in the map at all is not taken for
-    /// one that sends through TCP: it may be one that sent socket to
-    /// socket and has closed since, its data still queued. One map lookup
-    /// (and the connection's addresses, the first time).
+    /// fast path yet), or it is not on the fast path at all (an endpoint
+    /// on another node). `fed` tells a sender that closed after sending
+    /// socket to socket, its data still queued, from one that never was
+    /// on the fast path. Two map lookups (and the connection's addresses,
+    /// the first time).
     pub fn splice_gate(&self, upstream: bool) -> SpliceGate {
         SpliceGate {
             pair: Arc::clone(&self.0),
@@ -406,15 +404,36 @@ pub struct SpliceGate {
 }
 
 impl SpliceGate {
+    /// Reads the sender's path in the programs' table (see
+    /// [`Spliced::splice_gate`]).
     pub fn check(&self) -> SpliceCheck {
         let pair = &self.pair;
-        let Some(sender) = pair.sender_now(self.upstream) else {
+        let Some(keys) = pair.keys() else {
             return SpliceCheck::Never;
         };
-        match pair.splicer.paths.get(&sender, 0).map(|path| path.decision) {
-            Ok(fast_path::TCP) => SpliceCheck::Safe,
-            Ok(fast_path::UNDECIDED) => SpliceCheck::NotYet,
-            _ => SpliceCheck::Never,
+        let (sender, receiver) = if self.upstream {
+            (keys.pod, keys.client_in)
+        } else {
+            (keys.endpoint, keys.upstream_out)
+        };
+        let entry = |key: &FastKey| match pair.splicer.paths.get(key, 0) {
+            Ok(path) => Ok(Some(path)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(err),
+        };
+        let (Ok(receiver), Ok(sender)) = (entry(&receiver), entry(&sender)) else {
+            return SpliceCheck::Never;
+        };
+        if receiver.is_some_and(|path| path.fed != 0) {
+            return SpliceCheck::Never;
+        }
+        match sender.map(|path| path.decision) {
+            // Not on the fast path (another node's socket, or one the maps
+            // had no room for), and nothing ever queued on the proxy's
+            // socket: TCP only.
+            None | Some(fast_path::TCP) => SpliceCheck::Safe,
+            Some(fast_path::UNDECIDED) => SpliceCheck::NotYet,
+            Some(_) => SpliceCheck::Never,
         }
     }
 }
@@ -422,13 +441,13 @@ impl SpliceGate {
 /// What [`SpliceGate::check`] found for a direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpliceCheck {
-    /// Its sender sends through TCP until it closes: `splice` sees every
-    /// byte.
+    /// Its data comes through TCP only, until its sender closes: `splice`
+    /// sees every byte.
     Safe,
     /// Its sender has not sent yet.
     NotYet,
-    /// Its sender's data goes socket to socket, or cannot be known to go
-    /// through TCP.
+    /// Some of its data goes, or went, socket to socket, or the maps could
+    /// not be read.
     Never,
 }
 

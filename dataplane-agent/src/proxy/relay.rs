@@ -41,7 +41,7 @@ pub async fn forward(
     kernel: Option<&std::sync::Arc<Splicer>>,
 ) {
     // SAFETY: both streams outlive `spliced` (dropped before they are) and
-    // the copy that uses its reporters.
+    // the copy that uses its reporters and splice gates.
     let spliced = kernel.map(|k| unsafe { k.prepare(client.as_raw_fd(), upstream.as_raw_fd()) });
     let progress = copy::Progress::default();
     let copy = copy::bidirectional(&mut client, &mut upstream, &progress, spliced.as_ref());

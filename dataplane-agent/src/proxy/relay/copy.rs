@@ -271,13 +271,20 @@ impl Direction {
     }
 
     /// Whether the direction may move to splice now, asking the kernel's
-    /// maps if it must (once it is known either way).
+    /// maps if it must (once it is known either way). Safe stays safe,
+    /// through later returns to the buffer: a sender on TCP stays there
+    /// until it closes, and nothing else queues data on the proxy's socket.
     fn splice_allowed(&mut self) -> bool {
         let SpliceMode::Gated(gate) = &self.splice else {
             return matches!(self.splice, SpliceMode::Allowed);
         };
         match gate.check() {
-            SpliceCheck::Safe => self.splice = SpliceMode::Allowed,
+            SpliceCheck::Safe => {
+                self.splice = SpliceMode::Allowed;
+                // A sender on TCP is never spliced past the proxy: its
+                // reports would be map writes for nothing.
+                self.reporter = None;
+            }
             SpliceCheck::Never => self.splice = SpliceMode::Never,
             SpliceCheck::NotYet => {}
         }
