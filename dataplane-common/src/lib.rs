@@ -404,7 +404,8 @@ pub mod splice {
 /// and response traffic the fast path is for (a request, an RPC, a page
 /// of rows), well under what bulk writers hand to one `write` (64 KiB to
 /// 1 MiB). Applies to pods' sockets only ([`FastPath::pod`]): what the
-/// proxy sends is relayed, and the path of its sender decides.
+/// proxy sends is relayed, and its socket towards a pod stays direct so
+/// that the other direction can be spliced past it.
 pub const FAST_BULK_MESSAGE: u32 = 32 * 1024;
 
 /// Values of [`FastPath::decision`].

@@ -14,8 +14,8 @@
 //! TCP (it is not yet, e.g. a client that sends before the proxy's end of
 //! the handshake completed, or a pod's message starts a bulk stream, see
 //! `FAST_BULK_MESSAGE`; the proxy's sockets are exempt), and that
-//! decision stays until the socket closes (a spliced direction, below, is a direct one whose data goes
-//! one socket further). A receiver reads the fast path's queue before
+//! decision stays until the socket closes (a spliced direction, below, is
+//! a direct one whose data goes one socket further). A receiver reads the fast path's queue before
 //! TCP's, so switching a direction from TCP to the fast path could reorder
 //! its bytes.
 //!
@@ -194,9 +194,9 @@ pub fn dp_fast_msg(ctx: SkMsgContext) -> u32 {
         }
         // A pod's bulk stream, at its first message: through TCP (see
         // `FAST_BULK_MESSAGE`), before a byte of it is on the fast path.
-        // Not the proxy's sockets: what they send is a pod's, relayed
-        // (its sender's path decides), and the proxy's socket towards a
-        // pod must stay direct for the other direction to be spliced.
+        // Not the proxy's sockets: what they send is relayed, and the
+        // proxy's socket towards a pod must stay direct for the other
+        // direction to be spliced past it.
         fast_path::UNDECIDED if path.pod != 0 && size >= u64::from(FAST_BULK_MESSAGE) => {
             path.decision = fast_path::TCP;
             count(stats::FAST_BULK);

@@ -168,7 +168,20 @@ impl Splicer {
 
     /// The cookie of the fast-path socket at `key`, if it is there.
     fn cookie(&self, key: &FastKey) -> Option<u64> {
-        self.paths.get(key, 0).ok().map(|path| path.cookie)
+        self.path(key).ok().flatten().map(|path| path.cookie)
+    }
+
+    /// The entry of the fast-path socket at `key`: `None` if it is not on
+    /// the fast path (or closed since).
+    fn path(
+        &self,
+        key: &FastKey,
+    ) -> Result<Option<dataplane_common::FastPath>, aya::maps::MapError> {
+        match self.paths.get(key, 0) {
+            Ok(path) => Ok(Some(path)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(err),
+        }
     }
 
     /// Reports that everything read from `sender` up to `bytes` is written
@@ -416,12 +429,8 @@ impl SpliceGate {
         } else {
             (keys.endpoint, keys.upstream_out)
         };
-        let entry = |key: &FastKey| match pair.splicer.paths.get(key, 0) {
-            Ok(path) => Ok(Some(path)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(err) => Err(err),
-        };
-        let (Ok(receiver), Ok(sender)) = (entry(&receiver), entry(&sender)) else {
+        let splicer = &pair.splicer;
+        let (Ok(receiver), Ok(sender)) = (splicer.path(&receiver), splicer.path(&sender)) else {
             return SpliceCheck::Never;
         };
         if receiver.is_some_and(|path| path.fed != 0) {
