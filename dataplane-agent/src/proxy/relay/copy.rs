@@ -41,9 +41,16 @@ const SPLICE_AFTER_FULL_READS: u8 = 2;
 const SMALL_SPLICE: usize = 16 * 1024;
 const BUFFER_AFTER_SMALL_SPLICES: u8 = 8;
 
-/// Pipe capacity for spliced directions (the kernel's default, stated so
-/// the size of one splice is known).
-const PIPE_SIZE: usize = 64 * 1024;
+/// Pipe capacity asked for a spliced direction, so the most one splice
+/// moves. Four times the kernel's default (64 KiB): each splice call reads
+/// its socket once (one ACK to the sender) and writes one larger burst, and
+/// the benchmark's bulk echo through the node proxy measured 13 to 17 %
+/// more throughput with it pinned, 14 % unpinned (1 MiB did no better). A
+/// pipe holds references to the socket's pages, not copies; what it holds
+/// is what waits for a slow writer, as in any proxy's per-connection
+/// buffer. Within the kernel's `fs.pipe-max-size` (1 MiB by default); if
+/// the kernel refuses, the pipe keeps the size it has.
+const PIPE_SIZE: usize = 256 * 1024;
 
 thread_local! {
     static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
@@ -303,7 +310,7 @@ impl Direction {
             Interest::READABLE,
             reader.as_raw_fd(),
             to,
-            PIPE_SIZE
+            pipe.capacity
         ))?;
         if n == 0 {
             self.eof = true;
@@ -374,6 +381,8 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Bytes it holds at most (so the most one splice into it may ask).
+    capacity: usize,
 }
 
 impl Pipe {
@@ -386,8 +395,27 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both are fresh descriptors we own.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Pipe { read, write })
+        let capacity = resize(&write, PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
     }
+}
+
+/// A pipe's capacity when nobody changed it (16 pages).
+const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+
+/// Asks for a pipe of `size` bytes; the kernel's answer is the capacity
+/// it set (rounded up to pages), or an error if it refused (over
+/// `fs.pipe-max-size` or the user's pipe page limit).
+fn resize(pipe: &OwnedFd, size: usize) -> io::Result<usize> {
+    let size = libc::c_int::try_from(size).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: the descriptor is an open pipe we own; F_SETPIPE_SZ takes
+    // an int and touches no memory of ours.
+    let set = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+    usize::try_from(set).map_err(|_| io::Error::last_os_error())
 }
 
 #[cfg(test)]
@@ -500,6 +528,15 @@ mod tests {
             stats.buffer_returns >= 1,
             "small messages after the bulk: {stats:?}"
         );
+    }
+
+    #[test]
+    fn a_spliced_direction_gets_the_larger_pipe() {
+        let pipe = Pipe::new().unwrap();
+        assert_eq!(pipe.capacity, PIPE_SIZE);
+        // SAFETY: an open pipe we own; F_GETPIPE_SZ reads its size.
+        let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        assert_eq!(usize::try_from(size).unwrap(), PIPE_SIZE, "the kernel's own answer");
     }
 
     #[tokio::test]
