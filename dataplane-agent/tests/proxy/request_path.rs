@@ -481,26 +481,42 @@ async fn a_retry_given_most_of_the_deadline_is_blamed_when_it_hangs() {
     .await;
 }
 
-/// An HTTP/2 server that says GOAWAY (NO_ERROR, nothing processed) on
-/// every connection as soon as the handshake is done, as a server does
-/// when it starts shutting down: the requests already sent were not
-/// processed.
+/// An HTTP/2 server that says GOAWAY with `reason` and nothing processed
+/// (last stream 0) on every connection once a request's HEADERS arrived,
+/// as a server does when it starts shutting down with requests already
+/// sent to it. Raw frames, so the GOAWAY always comes after the request
+/// was sent: one that came before would leave the request unsent, which
+/// the client cannot tell apart by reason (hyper keeps no GOAWAY code for
+/// it), and the test would depend on which task ran first.
 async fn going_away_h2_backend(reason: h2::Reason) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    raw_server(move |stream: TcpStream| async move {
-        // A second descriptor keeps the socket open after h2 is done, so
-        // that closing with the client's request unread cannot turn into
-        // a reset that races the GOAWAY.
-        use std::os::fd::AsFd as _;
-        let Ok(keep) = stream.as_fd().try_clone_to_owned() else {
-            return;
-        };
-        let Ok(mut conn) = h2::server::handshake(stream).await else {
-            return;
-        };
-        conn.abrupt_shutdown(reason);
-        while let Some(Ok(_)) = conn.accept().await {}
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        drop(keep);
+    raw_server(move |mut stream: TcpStream| async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut preface = [0; 24];
+            stream.read_exact(&mut preface).await?;
+            // Frames until the first HEADERS (type 1).
+            loop {
+                let mut header = [0; 9];
+                stream.read_exact(&mut header).await?;
+                let len = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+                let mut payload = vec![0; len as usize];
+                stream.read_exact(&mut payload).await?;
+                if header[3] == 1 {
+                    break;
+                }
+            }
+            // An empty SETTINGS (the server's preface), then GOAWAY: last
+            // stream 0, the reason's code.
+            let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
+            frames.extend_from_slice(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            frames.extend_from_slice(&u32::from(reason).to_be_bytes());
+            stream.write_all(&frames).await?;
+            // Open until the client closes, so that no reset races the
+            // GOAWAY.
+            let mut rest = [0; 1024];
+            while stream.read(&mut rest).await? > 0 {}
+            std::io::Result::Ok(())
+        })
+        .await;
     })
     .await
 }
@@ -510,11 +526,13 @@ async fn a_request_left_unprocessed_by_a_goaway_is_retried_elsewhere_even_a_post
     bounded(async {
         // NO_ERROR: a graceful shutdown, not held against the endpoint;
         // an error code: retried all the same, but the endpoint is failing.
+        // Round robin, so the leaving server gets the first or second
+        // request whatever the latencies.
         for (reason, ejected) in [(h2::Reason::NO_ERROR, 0.0), (h2::Reason::INTERNAL_ERROR, 1.0)] {
             let (leaving, connections) = going_away_h2_backend(reason).await;
             let ok = Backend::start("ok", Mode::Echo).await;
             let yaml = format!(
-                "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    upstreamProtocol: http2\n    endpoints:\n      - address: {leaving}\n      - address: {}\n    trafficPolicy:\n      outlierDetection: {{consecutiveLocalOriginFailures: 1, consecutive5xxErrors: 1}}\n",
+                "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    upstreamProtocol: http2\n    endpoints:\n      - address: {leaving}\n      - address: {}\n    trafficPolicy:\n      loadBalancer: {{algorithm: roundRobin}}\n      outlierDetection: {{consecutiveLocalOriginFailures: 1, consecutive5xxErrors: 1}}\n",
                 ok.addr
             );
             let proxy = TestProxy::start(&yaml).await;

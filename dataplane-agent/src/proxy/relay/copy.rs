@@ -536,7 +536,11 @@ mod tests {
         assert_eq!(pipe.capacity, PIPE_SIZE);
         // SAFETY: an open pipe we own; F_GETPIPE_SZ reads its size.
         let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        assert_eq!(usize::try_from(size).unwrap(), PIPE_SIZE, "the kernel's own answer");
+        assert_eq!(
+            usize::try_from(size).unwrap(),
+            PIPE_SIZE,
+            "the kernel's own answer"
+        );
     }
 
     #[tokio::test]
