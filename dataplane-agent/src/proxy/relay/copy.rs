@@ -43,9 +43,11 @@ const BUFFER_AFTER_SMALL_SPLICES: u8 = 8;
 
 /// Pipe capacity asked for a spliced direction, so the most one splice
 /// moves. Four times the kernel's default (64 KiB): each splice call reads
-/// its socket once (one ACK to the sender) and writes one larger burst, and
-/// the benchmark's bulk echo through the node proxy measured 13 to 17 %
-/// more throughput with it pinned, 14 % unpinned (1 MiB did no better). A
+/// its socket once (one ACK to the sender) and writes one larger burst:
+/// the benchmark's bulk echo through the node proxy made 17 % more
+/// throughput with it pinned, 18 % unpinned (medians of 8 runs each on a
+/// 2-vCPU VM; 512 KiB and 1 MiB did no better, and left the fast path's
+/// splice past the proxy to chance more often). A
 /// pipe holds references to the socket's pages, not copies; what it holds
 /// is what waits for a slow writer, as in any proxy's per-connection
 /// buffer. Within the kernel's `fs.pipe-max-size` (1 MiB by default); if
