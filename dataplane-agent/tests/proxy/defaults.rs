@@ -34,18 +34,11 @@ async fn assert_no_failures(bad: Mode, extra: &str) -> (TestProxy, Backend) {
     (proxy, bad)
 }
 
-fn ejections(proxy: &TestProxy) -> f64 {
-    proxy.metric(
-        "dataplane_policy_outlier_events_total",
-        &["event=\"ejected\""],
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_backend_answering_503_fails_nothing_and_is_ejected() {
     bounded(async {
         let (proxy, bad) = assert_no_failures(Mode::Status(503), DEFAULTS).await;
-        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+        assert!(proxy.ejections() >= 1.0, "{}", proxy.metrics());
         // Ejected after 5 consecutive 5xx: it saw a handful, not a third.
         assert!(bad.hits() < 100, "bad backend got {} requests", bad.hits());
     })
@@ -56,7 +49,7 @@ async fn one_backend_answering_503_fails_nothing_and_is_ejected() {
 async fn one_backend_resetting_fails_nothing_and_is_ejected() {
     bounded(async {
         let (proxy, _bad) = assert_no_failures(Mode::Reset, DEFAULTS).await;
-        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+        assert!(proxy.ejections() >= 1.0, "{}", proxy.metrics());
     })
     .await
 }
@@ -135,7 +128,7 @@ async fn one_backend_refusing_connections_fails_nothing() {
             "failed: {:?}",
             failures(&results)
         );
-        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+        assert!(proxy.ejections() >= 1.0, "{}", proxy.metrics());
     })
     .await
 }

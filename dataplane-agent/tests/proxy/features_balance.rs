@@ -17,13 +17,6 @@ use support::{
     failures, get_with, load, policy,
 };
 
-fn ejections(proxy: &TestProxy) -> f64 {
-    proxy.metric(
-        "dataplane_policy_outlier_events_total",
-        &["event=\"ejected\""],
-    )
-}
-
 async fn backends(names: &[&str], mode: Mode) -> Vec<Backend> {
     let mut all = Vec::new();
     for name in names {
@@ -242,12 +235,12 @@ async fn below_the_panic_threshold_ejected_endpoints_get_traffic_again() {
                 TestProxy::start(&config(&[&good, &bad[0], &bad[1], &bad[2]], &extra)).await;
             let client = client(false);
             for _ in 0..50 {
-                if ejections(&proxy) >= 3.0 {
+                if proxy.ejections() >= 3.0 {
                     break;
                 }
                 get_with(&client, &proxy, &[]).await;
             }
-            assert_eq!(ejections(&proxy), 3.0, "{}", proxy.metrics());
+            assert_eq!(proxy.ejections(), 3.0, "{}", proxy.metrics());
             // Healthy again, but still ejected (30 s): only panic mode
             // sends them anything.
             for b in &bad {

@@ -15,13 +15,6 @@ use support::{Backend, Mode, TestProxy, bounded, client, config, raw_server};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-fn ejections(proxy: &TestProxy) -> f64 {
-    proxy.metric(
-        "dataplane_policy_outlier_events_total",
-        &["event=\"ejected\""],
-    )
-}
-
 async fn get(proxy: &TestProxy, http2: bool) -> http::Response<Bytes> {
     let req = Request::get(format!("http://{}/", proxy.addr))
         .body(Full::default())
@@ -63,7 +56,7 @@ async fn callers_that_give_up_do_not_eject_a_slow_healthy_endpoint() {
                 "the caller gives up first"
             );
         }
-        assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+        assert_eq!(proxy.ejections(), 0.0, "{}", proxy.metrics());
         assert_eq!(get(&proxy, false).await.status(), StatusCode::OK);
     })
     .await
@@ -89,7 +82,7 @@ async fn a_malformed_client_body_gets_400_and_never_counts_against_endpoints() {
             let answer = read_until_closed(&mut s, Duration::from_secs(5)).await.unwrap_or_default();
             assert!(answer.starts_with("HTTP/1.1 400"), "answer: {answer:?}");
         }
-        assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+        assert_eq!(proxy.ejections(), 0.0, "{}", proxy.metrics());
         for _ in 0..6 {
             assert_eq!(get(&proxy, false).await.status(), StatusCode::OK);
         }
@@ -195,7 +188,7 @@ async fn grpc_status_in_trailers_feeds_outlier_detection_and_metrics() {
             let resp = client.request(req).await.unwrap();
             let _ = resp.into_body().collect().await;
         }
-        assert!(ejections(&proxy) >= 1.0, "{}", proxy.metrics());
+        assert!(proxy.ejections() >= 1.0, "{}", proxy.metrics());
         assert!(
             bad.hits() < 15,
             "the UNAVAILABLE backend was ejected: {} calls",
@@ -451,7 +444,7 @@ async fn a_retry_cut_short_by_the_request_deadline_does_not_blame_its_endpoint()
             let resp = get(&proxy, false).await;
             assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
         }
-        assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+        assert_eq!(proxy.ejections(), 0.0, "{}", proxy.metrics());
     })
     .await;
 }
@@ -546,7 +539,7 @@ async fn a_request_left_unprocessed_by_a_goaway_is_retried_elsewhere_even_a_post
                 assert_eq!(body, format!("order {i}").as_bytes());
             }
             assert!(connections.load(Ordering::SeqCst) >= 1, "the leaving server was tried");
-            assert_eq!(ejections(&proxy), ejected, "{reason:?}");
+            assert_eq!(proxy.ejections(), ejected, "{reason:?}");
         }
     })
     .await;
@@ -612,7 +605,7 @@ async fn requests_queued_behind_one_failed_http2_connect_count_it_once() {
         }
         let connects = proxy.metric("dataplane_proxy_upstream_connect_errors", &[]);
         assert!(connects <= 2.0, "one failed connect (or two), counted once each: {connects}");
-        assert_eq!(ejections(&proxy), 0.0, "{}", proxy.metrics());
+        assert_eq!(proxy.ejections(), 0.0, "{}", proxy.metrics());
     })
     .await;
 }

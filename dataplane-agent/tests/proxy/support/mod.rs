@@ -343,6 +343,14 @@ impl TestProxy {
     }
 
     /// Sum of the samples of `name` whose labels contain every `filter`.
+    /// Endpoints ejected by outlier detection so far.
+    pub fn ejections(&self) -> f64 {
+        self.metric(
+            "dataplane_policy_outlier_events_total",
+            &["event=\"ejected\""],
+        )
+    }
+
     pub fn metric(&self, name: &str, filters: &[&str]) -> f64 {
         self.metrics()
             .lines()
