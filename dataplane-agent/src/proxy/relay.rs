@@ -1,8 +1,10 @@
-//! Moving bytes between the client and the endpoint ([`copy`]), and
+//! Moving bytes between the client and the endpoint ([`copy`], bulk
+//! through pipes whose size [`pipe`] keeps within the node's limits), and
 //! closing the pair when neither side has sent anything for the idle
 //! timeout.
 
 pub mod copy;
+mod pipe;
 
 use std::os::fd::AsRawFd as _;
 use std::sync::atomic::Ordering;

@@ -309,11 +309,7 @@ async fn an_early_connection_counts_neither_for_nor_against_its_endpoint() {
         let second =
             requests_on_one_silent_connection(proxy.addr, Duration::from_millis(200), 1).await;
         assert_eq!((first[0].0, second[0].0), (503, 503));
-        let ejected = proxy.metric(
-            "dataplane_policy_outlier_events_total",
-            &["event=\"ejected\""],
-        );
-        assert_eq!(ejected, 1.0, "{}", proxy.metrics());
+        assert_eq!(proxy.ejections(), 1.0, "{}", proxy.metrics());
     })
     .await;
 }

@@ -480,12 +480,20 @@ async fn a_retry_given_most_of_the_deadline_is_blamed_when_it_hangs() {
 /// sent to it. Raw frames, so the GOAWAY always comes after the request
 /// was sent: one that came before would leave the request unsent, which
 /// the client cannot tell apart by reason (hyper keeps no GOAWAY code for
-/// it), and the test would depend on which task ran first.
+/// it), and the test would depend on which task ran first. Its SETTINGS
+/// (the server's preface) goes first, so a client that waits for it
+/// still sends.
 async fn going_away_h2_backend(reason: h2::Reason) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     raw_server(move |mut stream: TcpStream| async move {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let mut preface = [0; 24];
             stream.read_exact(&mut preface).await?;
+            assert_eq!(
+                &preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                "an HTTP/2 client"
+            );
+            // An empty SETTINGS: the server's preface.
+            stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
             // Frames until the first HEADERS (type 1).
             loop {
                 let mut header = [0; 9];
@@ -497,12 +505,10 @@ async fn going_away_h2_backend(reason: h2::Reason) -> (std::net::SocketAddr, Arc
                     break;
                 }
             }
-            // An empty SETTINGS (the server's preface), then GOAWAY: last
-            // stream 0, the reason's code.
-            let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
-            frames.extend_from_slice(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            frames.extend_from_slice(&u32::from(reason).to_be_bytes());
-            stream.write_all(&frames).await?;
+            // GOAWAY: last stream 0, the reason's code.
+            let mut goaway = vec![0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            goaway.extend_from_slice(&u32::from(reason).to_be_bytes());
+            stream.write_all(&goaway).await?;
             // Open until the client closes, so that no reset races the
             // GOAWAY.
             let mut rest = [0; 1024];

@@ -19,7 +19,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd as _, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
@@ -27,6 +27,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead as _, AsyncWrite as _, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::pipe::Pipe;
 use crate::capture::fast::{Reporter, SpliceCheck, SpliceGate, Spliced};
 
 /// Size of the per-thread buffer, so of the largest single read.
@@ -40,19 +41,6 @@ const SPLICE_AFTER_FULL_READS: u8 = 2;
 /// the buffer.
 const SMALL_SPLICE: usize = 16 * 1024;
 const BUFFER_AFTER_SMALL_SPLICES: u8 = 8;
-
-/// Pipe capacity asked for a spliced direction, so the most one splice
-/// moves. Four times the kernel's default (64 KiB): each splice call reads
-/// its socket once (one ACK to the sender) and writes one larger burst:
-/// the benchmark's bulk echo through the node proxy made 17 % more
-/// throughput with it pinned, 18 % unpinned (medians of 8 runs each on a
-/// 2-vCPU VM; 512 KiB and 1 MiB did no better, and left the fast path's
-/// splice past the proxy to chance more often). A
-/// pipe holds references to the socket's pages, not copies; what it holds
-/// is what waits for a slow writer, as in any proxy's per-connection
-/// buffer. Within the kernel's `fs.pipe-max-size` (1 MiB by default); if
-/// the kernel refuses, the pipe keeps the size it has.
-const PIPE_SIZE: usize = 256 * 1024;
 
 thread_local! {
     static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
@@ -263,13 +251,18 @@ impl Direction {
                 self.full_reads += 1;
                 if self.full_reads >= SPLICE_AFTER_FULL_READS {
                     self.full_reads = 0;
-                    // Without a pipe (descriptors exhausted) the buffer
-                    // still works.
-                    if self.splice_allowed()
-                        && let Ok(pipe) = Pipe::new()
-                    {
-                        self.pipe = Some(pipe);
-                        self.switches += 1;
+                    if self.splice_allowed() {
+                        match Pipe::new() {
+                            Ok(pipe) => {
+                                self.pipe = Some(pipe);
+                                self.switches += 1;
+                            }
+                            // No pipe worth splicing through (descriptors
+                            // exhausted, the node's pipe limit reached):
+                            // the buffer works, and this direction stays
+                            // on it rather than trying again and again.
+                            Err(_) => self.splice = SpliceMode::Never,
+                        }
                     }
                 }
             } else {
@@ -377,47 +370,6 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-/// A non-blocking pipe, closed on drop.
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    /// Bytes it holds at most (so the most one splice into it may ask).
-    capacity: usize,
-}
-
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
-        use std::os::fd::FromRawFd as _;
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both are fresh descriptors we own.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let capacity = resize(&write, PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
-        Ok(Pipe {
-            read,
-            write,
-            capacity,
-        })
-    }
-}
-
-/// A pipe's capacity when nobody changed it (16 pages).
-const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
-
-/// Asks for a pipe of `size` bytes; the kernel's answer is the capacity
-/// it set (rounded up to pages), or an error if it refused (over
-/// `fs.pipe-max-size` or the user's pipe page limit).
-fn resize(pipe: &OwnedFd, size: usize) -> io::Result<usize> {
-    let size = libc::c_int::try_from(size).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: the descriptor is an open pipe we own; F_SETPIPE_SZ takes
-    // an int and touches no memory of ours.
-    let set = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
-    usize::try_from(set).map_err(|_| io::Error::last_os_error())
 }
 
 #[cfg(test)]
@@ -529,19 +481,6 @@ mod tests {
         assert!(
             stats.buffer_returns >= 1,
             "small messages after the bulk: {stats:?}"
-        );
-    }
-
-    #[test]
-    fn a_spliced_direction_gets_the_larger_pipe() {
-        let pipe = Pipe::new().unwrap();
-        assert_eq!(pipe.capacity, PIPE_SIZE);
-        // SAFETY: an open pipe we own; F_GETPIPE_SZ reads its size.
-        let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        assert_eq!(
-            usize::try_from(size).unwrap(),
-            PIPE_SIZE,
-            "the kernel's own answer"
         );
     }
 

@@ -342,7 +342,6 @@ impl TestProxy {
         text
     }
 
-    /// Sum of the samples of `name` whose labels contain every `filter`.
     /// Endpoints ejected by outlier detection so far.
     pub fn ejections(&self) -> f64 {
         self.metric(
@@ -351,6 +350,7 @@ impl TestProxy {
         )
     }
 
+    /// Sum of the samples of `name` whose labels contain every `filter`.
     pub fn metric(&self, name: &str, filters: &[&str]) -> f64 {
         self.metrics()
             .lines()
