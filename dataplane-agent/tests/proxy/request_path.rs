@@ -482,42 +482,50 @@ async fn a_retry_given_most_of_the_deadline_is_blamed_when_it_hangs() {
 /// the client cannot tell apart by reason (hyper keeps no GOAWAY code for
 /// it), and the test would depend on which task ran first. Its SETTINGS
 /// (the server's preface) goes first, so a client that waits for it
-/// still sends.
+/// still sends. Returns its address and how many GOAWAYs it sent, each
+/// after an HTTP/2 client's preface and request.
 async fn going_away_h2_backend(reason: h2::Reason) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    raw_server(move |mut stream: TcpStream| async move {
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut preface = [0; 24];
-            stream.read_exact(&mut preface).await?;
-            assert_eq!(
-                &preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-                "an HTTP/2 client"
-            );
-            // An empty SETTINGS: the server's preface.
-            stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
-            // Frames until the first HEADERS (type 1).
-            loop {
-                let mut header = [0; 9];
-                stream.read_exact(&mut header).await?;
-                let len = u32::from_be_bytes([0, header[0], header[1], header[2]]);
-                let mut payload = vec![0; len as usize];
-                stream.read_exact(&mut payload).await?;
-                if header[3] == 1 {
-                    break;
+    let goaways = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::clone(&goaways);
+    let (addr, _) = raw_server(move |mut stream: TcpStream| {
+        let sent = Arc::clone(&sent);
+        async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut preface = [0; 24];
+                stream.read_exact(&mut preface).await?;
+                if &preface != b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+                    // Not an HTTP/2 client: no GOAWAY, which the test notices.
+                    return Ok(());
                 }
-            }
-            // GOAWAY: last stream 0, the reason's code.
-            let mut goaway = vec![0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            goaway.extend_from_slice(&u32::from(reason).to_be_bytes());
-            stream.write_all(&goaway).await?;
-            // Open until the client closes, so that no reset races the
-            // GOAWAY.
-            let mut rest = [0; 1024];
-            while stream.read(&mut rest).await? > 0 {}
-            std::io::Result::Ok(())
-        })
-        .await;
+                // An empty SETTINGS: the server's preface.
+                stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+                // Frames until the first HEADERS (type 1).
+                loop {
+                    let mut header = [0; 9];
+                    stream.read_exact(&mut header).await?;
+                    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+                    let mut payload = vec![0; len as usize];
+                    stream.read_exact(&mut payload).await?;
+                    if header[3] == 1 {
+                        break;
+                    }
+                }
+                // GOAWAY: last stream 0, the reason's code.
+                let mut goaway = vec![0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                goaway.extend_from_slice(&u32::from(reason).to_be_bytes());
+                stream.write_all(&goaway).await?;
+                sent.fetch_add(1, Ordering::SeqCst);
+                // Open until the client closes, so that no reset races the
+                // GOAWAY.
+                let mut rest = [0; 1024];
+                while stream.read(&mut rest).await? > 0 {}
+                std::io::Result::Ok(())
+            })
+            .await;
+        }
     })
-    .await
+    .await;
+    (addr, goaways)
 }
 
 #[tokio::test]
@@ -528,7 +536,7 @@ async fn a_request_left_unprocessed_by_a_goaway_is_retried_elsewhere_even_a_post
         // Round robin, so the leaving server gets the first or second
         // request whatever the latencies.
         for (reason, ejected) in [(h2::Reason::NO_ERROR, 0.0), (h2::Reason::INTERNAL_ERROR, 1.0)] {
-            let (leaving, connections) = going_away_h2_backend(reason).await;
+            let (leaving, goaways) = going_away_h2_backend(reason).await;
             let ok = Backend::start("ok", Mode::Echo).await;
             let yaml = format!(
                 "services:\n  - name: echo\n    vip: 198.19.0.10:80\n    protocol: http\n    upstreamProtocol: http2\n    endpoints:\n      - address: {leaving}\n      - address: {}\n    trafficPolicy:\n      loadBalancer: {{algorithm: roundRobin}}\n      outlierDetection: {{consecutiveLocalOriginFailures: 1, consecutive5xxErrors: 1}}\n",
@@ -544,7 +552,7 @@ async fn a_request_left_unprocessed_by_a_goaway_is_retried_elsewhere_even_a_post
                 let body = resp.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(body, format!("order {i}").as_bytes());
             }
-            assert!(connections.load(Ordering::SeqCst) >= 1, "the leaving server was tried");
+            assert!(goaways.load(Ordering::SeqCst) >= 1, "the leaving server said GOAWAY to a request");
             assert_eq!(proxy.ejections(), ejected, "{reason:?}");
         }
     })

@@ -6,8 +6,13 @@
 //! default), a process without `CAP_SYS_RESOURCE` (the agent has none) can
 //! no longer grow a pipe, and every new pipe of such a root process gets
 //! two pages. So the agent grows at most [`MAX_LARGE_PIPES`] pipes at a
-//! time, an eighth of that limit, and splices only through a pipe that can
-//! hold a full read.
+//! time (8 MiB, an eighth of that limit); the others keep the kernel's
+//! default (64 KiB each, as before pipes were grown, so a node with about
+//! a thousand bulk directions at once still reaches the limit). A large
+//! pipe keeps its place until its direction's transfers are small again
+//! or the connection closes, so 32 connections that once moved bulk and
+//! idle since leave the next ones the default size. The agent splices only
+//! through a pipe that holds one whole read of its buffer (64 KiB).
 
 use std::io;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -59,10 +64,12 @@ impl Pipe {
     /// the kernel's default; an error if the kernel gave less than a full
     /// read (the direction then keeps copying).
     pub fn new() -> io::Result<Pipe> {
-        Pipe::with_budget(&LARGE)
+        Pipe::with_budget(&LARGE, PIPE_SIZE)
     }
 
-    fn with_budget(budget: &'static PipeBudget) -> io::Result<Pipe> {
+    /// A pipe of `size` bytes if `budget` has a place and the kernel
+    /// agrees, else of the kernel's default size.
+    fn with_budget(budget: &'static PipeBudget, size: usize) -> io::Result<Pipe> {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
@@ -71,7 +78,7 @@ impl Pipe {
         // SAFETY: pipe2 succeeded, so both are fresh descriptors we own.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let large = budget.take() && {
-            let grown = resize(&write, PIPE_SIZE).is_ok();
+            let grown = resize(&write, size).is_ok();
             if !grown {
                 budget.give_back();
             }
@@ -88,10 +95,14 @@ impl Pipe {
         if pipe.capacity < MIN_PIPE {
             if !SMALL_WARNED.swap(true, Ordering::Relaxed) {
                 warn!(
-                    capacity = pipe.capacity,
-                    "the kernel gives the agent's new pipes less than a full read: root's \
-                     processes on this node are past fs.pipe-user-pages-soft; bulk \
-                     directions are copied instead of spliced (said once)"
+                    bytes = pipe.capacity,
+                    needed = MIN_PIPE,
+                    "the kernel made a relay pipe too small to splice through: root's \
+                     processes on this node hold more pipe pages than \
+                     fs.pipe-user-pages-soft allows (raise it, or find the processes \
+                     holding pipes), or fs.pipe-max-size is set below 64 KiB; bulk TCP \
+                     is copied instead of spliced until pipes are large enough again \
+                     (said once)"
                 );
             }
             return Err(io::ErrorKind::OutOfMemory.into());
@@ -169,11 +180,13 @@ mod tests {
     #[test]
     fn a_pipe_says_what_the_kernel_gave_it() {
         static BUDGET: PipeBudget = PipeBudget::new(1);
-        let pipe = Pipe::with_budget(&BUDGET).unwrap();
+        let pipe = Pipe::with_budget(&BUDGET, PIPE_SIZE).unwrap();
         assert!(pipe.large.is_some());
         assert_eq!(pipe.capacity, PIPE_SIZE);
+        // SAFETY: an open pipe we own; F_GETPIPE_SZ reads its size.
+        let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         assert_eq!(
-            capacity(&pipe.write).unwrap(),
+            usize::try_from(size).unwrap(),
             PIPE_SIZE,
             "the kernel's own answer"
         );
@@ -182,23 +195,40 @@ mod tests {
     }
 
     #[test]
+    fn a_size_the_kernel_refuses_gives_the_place_back_and_a_default_pipe() {
+        static BUDGET: PipeBudget = PipeBudget::new(1);
+        // More than an int holds, so more than fs.pipe-max-size.
+        let pipe = Pipe::with_budget(&BUDGET, usize::MAX).unwrap();
+        assert!(pipe.large.is_none());
+        assert_eq!(BUDGET.used(), 0, "the place was given back");
+        assert_eq!(pipe.capacity, 16 * page_size(), "the kernel's default size");
+    }
+
+    #[test]
     fn only_so_many_pipes_are_large_at_once_and_a_closed_one_frees_its_place() {
         static BUDGET: PipeBudget = PipeBudget::new(2);
-        let first = Pipe::with_budget(&BUDGET).unwrap();
-        let second = Pipe::with_budget(&BUDGET).unwrap();
+        let first = Pipe::with_budget(&BUDGET, PIPE_SIZE).unwrap();
+        let second = Pipe::with_budget(&BUDGET, PIPE_SIZE).unwrap();
         assert!(first.large.is_some() && second.large.is_some());
         assert_eq!(BUDGET.used(), 2);
-        let third = Pipe::with_budget(&BUDGET).unwrap();
+        let third = Pipe::with_budget(&BUDGET, PIPE_SIZE).unwrap();
         assert!(third.large.is_none(), "no place left");
-        // SAFETY: sysconf reads a constant of the system.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
-        assert_eq!(third.capacity, 16 * page, "the kernel's default size");
+        assert_eq!(
+            third.capacity,
+            16 * page_size(),
+            "the kernel's default size"
+        );
         drop(first);
         assert_eq!(BUDGET.used(), 1);
-        let fourth = Pipe::with_budget(&BUDGET).unwrap();
+        let fourth = Pipe::with_budget(&BUDGET, PIPE_SIZE).unwrap();
         assert!(fourth.large.is_some());
         assert_eq!(fourth.capacity, PIPE_SIZE);
         drop((second, third, fourth));
         assert_eq!(BUDGET.used(), 0);
+    }
+
+    fn page_size() -> usize {
+        // SAFETY: sysconf reads a constant of the system.
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap()
     }
 }
