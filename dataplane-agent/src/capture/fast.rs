@@ -481,7 +481,8 @@ const REGISTER_AT_CATCH_UP: u8 = 2;
 /// started small and stayed on the fast path) is decided only when a
 /// report wins the race with its next message, which one in a few dozen
 /// does: with 64 the benchmark's unpinned bulk echo was spliced in some
-/// runs only (37 % to 97 % of direct), with 250 in each (56 % to 81 %). At
+/// runs only (37 % to 97 % of direct); with 250, bulk-only runs made
+/// 44 % to 108 %, though one full run still lost every race (20 %). At
 /// most 250 map writes per direction, in the life of a stream.
 const MAX_REPORTS: u8 = 250;
 

@@ -77,21 +77,28 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both are fresh descriptors we own.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let large = budget.take() && {
-            let grown = resize(&write, size).is_ok();
-            if !grown {
+        // The size the kernel set, if it grew the pipe.
+        let grown = if budget.take() {
+            let grown = resize(&write, size).ok();
+            if grown.is_none() {
                 budget.give_back();
             }
             grown
+        } else {
+            None
         };
         let mut pipe = Pipe {
             read,
             write,
             capacity: 0,
-            large: large.then_some(budget),
+            large: grown.map(|_| budget),
         };
-        // Grown or not, what the kernel says it holds.
-        pipe.capacity = capacity(&pipe.write)?;
+        // What the kernel says it holds: its answer to the resize, or
+        // asked (the default differs with the page size and sysctls).
+        pipe.capacity = match grown {
+            Some(size) => size,
+            None => capacity(&pipe.write)?,
+        };
         if pipe.capacity < MIN_PIPE {
             if !SMALL_WARNED.swap(true, Ordering::Relaxed) {
                 warn!(
@@ -119,17 +126,15 @@ impl Drop for Pipe {
     }
 }
 
-/// Asks for a pipe of `size` bytes; an error if the kernel refused (over
+/// Asks for a pipe of `size` bytes; the capacity the kernel set (`size`
+/// rounded up to pages), or an error if it refused (over
 /// `fs.pipe-max-size`, or the user's pipe limit reached).
-fn resize(pipe: &OwnedFd, size: usize) -> io::Result<()> {
+fn resize(pipe: &OwnedFd, size: usize) -> io::Result<usize> {
     let size = libc::c_int::try_from(size).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: the descriptor is an open pipe we own; F_SETPIPE_SZ takes
     // an int and touches no memory of ours.
     let set = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
-    if set < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    usize::try_from(set).map_err(|_| io::Error::last_os_error())
 }
 
 /// The pipe's capacity in bytes.
